@@ -1,0 +1,376 @@
+"""The caption stage: source -> clean -> dedupe -> sample N -> K Parquet parts + manifest.
+
+Output (the captions contract of DESIGN.md), under ``out``::
+
+    part-000000.parquet ...   caption_id int64 (0..N-1, stable), caption string, source string
+    config.yaml               the resolved CaptionsConfig
+    manifest.json             written last: counts, shard ranges, sha256s, source, summary
+
+A folder holds captions only when its ``manifest.json`` exists. Parts are published one by
+one, each atomically; every check that can fail on user input runs before the first write, so
+bad input leaves nothing under ``out``. Rerunning with the same config finds the manifest and
+does nothing; another config needs ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stablerep import __version__, storage
+from stablerep.captions import sources
+from stablerep.captions.clean import DROP_REASONS, clean
+from stablerep.captions.sample import BucketSampler
+from stablerep.captions.synthetic import synthetic_rows
+from stablerep.config import CaptionsConfig, dump_yaml, fingerprint, to_dict
+from stablerep.errors import ConfigError, InputError
+from stablerep.progress import Progress
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_KIND = "stablerep.captions"
+PART_SCHEMA = pa.schema([("caption_id", pa.int64()), ("caption", pa.string()),
+                         ("source", pa.string())])
+ROW_GROUP = 65536
+# Fields that change how the stage runs but never what it writes.
+_RUN_ONLY_FIELDS = ("work_dir", "spill_rows", "overwrite", "out")
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}.parquet"
+
+
+@dataclass
+class ShardInfo:
+    """One Parquet part of a captions folder."""
+
+    index: int
+    path: str  # relative to the manifest's folder
+    first_caption_id: int
+    num_captions: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class CaptionsManifest:
+    """The parsed ``manifest.json`` of a captions folder."""
+
+    uri: str  # the folder
+    count: int
+    shards: list[ShardInfo]
+    seed: int
+    source: dict[str, Any]
+    summary: dict[str, Any]
+    config_fingerprint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def shard_uri(self, index: int) -> str:
+        return storage.join(self.uri, self.shards[index].path)
+
+    def read_shard(self, index: int, *, verify: bool = True) -> pa.Table:
+        """Read part ``index`` (checking its sha256 unless ``verify`` is False)."""
+        if not 0 <= index < self.num_shards:
+            raise InputError(
+                f"shard index {index} is out of range: {self.uri} has {self.num_shards} shards "
+                f"(0..{self.num_shards - 1})"
+            )
+        info = self.shards[index]
+        data = storage.read_bytes(self.shard_uri(index))
+        if verify:
+            import hashlib
+
+            got = hashlib.sha256(data).hexdigest()
+            if got != info.sha256:
+                raise InputError(f"{self.shard_uri(index)}: sha256 {got} does not match the "
+                                 f"manifest ({info.sha256}); the part was changed or truncated")
+        return pq.read_table(pa.BufferReader(data))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": MANIFEST_KIND,
+            "version": 1,
+            "count": self.count,
+            "num_shards": self.num_shards,
+            "shards": [vars(s) for s in self.shards],
+            "seed": self.seed,
+            "source": self.source,
+            "summary": self.summary,
+            "config_fingerprint": self.config_fingerprint,
+            **self.extra,
+        }
+
+
+def load_manifest(uri: str) -> CaptionsManifest:
+    """Read a captions folder's manifest (``uri`` is the folder or the manifest itself)."""
+    folder = uri[: -len(MANIFEST) - 1] if uri.rstrip("/").endswith(MANIFEST) else uri
+    manifest_uri = storage.join(folder, MANIFEST)
+    try:
+        doc = storage.read_json(manifest_uri)
+    except storage.StorageNotFound:
+        raise InputError(f"{manifest_uri}: no captions manifest (run `stablerep captions` "
+                         "first, or check the URI)") from None
+    if not isinstance(doc, dict) or doc.get("kind") != MANIFEST_KIND:
+        raise InputError(f"{manifest_uri}: not a stablerep captions manifest")
+    known = {"kind", "version", "count", "num_shards", "shards", "seed", "source", "summary",
+             "config_fingerprint"}
+    return CaptionsManifest(
+        uri=folder.rstrip("/"),
+        count=doc["count"],
+        shards=[ShardInfo(**s) for s in doc["shards"]],
+        seed=doc["seed"],
+        source=doc["source"],
+        summary=doc["summary"],
+        config_fingerprint=doc["config_fingerprint"],
+        extra={k: v for k, v in doc.items() if k not in known},
+    )
+
+
+def output_fingerprint(cfg: CaptionsConfig) -> str:
+    """Hash of the fields that decide the output (not work_dir, spill_rows, ...)."""
+    data = to_dict(cfg)
+    for key in _RUN_ONLY_FIELDS:
+        data.pop(key, None)
+    return fingerprint(data)
+
+
+def shard_sizes(total: int, num_shards: int) -> list[int]:
+    """Near-equal sizes (differing by at most one) of ``num_shards`` consecutive ranges."""
+    base, extra = divmod(total, num_shards)
+    return [base + (1 if i < extra else 0) for i in range(num_shards)]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _file_rows(cfg: CaptionsConfig) -> tuple[Iterator[tuple[str | None, str]], dict]:
+    files = storage.expand(cfg.inputs)
+    specs = [sources.resolve(u, fmt=cfg.format, compression=cfg.compression, column=cfg.column)
+             for u in files]
+
+    def rows() -> Iterator[tuple[str | None, str]]:
+        for spec in specs:
+            for raw in sources.read_captions(spec):
+                yield raw, spec.uri
+
+    formats = collections.Counter(s.format for s in specs)
+    return rows(), {"kind": "files", "inputs": list(cfg.inputs), "files": len(files),
+                    "formats": dict(formats), "column": cfg.column}
+
+
+@dataclass
+class _Counts:
+    rows_read: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+
+    def summary(self, unique: int, sampled: int, duplicates: int) -> dict[str, Any]:
+        dropped = {r: self.dropped.get(r, 0) for r in DROP_REASONS}
+        dropped["duplicate"] = duplicates
+        return {"rows_read": self.rows_read, "dropped": dropped,
+                "dropped_total": sum(dropped.values()), "kept": unique, "sampled": sampled}
+
+
+def _collect(rows, cfg: CaptionsConfig, sampler: BucketSampler, counts: _Counts) -> None:
+    with Progress("captions: reading", unit="rows") as progress:
+        for raw, label in rows:
+            counts.rows_read += 1
+            text, reason = clean(raw, min_chars=cfg.min_chars, max_chars=cfg.max_chars)
+            if reason:
+                counts.dropped[reason] += 1
+            else:
+                sampler.add(text, label)
+            if counts.rows_read % 4096 == 0:
+                progress.update(4096)
+        progress.update(counts.rows_read % 4096)
+
+
+def _collect_into_new_sampler(rows, cfg: CaptionsConfig, work: Path
+                              ) -> tuple[BucketSampler, _Counts]:
+    sampler = BucketSampler(seed=cfg.seed, work_dir=work, spill_rows=cfg.spill_rows,
+                            dedupe=cfg.dedupe)
+    counts = _Counts()
+    _collect(rows, cfg, sampler, counts)
+    return sampler, counts
+
+
+def _gather(cfg: CaptionsConfig, work: Path) -> tuple[BucketSampler, _Counts, dict, str]:
+    """Read the source into a sampler: (sampler, counts, source description, source name).
+
+    A synthetic source draws ``num_rows`` candidates when set; otherwise it draws
+    ``num_captions * oversample`` and, while duplicates leave fewer than ``num_captions``
+    unique captions, draws again from the start with more rows (the stream is a fixed
+    sequence under the seed, so the result stays deterministic), up to 64x.
+    """
+    if cfg.source == "files":
+        rows, described = _file_rows(cfg)
+        sampler, counts = _collect_into_new_sampler(rows, cfg, work)
+        return sampler, counts, described, ", ".join(cfg.inputs)
+    assert cfg.num_captions is not None
+    syn = cfg.synthetic
+    num_rows = syn.num_rows or math.ceil(cfg.num_captions * syn.oversample)
+    while True:
+        rows, described = synthetic_rows(syn, num_rows, cfg.seed)
+        sampler, counts = _collect_into_new_sampler(rows, cfg, work)
+        unique = sampler.finish()
+        if syn.num_rows or unique >= cfg.num_captions or num_rows >= 64 * cfg.num_captions:
+            return sampler, counts, described, "the synthetic source"
+        sampler.discard()
+        grow = max(1.25, 1.1 * cfg.num_captions / max(unique, 1))
+        num_rows = min(math.ceil(num_rows * grow), 64 * cfg.num_captions)
+        log.info("captions: %d unique of %d drawn; drawing %d rows", unique, counts.rows_read,
+                 num_rows)
+
+
+def _choose_count(cfg: CaptionsConfig, unique: int, counts: _Counts, what: str) -> int:
+    if counts.rows_read == 0:
+        raise InputError(f"{what}: the source holds no captions")
+    if unique == 0:
+        raise InputError(f"{what}: no caption survived cleaning ({_drop_text(counts)})")
+    wanted = cfg.num_captions or unique
+    if wanted > unique:
+        if not cfg.allow_fewer:
+            raise InputError(
+                f"captions.num_captions: asked for {wanted:,} captions but {what} has only "
+                f"{unique:,} after cleaning and dedupe ({counts.rows_read:,} rows read); "
+                f"pass --allow-fewer to accept {unique:,}"
+            )
+        log.warning("asked for %d captions, the source has %d: keeping %d", wanted, unique,
+                    unique)
+        wanted = unique
+    if cfg.num_shards > wanted:
+        raise ConfigError(f"captions.num_shards: got {cfg.num_shards} for {wanted} captions; "
+                          f"expected at most {wanted} (one caption per shard or more)")
+    return wanted
+
+
+def _drop_text(counts: _Counts) -> str:
+    parts = [f"{r} {n:,}" for r, n in sorted(counts.dropped.items()) if n]
+    return "dropped: " + (", ".join(parts) if parts else "none")
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _write_parts(out: str, rows: Iterator[tuple[str, str]], sizes: list[int]) -> list[ShardInfo]:
+    shards, next_id = [], 0
+    with Progress("captions: writing", unit="rows", total=sum(sizes)) as progress:
+        for index, n in enumerate(sizes):
+            uri = storage.join(out, part_name(index))
+            with storage.atomic_write(uri) as w:
+                with pq.ParquetWriter(w.file, PART_SCHEMA, compression="zstd") as writer:
+                    left = n
+                    while left:
+                        take = min(left, ROW_GROUP)
+                        chunk = [next(rows) for _ in range(take)]
+                        ids = pa.array(range(next_id + n - left, next_id + n - left + take),
+                                       pa.int64())
+                        writer.write_table(pa.table(
+                            [ids, pa.array([c for c, _ in chunk], pa.string()),
+                             pa.array([s for _, s in chunk], pa.string())], schema=PART_SCHEMA))
+                        left -= take
+                        progress.update(take)
+            shards.append(ShardInfo(index, part_name(index), next_id, n, w.sha256, w.size))
+            next_id += n
+    return shards
+
+
+def _check_existing(out: str, cfg: CaptionsConfig, fp: str) -> CaptionsManifest | None:
+    manifest_uri = storage.join(out, MANIFEST)
+    if not storage.exists(manifest_uri):
+        return None
+    current = load_manifest(out)
+    if current.config_fingerprint == fp:
+        return current
+    if not cfg.overwrite:
+        raise InputError(f"{out}: already holds captions made with another config "
+                         f"(fingerprint {current.config_fingerprint}, now {fp}); pass "
+                         "--overwrite to replace them, or choose another --out")
+    return None
+
+
+def make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
+    """Run the caption stage and publish the captions folder at ``out``.
+
+    Args:
+        cfg: the validated stage config.
+        out: the output folder URI.
+
+    Returns:
+        The manifest of the published (or already present, identical) captions.
+
+    Raises:
+        InputError / ConfigError: bad input; nothing is written under ``out``.
+    """
+    fp = output_fingerprint(cfg)
+    existing = _check_existing(out, cfg, fp)
+    if existing is not None:
+        log.info("captions: %s already holds this config's captions; nothing to do", out)
+        return existing
+    with tempfile.TemporaryDirectory(prefix="stablerep-captions-",
+                                     dir=cfg.work_dir or None) as work:
+        start = time.perf_counter()
+        sampler, counts, described, what = _gather(cfg, Path(work))
+        unique = sampler.finish() if not sampler.finished else sampler.unique
+        wanted = _choose_count(cfg, unique, counts, what)
+        sizes = shard_sizes(wanted, cfg.num_shards)
+        # Every user-input check has passed: publish.
+        if storage.exists(storage.join(out, MANIFEST)):
+            storage.remove(storage.join(out, MANIFEST))  # readers must not see a mix
+        shards = _write_parts(out, iter(sampler), sizes)
+        elapsed = time.perf_counter() - start
+    _remove_stale_parts(out, len(shards))
+    summary = counts.summary(unique, wanted, sampler.duplicates)
+    summary["shards"] = len(shards)
+    manifest = CaptionsManifest(
+        uri=out.rstrip("/"), count=wanted, shards=shards, seed=cfg.seed, source=described,
+        summary=summary, config_fingerprint=fp,
+        extra={"stablerep_version": __version__, "columns": PART_SCHEMA.names},
+    )
+    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
+    storage.write_json(storage.join(out, MANIFEST), manifest.to_json())
+    manifest.extra["elapsed_s"] = elapsed  # reported, not stored: the manifest stays stable
+    manifest.extra["rows_per_s"] = counts.rows_read / max(elapsed, 1e-9)
+    return manifest
+
+
+def _remove_stale_parts(out: str, num_shards: int) -> None:
+    if not storage.exists(out):
+        return
+    for uri in storage.list_dir(out):
+        base = storage.name(uri)
+        if base.startswith("part-") and base.endswith(".parquet"):
+            index = int(base[5:11]) if base[5:11].isdigit() else -1
+            if index >= num_shards:
+                storage.remove(uri)
+
+
+def format_summary(manifest: CaptionsManifest) -> str:
+    """A short human-readable summary of a captions run."""
+    s = manifest.summary
+    dropped = ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items() if v) or "none"
+    lines = [
+        f"rows read   {s['rows_read']:,}",
+        f"dropped     {s['dropped_total']:,} ({dropped})",
+        f"kept        {s['kept']:,} unique",
+        f"sampled     {manifest.count:,} captions in {manifest.num_shards} shards",
+    ]
+    if "rows_per_s" in manifest.extra:
+        lines.append(f"rate        {manifest.extra['rows_per_s']:,.0f} rows/s "
+                     f"({manifest.extra['elapsed_s']:.2f}s)")
+    lines.append(f"output      {storage.join(manifest.uri, MANIFEST)}")
+    return "\n".join(lines)

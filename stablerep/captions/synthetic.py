@@ -1,0 +1,169 @@
+"""Synthetic captions: weighted concept lists x templates (x background phrases).
+
+SynCLR builds captions from concepts (class names of ImageNet-1k and fine-grained sets) with
+sampling weights per list, optionally adding a background. This module does the same without
+a language model: a concept list is drawn by weight, a concept uniformly within it, a template
+uniformly, and with probability ``background_prob`` a background phrase. Draws come from one
+seeded generator in chunks, so the stream is deterministic under the seed.
+
+The built-in concept list is ImageNet-1k's class names as shipped by open_clip (read from its
+source file, so this stage needs no torch). A rewriter (an LLM turning a concept into a richer
+caption) plugs in through :data:`REWRITERS`; only the identity exists today.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stablerep import storage
+from stablerep.config import SyntheticCaptionsConfig
+from stablerep.errors import InputError
+
+DATA_DIR = Path(__file__).parent / "data"
+CHUNK = 8192
+
+
+def _open_clip_constant(module: str, constant: str) -> list[str]:
+    """A list constant from an open_clip module, read from source without importing torch."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("builtin:imagenet1k needs the open_clip_torch package installed")
+    source = Path(spec.submodule_search_locations[0]) / f"{module}.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == constant for t in targets):
+            return list(ast.literal_eval(node.value))
+    raise InputError(f"open_clip's {module}.py has no {constant}")
+
+
+BUILTIN_CONCEPTS: dict[str, Callable[[], list[str]]] = {
+    "imagenet1k": lambda: _open_clip_constant("zero_shot_metadata", "IMAGENET_CLASSNAMES"),
+}
+
+
+def _read_lines(uri: str) -> list[str]:
+    try:
+        text = storage.read_text(uri)
+    except UnicodeDecodeError:
+        raise InputError(f"{uri}: not UTF-8 text") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def load_list(uri: str, *, kind: str, builtin_file: str | None = None) -> list[str]:
+    """Read a list (concepts, templates, backgrounds) from ``builtin[:name]`` or a URI."""
+    if uri == "builtin" and builtin_file:
+        items = _read_lines(str(DATA_DIR / builtin_file))
+    elif uri.startswith("builtin:"):
+        key = uri.split(":", 1)[1]
+        if key not in BUILTIN_CONCEPTS:
+            raise InputError(f"{uri}: unknown built-in {kind} list; known: "
+                             + ", ".join(f"builtin:{k}" for k in BUILTIN_CONCEPTS))
+        items = BUILTIN_CONCEPTS[key]()
+    else:
+        items = _read_lines(uri)
+    if not items:
+        raise InputError(f"{uri}: the {kind} list is empty")
+    return items
+
+
+def with_article(concept: str) -> str:
+    """``concept`` with its indefinite article (``an apple``, ``a tench``)."""
+    return ("an " if concept[:1].lower() in "aeiou" else "a ") + concept
+
+
+@dataclass
+class SyntheticSource:
+    """Loaded lists and weights, ready to draw captions."""
+
+    names: list[str]  # concept source names
+    concepts: list[list[str]]  # one list per source
+    weights: np.ndarray  # (num_sources,) normalised
+    templates: list[str]
+    backgrounds: list[str]
+    background_prob: float
+
+    @classmethod
+    def from_config(cls, cfg: SyntheticCaptionsConfig) -> SyntheticSource:
+        concepts = [load_list(c.uri, kind="concept") for c in cfg.concepts]
+        templates = load_list(cfg.templates_uri, kind="template", builtin_file="templates.txt")
+        for t in templates:
+            if "{concept}" not in t and "{a_concept}" not in t:
+                raise InputError(
+                    f"{cfg.templates_uri}: template {t!r} has neither {{concept}} nor {{a_concept}}"
+                )
+        backgrounds = load_list(cfg.backgrounds_uri, kind="background",
+                                builtin_file="backgrounds.txt")
+        weights = np.array([c.weight for c in cfg.concepts], dtype=np.float64)
+        return cls([c.name for c in cfg.concepts], concepts, weights / weights.sum(),
+                   templates, backgrounds, cfg.background_prob)
+
+    def describe(self) -> dict:
+        return {
+            "kind": "synthetic",
+            "concepts": {n: len(c) for n, c in zip(self.names, self.concepts, strict=True)},
+            "weights": dict(zip(self.names, self.weights.round(6).tolist(), strict=True)),
+            "templates": len(self.templates),
+            "backgrounds": len(self.backgrounds),
+            "background_prob": self.background_prob,
+        }
+
+    def _caption(self, concept: str, template: str, background: str | None) -> str:
+        text = template.replace("{a_concept}", with_article(concept))
+        text = text.replace("{concept}", concept)
+        return f"{text}, {background}" if background else text
+
+    def draw(self, num_rows: int, seed: int) -> Iterator[tuple[str, str]]:
+        """Yield ``num_rows`` (caption, source label) pairs, deterministic under ``seed``."""
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x53796E]))
+        labels = [f"synthetic:{n}" for n in self.names]
+        done = 0
+        while done < num_rows:
+            n = min(CHUNK, num_rows - done)
+            src = rng.choice(len(self.names), size=n, p=self.weights)  # (n,)
+            pick = rng.random(n)  # (n,) position within the chosen concept list
+            tpl = rng.integers(0, len(self.templates), size=n)  # (n,)
+            bg_on = rng.random(n) < self.background_prob  # (n,)
+            bg = rng.integers(0, len(self.backgrounds), size=n)  # (n,)
+            for i in range(n):
+                concepts = self.concepts[src[i]]
+                concept = concepts[int(pick[i] * len(concepts))]
+                background = self.backgrounds[bg[i]] if bg_on[i] else None
+                yield self._caption(concept, self.templates[tpl[i]], background), labels[src[i]]
+            done += n
+
+
+def identity_rewriter(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The no-op rewriter: captions pass through unchanged."""
+    return pairs
+
+
+REWRITERS: dict[str, Callable[[list[tuple[str, str]]], list[tuple[str, str]]]] = {
+    "none": identity_rewriter,
+}
+"""Caption rewriters by name: a batch of (caption, source) in, the same number out."""
+
+
+def synthetic_rows(cfg: SyntheticCaptionsConfig, num_rows: int, seed: int
+                   ) -> tuple[Iterator[tuple[str, str]], dict]:
+    """The first ``num_rows`` candidates of the seeded stream, and the source's description."""
+    source = SyntheticSource.from_config(cfg)
+    rewrite = REWRITERS[cfg.rewriter]
+
+    def rows() -> Iterator[tuple[str, str]]:
+        batch: list[tuple[str, str]] = []
+        for pair in source.draw(num_rows, seed):
+            batch.append(pair)
+            if len(batch) == CHUNK:
+                yield from rewrite(batch)
+                batch = []
+        yield from rewrite(batch)
+
+    return rows(), {**source.describe(), "rows": num_rows, "rewriter": cfg.rewriter}

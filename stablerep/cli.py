@@ -1,0 +1,130 @@
+"""The `stablerep` command line: parse -> config -> one library call per command.
+
+Every command takes ``--config RECIPE.yaml`` and any number of ``--set key.path=value``
+overrides; its own flags are shortcuts for the most used fields and win over both. A user
+error prints one line (``error: ...``) on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from stablerep import __version__
+from stablerep.config import Config, apply_overrides, dump_yaml, from_dict, load_yaml
+from stablerep.errors import StablerepError
+
+EXIT_USER_ERROR = 2
+
+
+class _Group(click.Group):
+    """A click group that turns user errors into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StablerepError as e:
+            message = str(e).replace("\n", " ")
+            click.echo(f"error: {message}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "botocore", "aiobotocore", "gcsfs", "fsspec", "s3fs", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_config(recipe: str | None, overrides: tuple[str, ...], section: str,
+                 flags: dict[str, Any], *, data_root: str | None = None) -> Config:
+    """Recipe < ``--set`` overrides < explicit flags (those not None) -> validated Config."""
+    data = load_yaml(recipe) if recipe else {}
+    data.setdefault(section, {})
+    apply_overrides(data, list(overrides))
+    if data[section] is None:
+        data[section] = {}
+    for key, value in flags.items():
+        if value is not None and value != ():
+            data[section][key] = list(value) if isinstance(value, tuple) else value
+    if data_root is not None:
+        data["data_root"] = data_root
+    return from_dict(Config, data)
+
+
+def _common(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                      help="Override one config field (repeatable), e.g. "
+                           "--set captions.num_shards=8.")(fn)
+    fn = click.option("--config", "recipe", metavar="URI",
+                      help="YAML recipe (local path or gs://, s3:// URI).")(fn)
+    fn = click.option("--data-root", metavar="URI",
+                      help="Folder under which stages write by default.")(fn)
+    return fn
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="stablerep")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def main(log_level: str) -> None:
+    """StableRep: learn visual representations from synthetic images.
+
+    Stages: captions -> generate -> train -> eval. Each reads a YAML recipe (--config),
+    takes --set overrides, and writes under --data-root (a folder, gs:// or s3://).
+    """
+    _setup_logging(log_level)
+
+
+@main.command()
+@_common
+@click.option("--source", type=click.Choice(["synthetic", "files"]),
+              help="Caption source [config default: synthetic].")
+@click.option("--input", "inputs", multiple=True, metavar="URI",
+              help="Caption file, folder or glob (repeatable); implies --source files.")
+@click.option("--format", "fmt", help="File layout: auto, cc3m, cc12m, tsv, csv, jsonl, "
+                                      "parquet, txt, redcaps.")
+@click.option("--column", help="Column / field holding the caption.")
+@click.option("--num-captions", type=int, help="How many captions to sample.")
+@click.option("--num-shards", type=int, help="Number of Parquet parts to write.")
+@click.option("--seed", type=int, help="Sampling seed.")
+@click.option("--out", metavar="URI", help="Output folder [default: <data-root>/captions].")
+@click.option("--allow-fewer", is_flag=True, default=None,
+              help="Accept fewer captions than --num-captions when the source has fewer.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace captions made with another config under --out.")
+@click.option("--work-dir", metavar="PATH", help="Local scratch folder for spill files.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_captions,
+             num_shards, seed, out, allow_fewer, overwrite, work_dir, print_config) -> None:
+    """Sample captions from caption files or synthesise them; write Parquet parts + manifest.
+
+    \b
+    Examples:
+      stablerep captions --num-captions 10000 --num-shards 8 --data-root ./data
+      stablerep captions --input 'gs://bucket/cc3m/*.tsv' --num-captions 1000000 \\
+          --num-shards 256 --out gs://bucket/run1/captions
+    """
+    from stablerep.captions import format_summary, make_captions
+    from stablerep.storage import join
+
+    flags = {"source": "files" if inputs and source is None else source, "inputs": inputs,
+             "format": fmt, "column": column, "num_captions": num_captions,
+             "num_shards": num_shards, "seed": seed, "out": out, "allow_fewer": allow_fewer,
+             "overwrite": overwrite, "work_dir": work_dir}
+    cfg = build_config(recipe, overrides, "captions", flags, data_root=data_root)
+    if print_config:
+        click.echo(dump_yaml(cfg), nl=False)
+        return
+    assert cfg.captions is not None
+    target = cfg.captions.out or join(cfg.data_root, "captions")
+    manifest = make_captions(cfg.captions, target)
+    click.echo(format_summary(manifest))
+    click.echo(f"captions: {manifest.count:,} captions written to {manifest.uri}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Typed configuration: one dataclass per stage, YAML recipes, dotted overrides, a dump.
+
+A recipe is a YAML mapping whose top-level keys are the fields of :class:`Config`
+(``data_root`` and one section per stage)::
+
+    data_root: gs://my-bucket/stablerep
+    captions:
+      source: files
+      inputs: [gs://my-bucket/raw/cc3m/*.tsv]
+      num_captions: 1000000
+
+Command lines override any field with ``--set captions.num_captions=1000`` (the value is read
+as YAML, so ``[a, b]``, ``true`` and ``null`` work). Every field has a default and a comment;
+``__post_init__`` validates and names the offending field and the allowed values. The
+resolved config is written beside a stage's outputs (:func:`dump_yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from stablerep.errors import ConfigError
+
+C = TypeVar("C")
+
+CaptionFormat = Literal["auto", "cc3m", "cc12m", "tsv", "csv", "jsonl", "parquet", "txt", "redcaps"]
+CAPTION_FORMATS: tuple[str, ...] = typing.get_args(CaptionFormat)
+COMPRESSIONS = ("infer", "none", "gzip", "zstd", "bz2", "xz")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: got {value!r}, expected one of {', '.join(map(str, allowed))}")
+
+
+def _check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> None:
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ConfigError(f"{name}: got {value!r}, expected a value {bound}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name}: got {value!r}, expected a value <= {high}")
+
+
+# ---------------------------------------------------------------------------- captions
+
+
+@dataclass
+class ConceptSource:
+    """One weighted list of concepts for synthetic captions."""
+
+    name: str = "imagenet1k"  # label stored in the `source` column as synthetic:<name>
+    uri: str = "builtin:imagenet1k"  # builtin:imagenet1k, or a text file (one concept a line)
+    weight: float = 1.0  # relative sampling weight among concept sources
+
+    def __post_init__(self) -> None:
+        if not self.name or not str(self.name).strip():
+            raise ConfigError("captions.synthetic.concepts[].name: expected a non-empty name")
+        if not self.uri:
+            raise ConfigError(f"captions.synthetic.concepts[{self.name}].uri: expected a URI")
+        _check_range(f"captions.synthetic.concepts[{self.name}].weight", self.weight, low=0,
+                     low_open=True)
+
+
+@dataclass
+class SyntheticCaptionsConfig:
+    """Concept x template (x background) captions, SynCLR-style, deterministic under a seed."""
+
+    concepts: list[ConceptSource] = field(default_factory=lambda: [ConceptSource()])
+    templates_uri: str = "builtin"  # builtin, or a text file of templates with {concept}/{a_concept}
+    backgrounds_uri: str = "builtin"  # builtin, or a text file of background phrases
+    background_prob: float = 0.5  # chance that a caption gets a background phrase
+    num_rows: int | None = None  # candidates to draw; default num_captions * oversample
+    oversample: float = 1.25  # candidates per wanted caption (duplicates are dropped later)
+    rewriter: Literal["none"] = "none"  # caption rewriter (an LLM plugs in here later)
+
+    def __post_init__(self) -> None:
+        if not self.concepts:
+            raise ConfigError("captions.synthetic.concepts: expected at least one concept source")
+        names = [c.name for c in self.concepts]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"captions.synthetic.concepts: names must be unique, got {names}")
+        _check_range("captions.synthetic.background_prob", self.background_prob, low=0, high=1)
+        if self.num_rows is not None:
+            _check_range("captions.synthetic.num_rows", self.num_rows, low=1)
+        _check_range("captions.synthetic.oversample", self.oversample, low=1)
+        _check_choice("captions.synthetic.rewriter", self.rewriter, ("none",))
+
+
+@dataclass
+class CaptionsConfig:
+    """The caption stage: read or synthesise, clean, dedupe, sample N, split into shards."""
+
+    source: Literal["synthetic", "files"] = "synthetic"  # where captions come from
+    inputs: list[str] = field(default_factory=list)  # files source: URIs, globs or folders
+    format: CaptionFormat = "auto"  # file layout; auto = from the suffix (and a sniff for .tsv)
+    column: str = "caption"  # csv/tsv/parquet column or jsonl/redcaps field holding the caption
+    compression: str = "infer"  # infer (from .gz/.zst/...), none, gzip, zstd, bz2, xz
+    out: str = ""  # output folder URI; default <data_root>/captions
+    num_captions: int | None = None  # captions to sample; None = all (files source)
+    allow_fewer: bool = False  # accept fewer than num_captions when the source has fewer
+    seed: int = 0  # sampling seed; same seed + same input = same output bytes
+    num_shards: int = 1  # number of part-*.parquet files (near-equal sizes)
+    min_chars: int = 5  # captions shorter than this (after cleaning) are dropped
+    max_chars: int = 1000  # captions longer than this are dropped
+    dedupe: bool = True  # drop exact duplicates of the normalised text
+    spill_rows: int = 500_000  # rows held in memory before spilling to local scratch
+    work_dir: str = ""  # local scratch folder; default a temporary folder
+    overwrite: bool = False  # replace captions made with another config under `out`
+    synthetic: SyntheticCaptionsConfig = field(default_factory=SyntheticCaptionsConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("captions.source", self.source, ("synthetic", "files"))
+        _check_choice("captions.format", self.format, CAPTION_FORMATS)
+        _check_choice("captions.compression", self.compression, COMPRESSIONS)
+        if self.source == "files" and not self.inputs:
+            raise ConfigError("captions.inputs: the files source needs at least one input URI")
+        if self.source == "synthetic" and self.num_captions is None:
+            raise ConfigError("captions.num_captions: the synthetic source needs a count")
+        if self.num_captions is not None:
+            _check_range("captions.num_captions", self.num_captions, low=1)
+        _check_range("captions.num_shards", self.num_shards, low=1)
+        _check_range("captions.min_chars", self.min_chars, low=0)
+        _check_range("captions.max_chars", self.max_chars, low=max(self.min_chars, 1))
+        _check_range("captions.spill_rows", self.spill_rows, low=1000)
+        if not self.column:
+            raise ConfigError("captions.column: expected a column or field name")
+
+
+# ---------------------------------------------------------------------------- root
+
+
+@dataclass
+class Config:
+    """The whole recipe: where data lives and one section per stage."""
+
+    data_root: str = "./data"  # folder URI under which every stage writes (local, gs://, s3://)
+    captions: CaptionsConfig | None = None  # caption stage
+
+
+SECTIONS: dict[str, type] = {"captions": CaptionsConfig}
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: got {value!r}")
+    if origin is Literal:
+        _check_choice(where, value, args)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: got {value!r}, expected a list")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: got {value!r}, expected a mapping")
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: got {value!r}, expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: got {value!r}, expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: got {value!r}, expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{where}: got {value!r}, expected a string")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"{where}: unsupported annotation {_type_name(tp)}")
+
+
+def from_dict(cls: type[C], data: Any, where: str = "") -> C:
+    """Build the dataclass ``cls`` from a mapping, checking names and types.
+
+    Args:
+        cls: a config dataclass.
+        data: a mapping of field names to values (``None`` = all defaults).
+        where: the dotted path of ``data`` in the recipe, for error messages.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: got {data!r}, expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown field; known fields: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{where}.{key}" if where else key
+        tp = hints[key]
+        if key in SECTIONS and cls is Config:
+            tp = SECTIONS[key]
+        kwargs[key] = _coerce(value, tp, sub)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain (YAML/JSON-serialisable) copy of a config dataclass."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to a nested mapping (in place; also returned)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(uri: str) -> dict[str, Any]:
+    """Read a YAML recipe (any storage URI) into a mapping."""
+    from stablerep import storage
+
+    try:
+        data = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{uri}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri}: expected a YAML mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    require: tuple[str, ...] = (),
+) -> Config:
+    """Load a recipe, apply overrides and build a validated :class:`Config`.
+
+    Args:
+        path: a YAML recipe URI, or ``None`` for defaults only.
+        overrides: ``key.path=value`` strings, applied in order after the recipe.
+        require: sections to create with defaults when the recipe lacks them.
+    """
+    data = load_yaml(path) if path else {}
+    for section in require:
+        data.setdefault(section, {})
+    apply_overrides(data, list(overrides or []))
+    return from_dict(Config, data)
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The config as YAML text (the form written beside outputs)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def fingerprint(cfg: Any) -> str:
+    """A short stable hash of a config (sha256 of its canonical JSON)."""
+    import hashlib
+    import json
+
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

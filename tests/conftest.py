@@ -1,0 +1,117 @@
+"""Shared fixtures: real storage servers on loopback (a GCS-API emulator and an S3-API server).
+
+Both servers are started once per test session on free 127.0.0.1 ports. The environment is
+pointed at them the way a user's would be (STORAGE_EMULATOR_HOST for gcsfs, AWS_ENDPOINT_URL
+for s3fs/botocore), so the code under test takes its ordinary path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"server on 127.0.0.1:{port} did not start in {timeout}s")
+
+
+def _clear_fsspec_cache() -> None:
+    import fsspec
+
+    for proto in ("gs", "gcs", "s3"):
+        try:
+            fsspec.get_filesystem_class(proto).clear_instance_cache()
+        except (ImportError, ValueError):
+            pass
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[str]:
+    """A gcp-storage-emulator on loopback; yields its endpoint URL and sets the env for gcsfs."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    _wait_for_port(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",)}
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    _clear_fsspec_cache()
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _clear_fsspec_cache()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: str) -> str:
+    """A fresh bucket on the GCS emulator; yields ``gs://<bucket>``."""
+    import gcsfs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = gcsfs.GCSFileSystem(token="anon")
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3-API server on loopback; yields its endpoint URL and sets the env for s3fs."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    _wait_for_port(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    _clear_fsspec_cache()
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _clear_fsspec_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh bucket on the S3 server; yields ``s3://<bucket>``."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"s3://{name}"
