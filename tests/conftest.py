@@ -7,6 +7,7 @@ for s3fs/botocore), so the code under test takes its ordinary path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -38,10 +39,8 @@ def _clear_fsspec_cache() -> None:
     import fsspec
 
     for proto in ("gs", "gcs", "s3"):
-        try:
+        with contextlib.suppress(ImportError, ValueError):
             fsspec.get_filesystem_class(proto).clear_instance_cache()
-        except (ImportError, ValueError):
-            pass
 
 
 @pytest.fixture(scope="session")

@@ -49,15 +49,14 @@ class BucketSampler:
     peak_rows_in_memory: int = 0
     _buffers: list[list[tuple[int, str, str]]] = field(default_factory=list)
     _buffered: int = 0
-    _chunks: list[list[Path]] = field(default_factory=list)
-    _counts: list[int] = field(default_factory=list)
-    _results: list[pa.Table | Path | None] = field(default_factory=list)
+    _spills: list[tuple[Path, list[int]]] = field(default_factory=list)  # (file, offsets)
+    _results: list[pa.Table] = field(default_factory=list)  # in memory when nothing spilled
+    _runs: Path | None = None  # deduped buckets, one record batch each, when spilled
     finished: bool = False
     unique: int = 0
 
     def __post_init__(self) -> None:
         self._buffers = [[] for _ in range(NUM_BUCKETS)]
-        self._chunks = [[] for _ in range(NUM_BUCKETS)]
 
     def add(self, caption: str, source: str) -> None:
         """Add one cleaned caption."""
@@ -68,54 +67,56 @@ class BucketSampler:
             self._spill()
 
     def _spill(self) -> None:
+        """Write all buffered rows to one Arrow file, grouped by bucket, with offsets."""
         self.peak_rows_in_memory = max(self.peak_rows_in_memory, self._buffered)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        for b, rows in enumerate(self._buffers):
-            if not rows:
-                continue
-            path = self.work_dir / f"bucket-{b:03d}-{len(self._chunks[b]):05d}.arrow"
-            feather.write_feather(_table(rows), path, compression="uncompressed")
-            self._chunks[b].append(path)
-            self.spilled_files += 1
-            self._buffers[b] = []
+        offsets, rows = [0], []
+        for bucket in self._buffers:
+            rows.extend(bucket)
+            offsets.append(len(rows))
+        path = self.work_dir / f"spill-{len(self._spills):05d}.arrow"
+        feather.write_feather(_table(rows), path, compression="uncompressed")
+        self._spills.append((path, offsets))
+        self.spilled_files += 1
+        self._buffers = [[] for _ in range(NUM_BUCKETS)]
         self._buffered = 0
 
     def finish(self) -> int:
         """Dedupe and sort every bucket; returns the number of unique captions."""
-        in_memory = not any(self._chunks)
         self.peak_rows_in_memory = max(self.peak_rows_in_memory, self._buffered)
-        self._counts, self._results = [], []
+        spilled = [(feather.read_table(p, memory_map=True), off) for p, off in self._spills]
+        writer = None
+        if spilled:
+            self._runs = self.work_dir / "runs.arrow"
+            writer = pa.ipc.new_file(str(self._runs), SCHEMA)
         for b in range(NUM_BUCKETS):
-            parts = [feather.read_table(p, memory_map=False) for p in self._chunks[b]]
+            parts = [t.slice(off[b], off[b + 1] - off[b]) for t, off in spilled]
             if self._buffers[b]:
                 parts.append(_table(self._buffers[b]))
                 self._buffers[b] = []
-            for p in self._chunks[b]:
-                p.unlink()
-            if not parts:
-                self._counts.append(0)
-                self._results.append(None)
-                continue
-            table = self._sort_dedupe(pa.concat_tables(parts))
-            self._counts.append(table.num_rows)
-            if in_memory:
+            table = self._sort_dedupe(pa.concat_tables(parts)) if parts else _table([])
+            self.unique += table.num_rows
+            if writer is None:
                 self._results.append(table)
             else:
-                path = self.work_dir / f"run-{b:03d}.arrow"
-                feather.write_feather(table, path, compression="uncompressed")
-                self._results.append(path)
-        self.finished, self.unique = True, sum(self._counts)
+                writer.write_table(table)  # one (possibly empty) batch per bucket
+        if writer is not None:
+            writer.close()
+        del spilled
+        for path, _ in self._spills:
+            path.unlink()
+        self._spills = []
+        self.finished = True
         return self.unique
 
     def discard(self) -> None:
-        """Forget everything (and delete spill files) so the work folder can be reused."""
-        for result in self._results:
-            if isinstance(result, Path):
-                result.unlink(missing_ok=True)
-        for chunks in self._chunks:
-            for path in chunks:
-                path.unlink(missing_ok=True)
-        self._results, self._buffers = [], [[] for _ in range(NUM_BUCKETS)]
+        """Forget everything (and delete work files) so the work folder can be reused."""
+        for path, _ in self._spills:
+            path.unlink(missing_ok=True)
+        if self._runs is not None:
+            self._runs.unlink(missing_ok=True)
+        self._spills, self._results, self._runs = [], [], None
+        self._buffers, self._buffered = [[] for _ in range(NUM_BUCKETS)], 0
 
     def _sort_dedupe(self, table: pa.Table) -> pa.Table:
         # Ties in key order are broken by text, then source: the result depends on the set of
@@ -142,16 +143,21 @@ class BucketSampler:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         """(caption, source) in key order; call :meth:`finish` first."""
-        for result in self._results:
-            if result is None:
-                continue
-            table = result if isinstance(result, pa.Table) else feather.read_table(result)
+        if self._runs is None:
+            tables = self._results
+        else:
+            reader = pa.ipc.open_file(pa.memory_map(str(self._runs)))
+            tables = (pa.Table.from_batches([reader.get_batch(i)])
+                      for i in range(reader.num_record_batches))
+        for table in tables:
             for batch in table.select(["caption", "source"]).to_batches(max_chunksize=65536):
                 yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
                                strict=True)
 
 
 def _table(rows: list[tuple[int, str, str]]) -> pa.Table:
+    if not rows:
+        return SCHEMA.empty_table()
     keys, captions, sources = zip(*rows, strict=True)
     return pa.table([pa.array(keys, pa.uint64()), pa.array(captions, pa.string()),
                      pa.array(sources, pa.string())], schema=SCHEMA)

@@ -15,8 +15,8 @@ does nothing; another config needs ``overwrite``.
 from __future__ import annotations
 
 import collections
-import math
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -266,24 +266,27 @@ def _drop_text(counts: _Counts) -> str:
 # ---------------------------------------------------------------------------- writing
 
 
+def _write_part(uri: str, rows: Iterator[tuple[str, str]], first_id: int, n: int,
+                progress: Progress) -> storage.AtomicWrite:
+    """Write the next ``n`` rows as one Parquet part (row groups of ROW_GROUP rows)."""
+    with storage.atomic_write(uri) as w, \
+            pq.ParquetWriter(w.file, PART_SCHEMA, compression="zstd") as writer:
+        for offset in range(0, n, ROW_GROUP):
+            take = min(ROW_GROUP, n - offset)
+            chunk = [next(rows) for _ in range(take)]
+            ids = pa.array(range(first_id + offset, first_id + offset + take), pa.int64())
+            writer.write_table(pa.table([ids, pa.array([c for c, _ in chunk], pa.string()),
+                                         pa.array([s for _, s in chunk], pa.string())],
+                                        schema=PART_SCHEMA))
+            progress.update(take)
+    return w
+
+
 def _write_parts(out: str, rows: Iterator[tuple[str, str]], sizes: list[int]) -> list[ShardInfo]:
     shards, next_id = [], 0
     with Progress("captions: writing", unit="rows", total=sum(sizes)) as progress:
         for index, n in enumerate(sizes):
-            uri = storage.join(out, part_name(index))
-            with storage.atomic_write(uri) as w:
-                with pq.ParquetWriter(w.file, PART_SCHEMA, compression="zstd") as writer:
-                    left = n
-                    while left:
-                        take = min(left, ROW_GROUP)
-                        chunk = [next(rows) for _ in range(take)]
-                        ids = pa.array(range(next_id + n - left, next_id + n - left + take),
-                                       pa.int64())
-                        writer.write_table(pa.table(
-                            [ids, pa.array([c for c, _ in chunk], pa.string()),
-                             pa.array([s for _, s in chunk], pa.string())], schema=PART_SCHEMA))
-                        left -= take
-                        progress.update(take)
+            w = _write_part(storage.join(out, part_name(index)), rows, next_id, n, progress)
             shards.append(ShardInfo(index, part_name(index), next_id, n, w.sha256, w.size))
             next_id += n
     return shards

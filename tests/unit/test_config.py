@@ -1,0 +1,110 @@
+"""Config: YAML recipes, dotted overrides, validation messages that name the field, dumps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stablerep.config import (
+    CaptionsConfig,
+    Config,
+    apply_overrides,
+    dump_yaml,
+    fingerprint,
+    from_dict,
+    load_config,
+    parse_override,
+)
+from stablerep.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_recipe_with_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data_root: gs://b/p\ncaptions:\n  num_captions: 10\n  num_shards: 2\n")
+    cfg = load_config(str(recipe), ["captions.num_shards=5", "captions.seed=7",
+                                    "captions.inputs=[a.tsv, b.tsv]"])
+    assert cfg.data_root == "gs://b/p"
+    assert cfg.captions.num_captions == 10
+    assert cfg.captions.num_shards == 5
+    assert cfg.captions.seed == 7
+    assert cfg.captions.inputs == ["a.tsv", "b.tsv"]
+    assert cfg.captions.min_chars == CaptionsConfig.min_chars  # untouched default
+
+
+def test_nested_dataclass_lists_from_yaml():
+    cfg = from_dict(Config, {"captions": {"num_captions": 5, "synthetic": {"concepts": [
+        {"name": "a", "uri": "builtin:imagenet1k", "weight": 2},
+        {"name": "b", "uri": "gs://x/y.txt", "weight": 0.5}]}}})
+    concepts = cfg.captions.synthetic.concepts
+    assert [c.name for c in concepts] == ["a", "b"]
+    assert concepts[0].weight == 2.0 and isinstance(concepts[0].weight, float)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"captions": {"num_captions": 5, "num_shards": 0}}, "captions.num_shards: got 0"),
+        ({"captions": {"num_captions": 5, "num_shards": -3}}, "captions.num_shards: got -3"),
+        ({"captions": {"num_captions": 0}}, "captions.num_captions: got 0"),
+        ({"captions": {"num_captions": "many"}}, "captions.num_captions: got 'many', expected an integer"),
+        ({"captions": {"num_captions": 5, "source": "web"}}, "captions.source: got 'web', expected one of synthetic, files"),
+        ({"captions": {"num_captions": 5, "format": "xml"}}, "captions.format: got 'xml'"),
+        ({"captions": {"source": "files"}}, "captions.inputs"),
+        ({"captions": {}}, "captions.num_captions: the synthetic source needs a count"),
+        ({"captions": {"num_captions": 5, "bogus": 1}}, "captions.bogus: unknown field; known fields:"),
+        ({"nonsense": 1}, "nonsense: unknown field"),
+        ({"captions": {"num_captions": 5, "allow_fewer": "yes"}}, "captions.allow_fewer: got 'yes', expected true or false"),
+        ({"captions": {"num_captions": 5, "synthetic": {"background_prob": 1.5}}}, "captions.synthetic.background_prob: got 1.5"),
+        ({"captions": {"num_captions": 5, "synthetic": {"concepts": []}}}, "captions.synthetic.concepts"),
+        ({"captions": {"num_captions": 5, "synthetic": {"concepts": [{"name": "x", "weight": 0}]}}}, "weight: got 0.0, expected a value > 0"),
+    ],
+)
+def test_validation_names_field_and_expectation(data, needle):
+    with pytest.raises(ConfigError) as err:
+        from_dict(Config, data)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_override("captions.num_shards")
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_override("captions..x=1")
+    with pytest.raises(ConfigError, match="is not a section"):
+        apply_overrides({"captions": 3}, ["captions.seed=1"])
+
+
+def test_override_values_are_yaml():
+    data = apply_overrides({}, ["a.b=3", "a.c=true", "a.d=null", "a.e=[1, 2]", "a.f=text"])
+    assert data == {"a": {"b": 3, "c": True, "d": None, "e": [1, 2], "f": "text"}}
+
+
+def test_dump_round_trips_and_fingerprint_is_stable():
+    cfg = from_dict(Config, {"captions": {"num_captions": 9, "inputs": []}})
+    again = from_dict(Config, yaml.safe_load(dump_yaml(cfg)))
+    assert again == cfg
+    assert fingerprint(again) == fingerprint(cfg)
+    changed = from_dict(Config, {"captions": {"num_captions": 10}})
+    assert fingerprint(changed) != fingerprint(cfg)
+
+
+def test_bad_yaml_recipe_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("captions: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(str(listy))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(str(ROOT / "configs" / recipe))
+    assert cfg.captions is not None
