@@ -133,6 +133,73 @@ class CaptionsConfig:
             raise ConfigError("captions.column: expected a column or field name")
 
 
+# ---------------------------------------------------------------------------- generation
+
+SCHEDULERS = ("ddim", "dpmsolver++", "default")
+IMAGE_FORMATS = ("jpg", "webp", "png")
+
+
+@dataclass
+class GenerateConfig:
+    """Sharded text-to-image generation: m images per caption into WebDataset shards."""
+
+    captions: str = ""  # captions folder URI; default <data_root>/captions
+    out: str = ""  # output folder URI; default <data_root>/images
+    backend: Literal["diffusers", "tiny"] = "diffusers"  # tiny = offline random-weight SD
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local folder or URI
+    images_per_caption: int = 10  # m: images drawn per caption (the paper: 10)
+    guidance_scale: float = 2.0  # classifier-free guidance w (the paper: 2 for StableRep)
+    num_inference_steps: int = 50  # denoising steps (the paper: DDIM 50)
+    scheduler: str = "ddim"  # ddim (the paper), dpmsolver++ (multistep), default (the model's)
+    eta: float = 0.0  # DDIM eta (0 = deterministic DDIM)
+    negative_prompt: str = ""  # unconditional prompt for guidance (the paper: empty)
+    height: int = 512  # generation height in pixels (multiple of 8)
+    width: int = 512  # generation width in pixels (multiple of 8)
+    stored_size: int = 256  # stored image size (shorter side resized to it; 0 = as generated)
+    image_format: str = "jpg"  # jpg, webp or png
+    jpeg_quality: int = 95  # JPEG / WebP quality
+    seed: int = 0  # global seed; image j of caption c uses hash(seed, caption_id, j)
+    batch_size: int = 16  # images per denoising call (captions x images, flattened)
+    shard: int | None = None  # captions shard to process; None with all_shards = every shard
+    all_shards: bool = False  # process every shard (skipping finished ones) in one process
+    shard_from_env: bool = False  # take the shard from JOB_COMPLETION_INDEX (Indexed Job)
+    device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1 ...
+    dtype: str = "auto"  # auto (fp16 on cuda, fp32 on cpu), fp32, fp16, bf16
+    compile: bool = False  # torch.compile the UNet (pays off for long runs)
+    channels_last: bool = True  # channels_last memory format for UNet and VAE on cuda
+    encode_workers: int = 4  # threads resizing/encoding images beside the GPU
+    max_failures: int = 0  # captions allowed to fail per shard; -1 = any number
+    tiny_cache: str = ""  # tiny backend: where the random pipeline is saved (default cache)
+    overwrite: bool = False  # replace shards made with another config under `out`
+
+    def __post_init__(self) -> None:
+        _check_choice("generate.backend", self.backend, ("diffusers", "tiny"))
+        if not self.model:
+            raise ConfigError("generate.model: expected a hub id, a local folder or a URI")
+        _check_range("generate.images_per_caption", self.images_per_caption, low=1)
+        _check_range("generate.guidance_scale", self.guidance_scale, low=0)
+        _check_range("generate.num_inference_steps", self.num_inference_steps, low=1)
+        _check_choice("generate.scheduler", self.scheduler, SCHEDULERS)
+        _check_range("generate.eta", self.eta, low=0, high=1)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value < 8 or value % 8:
+                raise ConfigError(f"generate.{name}: got {value}, expected a positive multiple "
+                                  "of 8 (the VAE downsamples by 8)")
+        _check_range("generate.stored_size", self.stored_size, low=0)
+        _check_choice("generate.image_format", self.image_format, IMAGE_FORMATS)
+        _check_range("generate.jpeg_quality", self.jpeg_quality, low=1, high=100)
+        _check_range("generate.batch_size", self.batch_size, low=1)
+        if self.shard is not None:
+            _check_range("generate.shard", self.shard, low=0)
+        modes = sum([self.shard is not None, self.all_shards, self.shard_from_env])
+        if modes > 1:
+            raise ConfigError("generate.shard / all_shards / shard_from_env: choose one of them")
+        _check_choice("generate.dtype", self.dtype, ("auto", "fp32", "fp16", "bf16"))
+        _check_range("generate.encode_workers", self.encode_workers, low=1)
+        _check_range("generate.max_failures", self.max_failures, low=-1)
+
+
 # ---------------------------------------------------------------------------- root
 
 
@@ -142,9 +209,10 @@ class Config:
 
     data_root: str = "./data"  # folder URI under which every stage writes (local, gs://, s3://)
     captions: CaptionsConfig | None = None  # caption stage
+    generate: GenerateConfig | None = None  # generation stage
 
 
-SECTIONS: dict[str, type] = {"captions": CaptionsConfig}
+SECTIONS: dict[str, type] = {"captions": CaptionsConfig, "generate": GenerateConfig}
 
 
 # ---------------------------------------------------------------------------- building

@@ -1,0 +1,243 @@
+"""Text-to-image backends behind one small interface.
+
+A backend turns a batch of :class:`WorkItem` (caption, image index, seed) into uint8 images
+(N, H, W, 3). ``diffusers`` loads any diffusers text-to-image pipeline from a local folder, a
+storage URI (copied once to the local cache) or a hub id; ``tiny`` builds a randomly
+initialised Stable Diffusion pipeline offline (``stablerep.generation.tiny``), saves it to a
+folder and then loads it exactly like a real model, so both take the same code path.
+
+Stable Diffusion-style pipelines (an ``encode_prompt`` that returns prompt and negative
+embeddings) get the fast path: each distinct caption in a batch is encoded once and the
+unconditional embedding once per run, then all images of the batch denoise in one call.
+Other pipelines get the prompts as strings. Every image draws its initial noise from its own
+CPU ``torch.Generator`` seeded with its own seed, so its pixels do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from stablerep import storage
+from stablerep.config import GenerateConfig
+from stablerep.errors import InputError
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to draw: image ``j`` of caption ``caption_id``."""
+
+    caption_id: int
+    caption: str
+    j: int
+    seed: int
+
+
+class Backend(Protocol):
+    """What the shard runner needs from a text-to-image model."""
+
+    model_id: str  # recorded in every sample's metadata
+
+    def generate(self, items: list[WorkItem]) -> np.ndarray:
+        """Draw one image per item: (len(items), H, W, 3) uint8."""
+        ...
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"generate.device: {name} requested but no CUDA device is available")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def check_pipeline_folder(folder: Path, label: str) -> dict[str, Any]:
+    """Check that ``folder`` holds a diffusers pipeline; name what is missing if not."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{label}: not a diffusers pipeline (no model_index.json in {folder})")
+    try:
+        spec = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{label}: model_index.json is not valid JSON ({e})") from None
+    components = [k for k, v in spec.items()
+                  if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    missing = [c for c in components if not (folder / c).is_dir()]
+    if missing:
+        raise InputError(f"{label}: not a complete diffusers pipeline; missing component "
+                         f"folder(s) {', '.join(missing)} in {folder}")
+    return spec
+
+
+def resolve_model(model: str) -> str:
+    """A local folder for ``model`` (a folder, a storage URI, or a hub id left as is)."""
+    if not storage.is_local(model):
+        folder = storage.cache_local(model)
+        check_pipeline_folder(folder, model)
+        return str(folder)
+    path = storage.local_path(model)
+    if path.exists():
+        check_pipeline_folder(path, model)
+        return str(path)
+    if HUB_ID.match(model):
+        return model  # downloaded by diffusers where the cluster has network
+    raise InputError(f"generate.model: {model} is neither a local folder, a storage URI nor "
+                     "a hub id (org/name)")
+
+
+def _set_scheduler(pipe, name: str) -> None:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif name == "dpmsolver++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="dpmsolver++")
+
+
+def load_pipeline(model_path: str, *, dtype, label: str):
+    """Load a diffusers pipeline from a folder or hub id (no safety checker, quiet)."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    import diffusers
+    from packaging.version import Version
+
+    # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name warns there).
+    new_name = Version(diffusers.__version__).release >= (0, 42)
+    kwargs: dict[str, Any] = {"dtype" if new_name else "torch_dtype": dtype}
+    if Path(model_path).is_dir():
+        spec = json.loads((Path(model_path) / "model_index.json").read_text())
+        if "safety_checker" in spec:  # the paper's images are unfiltered
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return DiffusionPipeline.from_pretrained(model_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"generate.model: cannot load {label} as a diffusers pipeline "
+                         f"({str(e).splitlines()[0]})") from None
+
+
+class DiffusersBackend:
+    """Any diffusers text-to-image pipeline, batched, with per-image seeds.
+
+    Args:
+        cfg: generation settings (scheduler, steps, guidance, sizes, device, dtype ...).
+        pipe: a loaded pipeline (moved to the device and configured here).
+        model_id: the name recorded in each sample's metadata.
+    """
+
+    def __init__(self, cfg: GenerateConfig, pipe, model_id: str):
+        import torch
+
+        self.cfg, self.model_id = cfg, model_id
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        _set_scheduler(pipe, cfg.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(self.device)
+        if pipe.dtype != self.dtype:
+            pipe = pipe.to(dtype=self.dtype)
+        if self.device.startswith("cuda") and cfg.channels_last:
+            for part in ("unet", "vae"):
+                if hasattr(pipe, part):
+                    getattr(pipe, part).to(memory_format=torch.channels_last)
+        if cfg.compile and hasattr(pipe, "unet"):
+            pipe.unet = torch.compile(pipe.unet, fullgraph=False)
+        self.pipe = pipe
+        self.fast_path = type(pipe).__name__ == "StableDiffusionPipeline"
+        self._negative = None  # (1, L, D) unconditional embedding, cached
+
+    @classmethod
+    def load(cls, cfg: GenerateConfig, model_path: str, model_id: str | None = None
+             ) -> DiffusersBackend:
+        """Load the pipeline at ``model_path`` (folder or hub id) and wrap it."""
+        label = model_id or cfg.model
+        dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+        return cls(cfg, load_pipeline(model_path, dtype=dtype, label=label), label)
+
+    def _embed(self, prompts: list[str]):
+        """Text embeddings (len(prompts), L, D), no guidance duplication."""
+        import torch
+
+        with torch.no_grad():
+            embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return embeds
+
+    def generate(self, items: list[WorkItem]) -> np.ndarray:
+        import torch
+
+        cfg = self.cfg
+        generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
+        common = dict(height=cfg.height, width=cfg.width,
+                      num_inference_steps=cfg.num_inference_steps,
+                      guidance_scale=cfg.guidance_scale, generator=generators,
+                      output_type="np")
+        if "eta" in _call_params(self.pipe):
+            common["eta"] = cfg.eta
+        with torch.inference_mode():
+            if self.fast_path:
+                unique = list(dict.fromkeys(it.caption for it in items))
+                embeds = self._embed(unique)  # (u, L, D)
+                index = torch.tensor([unique.index(it.caption) for it in items],
+                                     device=embeds.device)
+                if self._negative is None:
+                    self._negative = self._embed([cfg.negative_prompt])  # (1, L, D)
+                out = self.pipe(prompt_embeds=embeds[index],
+                                negative_prompt_embeds=self._negative.expand(len(items), -1, -1),
+                                **common)
+            else:
+                out = self.pipe(prompt=[it.caption for it in items],
+                                negative_prompt=[cfg.negative_prompt] * len(items), **common)
+        images = out.images  # (N, H, W, 3) float in [0, 1]
+        return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8)
+
+
+_PARAMS: dict[type, set[str]] = {}
+
+
+def _call_params(pipe) -> set[str]:
+    import inspect
+
+    kind = type(pipe)
+    if kind not in _PARAMS:
+        _PARAMS[kind] = set(inspect.signature(kind.__call__).parameters)
+    return _PARAMS[kind]
+
+
+def tiny_model_folder(cfg: GenerateConfig) -> Path:
+    """Where the tiny backend's pipeline lives (built once, then reused)."""
+    from stablerep.generation.tiny import save_tiny_pipeline
+
+    root = Path(cfg.tiny_cache) if cfg.tiny_cache else storage.cache_dir() / "models"
+    return save_tiny_pipeline(root / "tiny-sd", seed=0)
+
+
+def create_backend(cfg: GenerateConfig) -> Backend:
+    """The backend named by ``cfg.backend``, loaded and ready to draw."""
+    if cfg.backend == "tiny":
+        folder = tiny_model_folder(cfg)
+        return DiffusersBackend.load(cfg, str(folder), model_id="stablerep/tiny-sd")
+    return DiffusersBackend.load(cfg, resolve_model(cfg.model))

@@ -1,0 +1,365 @@
+"""The sharded generation runner: captions shard i -> ``images/shard-{i:06d}.tar`` + ``.json``.
+
+For each selected shard of a captions manifest the runner draws m images per caption in
+batches of ``batch_size`` images (captions x images, flattened), encodes and resizes them on a
+thread pool while the next batch denoises, writes complete captions in order into a staged tar,
+and publishes the tar and then its json on a background thread while the next shard starts.
+
+Resume: a shard whose json exists (made with the same config) is skipped, so a restarted pod
+or Job picks up where it stopped; a killed writer leaves nothing under a final name, and the
+output is a pure function of the config (per-image seeds), so redone work gives the same bytes.
+Robustness: a CUDA out-of-memory halves the batch and goes on; a batch that fails otherwise is
+retried image by image, and a caption whose images cannot be drawn is left out of the shard
+and recorded in its json (``failed``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stablerep import storage
+from stablerep.captions import CaptionsManifest, load_manifest
+from stablerep.config import GenerateConfig, dump_yaml, fingerprint, to_dict
+from stablerep.errors import ConfigError, InputError, StablerepError
+from stablerep.generation.backends import Backend, WorkItem, create_backend
+from stablerep.generation.shards import (
+    MANIFEST_KIND,
+    SHARD_JSON_KIND,
+    TarShardWriter,
+    encode_image,
+    image_seed,
+    sample_key,
+    sample_members,
+    shard_stem,
+)
+from stablerep.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# Fields that change how generation runs, never what it writes.
+_RUN_ONLY_FIELDS = ("captions", "out", "batch_size", "shard", "all_shards", "shard_from_env",
+                    "device", "compile", "channels_last", "encode_workers", "max_failures",
+                    "tiny_cache", "overwrite")
+
+
+class GenerationError(StablerepError):
+    """A shard could not be generated (too many failed captions)."""
+
+
+def output_fingerprint(cfg: GenerateConfig, captions: CaptionsManifest) -> str:
+    """Hash of everything that decides the images: settings and the captions themselves."""
+    data = to_dict(cfg)
+    for key in _RUN_ONLY_FIELDS:
+        data.pop(key, None)
+    data["captions_fingerprint"] = captions.config_fingerprint
+    data["captions_sha256"] = [s.sha256 for s in captions.shards]
+    return fingerprint(data)
+
+
+def select_shards(cfg: GenerateConfig, num_shards: int) -> list[int]:
+    """The shard indices this process handles (all when no mode is chosen)."""
+    if cfg.shard_from_env:
+        raw = os.environ.get("JOB_COMPLETION_INDEX")
+        if raw is None or not raw.strip().isdigit():
+            raise ConfigError(f"generate.shard_from_env: JOB_COMPLETION_INDEX is {raw!r}, "
+                              "expected a shard index (set by a Kubernetes Indexed Job)")
+        index = int(raw)
+    elif cfg.shard is not None:
+        index = cfg.shard
+    else:
+        return list(range(num_shards))
+    if not 0 <= index < num_shards:
+        raise ConfigError(f"generate.shard: got {index}, expected 0..{num_shards - 1} (the "
+                          f"captions have {num_shards} shards)")
+    return [index]
+
+
+@dataclass
+class ShardResult:
+    """What happened to one shard."""
+
+    index: int
+    skipped: bool = False
+    samples: int = 0
+    captions: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom)
+
+
+class ShardJob:
+    """Draws one shard's images into a staged tar (published later by :meth:`publish`)."""
+
+    def __init__(self, run: GenerationRun, index: int):
+        self.run, self.index, self.cfg = run, index, run.cfg
+        table = run.manifest.read_shard(index)
+        self.captions = list(zip(table.column("caption_id").to_pylist(),
+                                 table.column("caption").to_pylist(), strict=True))
+        m = self.cfg.images_per_caption
+        self.items = [WorkItem(cid, text, j, image_seed(self.cfg.seed, cid, j))
+                      for cid, text in self.captions for j in range(m)]
+        self.slots: dict[int, list[cf.Future | None]] = {cid: [None] * m
+                                                          for cid, _ in self.captions}
+        self.failed: dict[int, str] = {}
+        self.next_write = 0
+        self.result = ShardResult(index)
+
+    def draw(self) -> storage.AtomicWrite:
+        start = time.perf_counter()
+        staged = storage.AtomicWrite(self.run.tar_uri(self.index), storage.DEFAULT_RETRY)
+        try:
+            self.writer = TarShardWriter(staged.file)
+            with Progress(f"generate shard {self.index}", unit="img",
+                          total=len(self.items), interval_s=30) as progress:
+                pos = 0
+                while pos < len(self.items):
+                    batch = self.items[pos:pos + self.run.batch_size]
+                    done = self._draw_batch(batch)
+                    if done is None:
+                        continue  # the batch was halved after an out-of-memory error
+                    pos += len(batch)
+                    progress.update(len(batch))
+                    self._flush(block=False)
+            self._flush(block=True)
+            self.writer.close()
+        except BaseException:
+            staged.discard()
+            raise
+        self.result.seconds = time.perf_counter() - start
+        self.result.samples = self.writer.samples
+        self.result.captions = len(self.captions) - len(self.failed)
+        self.result.failed = [{"caption_id": cid, "caption": dict(self.captions)[cid],
+                               "error": err} for cid, err in sorted(self.failed.items())]
+        self._check_failures()
+        return staged
+
+    def _draw_batch(self, batch: list[WorkItem]) -> bool | None:
+        try:
+            pixels = self.run.backend.generate(batch)
+        except Exception as e:  # noqa: BLE001 - OOM and per-item failures handled below
+            if _is_oom(e) and self.run.batch_size > 1:
+                import torch
+
+                torch.cuda.empty_cache()
+                self.run.batch_size = max(1, self.run.batch_size // 2)
+                log.warning("out of GPU memory with %d images per batch; going on with %d",
+                            len(batch), self.run.batch_size)
+                return None
+            log.warning("batch of %d images failed (%s: %s); retrying image by image",
+                        len(batch), type(e).__name__, e)
+            for item in batch:
+                if item.caption_id not in self.failed:
+                    self._draw_one(item)
+            return True
+        self._submit(batch, pixels)
+        return True
+
+    def _draw_one(self, item: WorkItem) -> None:
+        try:
+            pixels = self.run.backend.generate([item])
+        except Exception as e:  # noqa: BLE001 - recorded as a failed caption
+            self._fail(item, e)
+            return
+        self._submit([item], pixels)
+
+    def _submit(self, batch: list[WorkItem], pixels) -> None:
+        for item, image in zip(batch, pixels, strict=True):
+            self.slots[item.caption_id][item.j] = self.run.encoder.submit(
+                encode_image, image, stored_size=self.cfg.stored_size,
+                fmt=self.cfg.image_format, quality=self.cfg.jpeg_quality)
+
+    def _fail(self, item: WorkItem, exc: BaseException) -> None:
+        if _is_oom(exc):
+            raise GenerationError(f"shard {self.index}: out of GPU memory with a single image "
+                                  f"of {self.cfg.height}x{self.cfg.width}") from exc
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("caption %d failed: %s", item.caption_id, message)
+        self.failed[item.caption_id] = message
+
+    def _flush(self, *, block: bool) -> None:
+        """Write finished captions, in shard order, to the tar."""
+        while self.next_write < len(self.captions):
+            cid, text = self.captions[self.next_write]
+            if cid not in self.failed:
+                slots = self.slots[cid]
+                if any(s is None for s in slots):
+                    return
+                if not block and not all(s.done() for s in slots):
+                    return
+                for j, future in enumerate(slots):
+                    image = future.result()
+                    self.writer.write(sample_key(cid, j), sample_members(
+                        image, self.cfg.image_format, text, self.run.sample_meta(cid, j)))
+            del self.slots[cid]
+            self.next_write += 1
+
+    def _check_failures(self) -> None:
+        n = len(self.failed)
+        if n and n == len(self.captions):
+            raise GenerationError(f"shard {self.index}: every caption failed; first error: "
+                                  f"{self.result.failed[0]['error']}")
+        if self.cfg.max_failures >= 0 and n > self.cfg.max_failures:
+            raise GenerationError(f"shard {self.index}: {n} captions failed, more than "
+                                  f"generate.max_failures={self.cfg.max_failures}; first error: "
+                                  f"{self.result.failed[0]['error']}")
+
+
+class GenerationRun:
+    """Shared state of one `stablerep generate` process."""
+
+    def __init__(self, cfg: GenerateConfig, captions_uri: str, out: str,
+                 backend_factory: Callable[[GenerateConfig], Backend] = create_backend):
+        self.cfg, self.out, self.captions_uri = cfg, out.rstrip("/"), captions_uri
+        self.manifest = load_manifest(captions_uri)
+        self.fingerprint = output_fingerprint(cfg, self.manifest)
+        self.batch_size = cfg.batch_size
+        self._backend_factory = backend_factory
+        self._backend: Backend | None = None
+        self.encoder: cf.ThreadPoolExecutor
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._backend_factory(self.cfg)
+        return self._backend
+
+    def tar_uri(self, index: int) -> str:
+        return storage.join(self.out, f"{shard_stem(index)}.tar")
+
+    def json_uri(self, index: int) -> str:
+        return storage.join(self.out, f"{shard_stem(index)}.json")
+
+    def sample_meta(self, caption_id: int, j: int) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"caption_id": caption_id, "j": j, "seed": image_seed(cfg.seed, caption_id, j),
+                "guidance_scale": cfg.guidance_scale, "steps": cfg.num_inference_steps,
+                "scheduler": cfg.scheduler, "model": self.backend.model_id,
+                "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size}
+
+    def is_done(self, index: int) -> bool:
+        """Whether shard ``index`` is finished with this config (error if with another)."""
+        uri = self.json_uri(index)
+        if not storage.exists(uri):
+            return False
+        doc = storage.read_json(uri)
+        if doc.get("config_fingerprint") == self.fingerprint:
+            return True
+        if self.cfg.overwrite:
+            return False
+        raise InputError(f"{uri}: made with another config (fingerprint "
+                         f"{doc.get('config_fingerprint')}, now {self.fingerprint}); pass "
+                         "--overwrite to replace it, or choose another --out")
+
+    def shard_doc(self, job: ShardJob, staged: storage.AtomicWrite) -> dict[str, Any]:
+        r, cfg = job.result, self.cfg
+        ids = [cid for cid, _ in job.captions]
+        return {
+            "kind": SHARD_JSON_KIND, "version": 1, "shard": job.index,
+            "num_shards": self.manifest.num_shards, "tar": f"{shard_stem(job.index)}.tar",
+            "sha256": staged.sha256, "bytes": staged.size, "num_samples": r.samples,
+            "num_captions": r.captions, "images_per_caption": cfg.images_per_caption,
+            "caption_ids": [min(ids), max(ids)] if ids else [], "failed": r.failed,
+            "config_fingerprint": self.fingerprint, "model": self.backend.model_id,
+            "image_format": cfg.image_format, "captions": self.captions_uri,
+            "stats": {"seconds": round(r.seconds, 3), "images_per_s": round(r.images_per_s, 3),
+                      "batch_size": self.batch_size, **_gpu_memory()},
+        }
+
+    def publish(self, job: ShardJob, staged: storage.AtomicWrite) -> None:
+        staged.publish()  # the tar first: a shard exists only once its json exists
+        storage.write_json(self.json_uri(job.index), self.shard_doc(job, staged))
+        log.info("generate: published %s (%d images, %d captions, %.2f img/s)",
+                 self.tar_uri(job.index), job.result.samples, job.result.captions,
+                 job.result.images_per_s)
+
+    def run(self, indices: list[int]) -> list[ShardResult]:
+        results: dict[int, ShardResult] = {}
+        todo = []
+        for i in indices:
+            if self.is_done(i):
+                results[i] = ShardResult(i, skipped=True)
+            else:
+                todo.append(i)
+        if len(todo) < len(indices):
+            log.info("generate: %d of %d shards already done; skipping them",
+                     len(indices) - len(todo), len(indices))
+        with cf.ThreadPoolExecutor(self.cfg.encode_workers, "encode") as self.encoder, \
+                cf.ThreadPoolExecutor(1, "publish") as publisher:
+            pending: cf.Future | None = None
+            for i in todo:
+                job = ShardJob(self, i)
+                staged = job.draw()
+                if pending is not None:
+                    pending.result()  # surface a failed upload before queueing another
+                pending = publisher.submit(self.publish, job, staged)
+                results[i] = job.result
+            if pending is not None:
+                pending.result()
+        self.write_manifest_if_complete()
+        return [results[i] for i in indices]
+
+    def write_manifest_if_complete(self) -> bool:
+        """Write ``manifest.json`` (and ``config.yaml``) once every shard's json exists."""
+        docs = []
+        for i in range(self.manifest.num_shards):
+            uri = self.json_uri(i)
+            if not storage.exists(uri):
+                return False
+            docs.append(storage.read_json(uri))
+        storage.write_text(storage.join(self.out, "config.yaml"), dump_yaml(self.cfg))
+        storage.write_json(storage.join(self.out, "manifest.json"), {
+            "kind": MANIFEST_KIND, "version": 1, "num_shards": len(docs),
+            "num_samples": sum(d["num_samples"] for d in docs),
+            "num_captions": sum(d["num_captions"] for d in docs),
+            "failed_captions": sum(len(d["failed"]) for d in docs),
+            "images_per_caption": self.cfg.images_per_caption,
+            "config_fingerprint": self.fingerprint, "captions": self.captions_uri,
+            "shards": [{"index": d["shard"], "tar": d["tar"], "num_samples": d["num_samples"],
+                        "num_captions": d["num_captions"], "sha256": d["sha256"]} for d in docs],
+        })
+        return True
+
+
+def _gpu_memory() -> dict[str, float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_max_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+
+
+def generate(cfg: GenerateConfig, *, captions: str, out: str,
+             backend_factory: Callable[[GenerateConfig], Backend] = create_backend
+             ) -> list[ShardResult]:
+    """Generate the selected shards of ``captions`` into ``out``.
+
+    Args:
+        cfg: the validated stage config (its shard / all_shards / shard_from_env choose
+            which shards; none of them = every shard).
+        captions: the captions folder URI (with its manifest.json).
+        out: the images folder URI.
+        backend_factory: builds the text-to-image backend on first use (never, when every
+            selected shard is already done).
+
+    Returns:
+        One result per selected shard, in order.
+    """
+    run = GenerationRun(cfg, captions, out, backend_factory)
+    indices = select_shards(cfg, run.manifest.num_shards)
+    return run.run(indices)
