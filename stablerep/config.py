@@ -200,6 +200,109 @@ class GenerateConfig:
         _check_range("generate.max_failures", self.max_failures, low=-1)
 
 
+# ---------------------------------------------------------------------------- training
+
+METHODS = ("stablerep", "stablerep_plus", "simclr", "clip")
+
+
+@dataclass
+class TrainConfig:
+    """StableRep training: n captions x k images per step, multi-positive contrastive loss."""
+
+    data: list[str] = field(default_factory=list)  # images folders; default [<data_root>/images]
+    out: str = ""  # checkpoints, metrics, TensorBoard; default <data_root>/train
+    method: str = "stablerep"  # stablerep, stablerep_plus, simclr or clip
+    model: str = "vit_base_patch16_224"  # timm ViT name (vit_tiny/small/base/large_patch16_*)
+    image_size: int = 224  # training resolution (small values for CPU runs)
+    head_hidden_dim: int = 4096  # projection MLP hidden width
+    head_out_dim: int = 256  # projection output dimension
+    embed_dim: int = 512  # image-text embedding dimension (stablerep_plus, clip)
+    text_width: int = 512  # text transformer width (open_clip)
+    text_layers: int = 12  # text transformer depth
+    text_heads: int = 8  # text transformer heads
+    text_context: int = 77  # text context length (tokens)
+    images_per_caption: int = 6  # k images used per caption per step (the paper: 6 of 10)
+    captions_per_batch: int = 1376  # n captions per optimizer step, over all ranks
+    temperature: float = 0.1  # multi-positive loss temperature (SynCLR: 0.08)
+    clip_loss_weight: float = 1.0  # weight of the CLIP loss, itself (L_i2t + L_t2i) / 2
+    augmentation: str = "stablerep"  # stablerep (the paper's), weak, or none
+    downsample_prob: float = 0.0  # chance of a 64/128px down-and-up resize (paper: 0.05)
+    epochs: float = 15.0  # passes over the captions (the paper's 1x schedule on CC12M: 15)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    warmup_epochs: float = 0.5  # linear warmup length in epochs
+    warmup_steps: int | None = None  # warmup length in steps; overrides warmup_epochs
+    base_lr: float = 2e-4  # learning rate per 256 images; lr = base_lr * images/step / 256
+    weight_decay: float = 0.1  # AdamW weight decay (none on biases, norms, 1-d params)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.98  # AdamW beta2
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (loss within each)
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = True  # SyncBatchNorm in the projection head when distributed
+    num_workers: int = 4  # data loader processes per rank
+    shuffle_buffer: int = 256  # captions held for shuffling per worker
+    max_sample_errors: int = 10  # corrupt samples tolerated per shard before failing
+    seed: int = 0  # seed for init, data order and augmentation
+    log_every: int = 10  # steps between metric lines
+    checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # most recent checkpoints kept
+    resume: bool = True  # continue from <out>/latest.json when it exists
+    device: str = "auto"  # auto (cuda when present), cpu, cuda
+    dist_timeout_s: float = 600.0  # collective timeout: a dead peer fails the job after it
+    tensorboard: bool = True  # write TensorBoard event files under <out>/tb
+
+    def __post_init__(self) -> None:
+        _check_choice("train.method", self.method, METHODS)
+        if not self.model.startswith(("vit_", "deit")):
+            raise ConfigError(f"train.model: got {self.model!r}, expected a timm ViT name such "
+                              "as vit_small_patch16_224 or vit_base_patch16_224")
+        _check_range("train.image_size", self.image_size, low=16)
+        for name in ("head_hidden_dim", "head_out_dim", "embed_dim", "text_width", "text_layers",
+                     "text_heads", "text_context", "captions_per_batch", "grad_accum_steps",
+                     "log_every", "checkpoint_every", "keep_checkpoints", "shuffle_buffer"):
+            _check_range(f"train.{name}", getattr(self, name), low=1)
+        _check_range("train.images_per_caption", self.images_per_caption, low=1)
+        if self.method == "stablerep" and self.images_per_caption < 2:
+            raise ConfigError("train.images_per_caption: stablerep needs at least 2 images per "
+                              "caption (they are each other's positives); use method simclr for "
+                              "one image per caption")
+        if self.text_width % self.text_heads:
+            raise ConfigError(f"train.text_heads: {self.text_heads} does not divide "
+                              f"train.text_width {self.text_width}")
+        _check_range("train.temperature", self.temperature, low=0, low_open=True)
+        _check_range("train.clip_loss_weight", self.clip_loss_weight, low=0)
+        _check_choice("train.augmentation", self.augmentation, ("stablerep", "weak", "none"))
+        _check_range("train.downsample_prob", self.downsample_prob, low=0, high=1)
+        _check_range("train.epochs", self.epochs, low=0, low_open=True)
+        if self.max_steps is not None:
+            _check_range("train.max_steps", self.max_steps, low=1)
+        _check_range("train.warmup_epochs", self.warmup_epochs, low=0)
+        if self.warmup_steps is not None:
+            _check_range("train.warmup_steps", self.warmup_steps, low=0)
+        _check_range("train.base_lr", self.base_lr, low=0, low_open=True)
+        _check_range("train.weight_decay", self.weight_decay, low=0)
+        _check_range("train.beta1", self.beta1, low=0, high=0.999999)
+        _check_range("train.beta2", self.beta2, low=0, high=0.999999)
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_range("train.num_workers", self.num_workers, low=0)
+        _check_range("train.max_sample_errors", self.max_sample_errors, low=0)
+        _check_range("train.dist_timeout_s", self.dist_timeout_s, low=1)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.method in ("stablerep_plus", "clip")
+
+    @property
+    def crops_per_caption(self) -> int:
+        """Rows per caption in a batch: k images, 2 crops of one image (simclr), 1 (clip)."""
+        return {"simclr": 2, "clip": 1}.get(self.method, self.images_per_caption)
+
+    @property
+    def images_read_per_caption(self) -> int:
+        """Distinct stored images needed per caption."""
+        return self.images_per_caption if self.method.startswith("stablerep") else 1
+
+
 # ---------------------------------------------------------------------------- root
 
 
@@ -210,9 +313,11 @@ class Config:
     data_root: str = "./data"  # folder URI under which every stage writes (local, gs://, s3://)
     captions: CaptionsConfig | None = None  # caption stage
     generate: GenerateConfig | None = None  # generation stage
+    train: TrainConfig | None = None  # training stage
 
 
-SECTIONS: dict[str, type] = {"captions": CaptionsConfig, "generate": GenerateConfig}
+SECTIONS: dict[str, type] = {"captions": CaptionsConfig, "generate": GenerateConfig,
+                             "train": TrainConfig}
 
 
 # ---------------------------------------------------------------------------- building

@@ -21,6 +21,7 @@ the cleaner), never crashed on.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
@@ -77,7 +78,11 @@ def resolve(uri: str, *, fmt: str, compression: str, column: str) -> FileSpec:
                 "set captions.format to one of cc3m, cc12m, tsv, csv, jsonl, parquet, txt, redcaps"
             )
         if fmt == "tsv":
-            fmt = _sniff_tsv(FileSpec(uri, "tsv", comp, column))
+            spec = FileSpec(uri, "tsv", comp, column)
+            try:
+                fmt = _sniff_tsv(spec)
+            except Exception as e:
+                raise _read_error(spec, e) from None
     return FileSpec(uri, fmt, comp, column)
 
 
@@ -98,8 +103,55 @@ def _sniff_tsv(spec: FileSpec) -> str:
     )
 
 
-def _open_binary(spec: FileSpec):
-    return storage.open_read(spec.uri, compression=spec.compression)
+@contextlib.contextmanager
+def _open_binary(spec: FileSpec) -> Iterator[io.BufferedIOBase]:
+    if spec.compression != "zstd":
+        with storage.open_read(spec.uri, compression=spec.compression) as f:
+            yield f
+        return
+    # fsspec's zstd reader (zstandard's stream_reader) ends quietly on a truncated file, so a
+    # cut-off download would pass as a shorter one: decompress here and check frame ends.
+    with storage.open_read(spec.uri, compression=None) as raw:
+        yield io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 16)
+
+
+class _ZstdReader(io.RawIOBase):
+    """Streams the frames of a zstd file; raises EOFError if the last frame is cut off."""
+
+    def __init__(self, raw: io.BufferedIOBase):
+        import zstandard
+
+        self._zstd = zstandard
+        self._raw = raw
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False  # bytes fed to the current frame, its end not reached yet
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        while not self._out:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended in the middle of a frame (truncated file)")
+                return 0
+            self._out = memoryview(self._feed(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _feed(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            if self._dobj.eof:
+                self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+            out.append(self._dobj.decompress(chunk))
+            self._in_frame = not self._dobj.eof
+            chunk = self._dobj.unused_data if self._dobj.eof else b""
+        return b"".join(out)
 
 
 class _TextStream:
@@ -175,7 +227,7 @@ def _read_jsonl(spec: FileSpec) -> Iterator[str | None]:
                     f"{', '.join(sorted(obj))}"
                 )
             value = obj.get(spec.column)
-            yield value if isinstance(value, str) else ("" if value is None else str(value))
+            yield _valid(value) if isinstance(value, str) else ("" if value is None else str(value))
 
 
 def _read_txt(spec: FileSpec) -> Iterator[str | None]:
@@ -199,13 +251,30 @@ def _read_parquet(spec: FileSpec) -> Iterator[str | None]:
                 f"{spec.uri}: no column {spec.column!r}; the columns are {', '.join(names)}"
             )
         for batch in pf.iter_batches(batch_size=65536, columns=[spec.column]):
-            col = batch.column(0)
+            col = _utf8_or_binary(batch.column(0))
             if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
                 for value in col.to_pylist():
                     yield _decode(value)
             else:
                 for value in col.to_pylist():
                     yield "" if value is None else str(value)
+
+
+def _utf8_or_binary(col):
+    """A string column as is when it is valid UTF-8, else viewed as binary (decoded per value).
+
+    Parquet writers other than Arrow may store invalid UTF-8 in a string column; Arrow reads
+    it unchecked and ``to_pylist`` would fail on the whole batch.
+    """
+    import pyarrow as pa
+
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col
+    try:
+        col.validate(full=True)
+    except pa.ArrowInvalid:
+        return col.view(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
+    return col
 
 
 def _decode(value: bytes | None) -> str | None:
@@ -220,16 +289,16 @@ def _decode(value: bytes | None) -> str | None:
 def _read_redcaps(spec: FileSpec) -> Iterator[str | None]:
     # RedCaps ships one JSON document per subreddit-year (tens of MB at most): parsed whole.
     with _open_binary(spec) as f:
-        try:
-            doc = json.loads(f.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        try:  # bad UTF-8 inside a caption drops that caption, not the file
+            doc = json.loads(f.read().decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
             raise InputError(f"{spec.uri}: not a RedCaps annotation JSON ({e})") from None
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(annotations, list):
         raise InputError(f"{spec.uri}: no 'annotations' list (not a RedCaps annotation file)")
     for ann in annotations:
         value = ann.get(spec.column) if isinstance(ann, dict) else None
-        yield value if isinstance(value, str) else ""
+        yield _valid(value) if isinstance(value, str) else ""
 
 
 def read_captions(spec: FileSpec) -> Iterator[str | None]:
@@ -250,17 +319,20 @@ def read_captions(spec: FileSpec) -> Iterator[str | None]:
     }
     try:
         yield from readers[spec.format]()
-    except InputError:
-        raise
-    except storage.StorageError:
-        raise
-    except (OSError, EOFError, ValueError) as e:
-        # gzip.BadGzipFile, zstd errors, truncated streams, csv errors ...
-        what = f"{spec.compression}-compressed " if spec.compression else ""
-        raise InputError(
-            f"{spec.uri}: cannot read this {what}{spec.format} file ({type(e).__name__}: {e})"
-        ) from None
     except Exception as e:
-        if type(e).__module__.startswith("zstandard") or "Zstd" in type(e).__name__:
-            raise InputError(f"{spec.uri}: cannot read this zstd-compressed file ({e})") from None
-        raise
+        raise _read_error(spec, e) from None
+
+
+def _read_error(spec: FileSpec, e: Exception) -> Exception:
+    """The user-facing error for an exception raised while reading ``spec`` (or ``e``)."""
+    if isinstance(e, (InputError, storage.StorageError)):
+        return e
+    what = f"{spec.compression}-compressed " if spec.compression else ""
+    if isinstance(e, (OSError, EOFError, ValueError)):
+        # gzip.BadGzipFile, truncated streams, csv errors ...
+        return InputError(
+            f"{spec.uri}: cannot read this {what}{spec.format} file ({type(e).__name__}: {e})"
+        )
+    if type(e).__module__.startswith("zstandard") or "Zstd" in type(e).__name__:
+        return InputError(f"{spec.uri}: cannot read this zstd-compressed file ({e})")
+    return e

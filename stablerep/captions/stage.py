@@ -324,6 +324,8 @@ def make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
     if existing is not None:
         log.info("captions: %s already holds this config's captions; nothing to do", out)
         return existing
+    if cfg.work_dir:
+        Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stablerep-captions-",
                                      dir=cfg.work_dir or None) as work:
         start = time.perf_counter()

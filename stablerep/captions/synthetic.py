@@ -126,12 +126,13 @@ class SyntheticSource:
         labels = [f"synthetic:{n}" for n in self.names]
         done = 0
         while done < num_rows:
+            # Always draw whole chunks, so the stream is a fixed sequence whatever num_rows is.
+            src = rng.choice(len(self.names), size=CHUNK, p=self.weights)  # (CHUNK,)
+            pick = rng.random(CHUNK)  # (CHUNK,) position within the chosen concept list
+            tpl = rng.integers(0, len(self.templates), size=CHUNK)  # (CHUNK,)
+            bg_on = rng.random(CHUNK) < self.background_prob  # (CHUNK,)
+            bg = rng.integers(0, len(self.backgrounds), size=CHUNK)  # (CHUNK,)
             n = min(CHUNK, num_rows - done)
-            src = rng.choice(len(self.names), size=n, p=self.weights)  # (n,)
-            pick = rng.random(n)  # (n,) position within the chosen concept list
-            tpl = rng.integers(0, len(self.templates), size=n)  # (n,)
-            bg_on = rng.random(n) < self.background_prob  # (n,)
-            bg = rng.integers(0, len(self.backgrounds), size=n)  # (n,)
             for i in range(n):
                 concepts = self.concepts[src[i]]
                 concept = concepts[int(pick[i] * len(concepts))]

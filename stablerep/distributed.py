@@ -1,0 +1,134 @@
+"""Distributed set-up, done once: torchrun's environment -> rank, world size, device, gathers.
+
+torchrun (and the Kubeflow PyTorchJob operator through the ``PET_*`` variables torchrun reads)
+sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. :func:`setup` reads them,
+initialises the process group when the world has more than one process (NCCL on CUDA, gloo on
+CPU) with a configurable timeout, and returns a :class:`DistEnv`. Everything else receives that
+object; code runs unchanged as a single plain process without a process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stablerep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    backend: str | None = None  # None: no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}: got {raw!r}, expected an integer"
+                          ) from None
+
+
+def setup(device: str = "auto", *, timeout_s: float = 600.0) -> DistEnv:
+    """Read torchrun's variables, pick the device, initialise the process group if needed.
+
+    Args:
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        timeout_s: collective timeout; a dead peer fails the job after this instead of
+            hanging it forever.
+    """
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device} requested but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = f"cuda:{local_rank}"
+    else:
+        dev = "cpu"
+    if world == 1:
+        return DistEnv(rank, 1, local_rank, dev, None)
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(var):
+                raise ConfigError(f"{var} is not set; launch with torchrun (or set it)")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=torch.device(dev) if use_cuda else None)
+    log.info("distributed: rank %d/%d (local %d) on %s via %s", rank, world, local_rank, dev,
+             backend)
+    return DistEnv(rank, world, local_rank, dev, backend)
+
+
+def teardown() -> None:
+    """Destroy the process group if one exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank (rank-major); gradients flow back when ``x`` has one.
+
+    The backward pass of the autograd all-gather sums, over ranks, the gradient each rank's
+    loss sends to this rank's slice, so a loss over the gathered batch trains every rank's
+    encoder as one process on the whole batch would.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if x.requires_grad:
+        from torch.distributed.nn.functional import all_gather as autograd_all_gather
+
+        return torch.cat(autograd_all_gather(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank (identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(value: float, device: str = "cpu") -> float:
+    """The mean of a float over ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()

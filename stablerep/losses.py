@@ -1,0 +1,130 @@
+"""Contrastive losses: the multi-positive loss of StableRep and the CLIP image-text loss.
+
+Both are pure functions of local embeddings plus an injectable ``gather`` that returns the
+global batch (identity in one process; an all-gather that carries gradients under
+torch.distributed — see :mod:`stablerep.distributed`). Each rank computes its own rows against
+the global batch; with equal local batch sizes the mean of the per-rank losses equals the loss
+of one process holding the whole batch, and DDP's gradient averaging makes the gradients equal
+too (the all-gather's backward sums every rank's contribution to each local embedding).
+
+Thin ``nn.Module`` wrappers hold the temperature / logit scale for the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a local tensor (n, ...) to the global one (world * n, ...), rank-major."""
+
+SELF_MASK = -1e9  # finite, so 0 * log q stays 0 where q underflows
+
+
+def identity_gather(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def multi_positive_loss(
+    embeds: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 0.1,
+    gather: Gather = identity_gather,
+    rank: int = 0,
+) -> torch.Tensor:
+    """StableRep's multi-positive contrastive loss H(p, q) for this rank's rows.
+
+    For anchor i, the target p_i is uniform over the *other* samples with the same label and
+    the prediction q_i is a softmax over all other samples of h_i . h_j / temperature.
+    Anchors without a positive contribute 0. With two crops per image as the only positives
+    this is SimCLR's loss.
+
+    Args:
+        embeds: (n, d) local embeddings (normalised here).
+        labels: (n,) int labels, already globally unique across ranks (e.g. offset by
+            rank * captions per rank).
+        temperature: softmax temperature tau.
+        gather: local -> global gather for embeddings and labels (identity for one process).
+        rank: this process's rank; its rows sit at [rank * n, (rank + 1) * n) globally.
+
+    Returns:
+        Scalar: mean over the local anchors.
+    """
+    local = F.normalize(embeds.float(), dim=-1)  # (n, d)
+    n = local.shape[0]
+    every = gather(local)  # (N, d)
+    every_labels = gather(labels)  # (N,)
+    logits = local @ every.T / temperature  # (n, N)
+    own = torch.arange(n, device=local.device) + rank * n  # columns of the anchors themselves
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(n, device=local.device), own] = True
+    logits = logits.masked_fill(self_mask, SELF_MASK)
+    positives = (labels[:, None] == every_labels[None, :]) & ~self_mask  # (n, N)
+    p = positives.float() / positives.sum(1, keepdim=True).clamp(min=1)  # (n, N)
+    log_q = F.log_softmax(logits, dim=-1)  # (n, N)
+    return -(p * log_q).sum(1).mean()
+
+
+def clip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    gather: Gather = identity_gather,
+    rank: int = 0,
+) -> torch.Tensor:
+    """Symmetric image-text InfoNCE (CLIP) for this rank's rows against the global batch.
+
+    Args:
+        image_embeds: (n, d) local image embeddings (normalised here).
+        text_embeds: (n, d) local text embeddings, row i matching image row i.
+        logit_scale: scalar log of the inverse temperature (exp() is taken here).
+        gather: local -> global gather.
+        rank: this process's rank.
+
+    Returns:
+        Scalar: (L_i2t + L_t2i) / 2 over the local rows.
+    """
+    img = F.normalize(image_embeds.float(), dim=-1)  # (n, d)
+    txt = F.normalize(text_embeds.float(), dim=-1)  # (n, d)
+    scale = logit_scale.float().exp()
+    n = img.shape[0]
+    target = torch.arange(n, device=img.device) + rank * n  # (n,)
+    logits_i2t = scale * img @ gather(txt).T  # (n, N)
+    logits_t2i = scale * txt @ gather(img).T  # (n, N)
+    return (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+
+
+class MultiPositiveLoss(nn.Module):
+    """Module form of :func:`multi_positive_loss` (fixed temperature)."""
+
+    def __init__(self, temperature: float = 0.1, gather: Gather = identity_gather,
+                 rank: int = 0):
+        super().__init__()
+        self.temperature, self.gather, self.rank = temperature, gather, rank
+
+    def forward(self, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return multi_positive_loss(embeds, labels, temperature=self.temperature,
+                                   gather=self.gather, rank=self.rank)
+
+
+class ClipLoss(nn.Module):
+    """CLIP loss with a learnable logit scale, initialised at log(1/0.07), clamped at log(100)."""
+
+    def __init__(self, gather: Gather = identity_gather, rank: int = 0,
+                 init_scale: float = 1 / 0.07, max_scale: float = 100.0):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.max_log_scale = math.log(max_scale)
+        self.gather, self.rank = gather, rank
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=self.max_log_scale)
+        return clip_loss(image_embeds, text_embeds, self.logit_scale, gather=self.gather,
+                         rank=self.rank)
