@@ -196,5 +196,85 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
     click.echo(f"generate: images in {target}")
 
 
+@main.command()
+@_common
+@click.option("--data", "data", multiple=True, metavar="URI",
+              help="Images folder (repeatable) [default: <data-root>/images].")
+@click.option("--out", metavar="URI", help="Output folder [default: <data-root>/train].")
+@click.option("--method", type=click.Choice(["stablerep", "stablerep_plus", "simclr", "clip"]))
+@click.option("--model", help="timm ViT name, e.g. vit_base_patch16_224 or vit_tiny.")
+@click.option("--image-size", type=int, help="Training resolution.")
+@click.option("--captions-per-batch", type=int, help="Captions per step over all ranks.")
+@click.option("--images-per-caption", "-k", type=int, help="Images used per caption.")
+@click.option("--epochs", type=float, help="Passes over the captions.")
+@click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--num-workers", type=int, help="Data loader processes per rank.")
+@click.option("--seed", type=int)
+@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+def train(recipe, overrides, data_root, data, out, method, model, image_size,
+          captions_per_batch, images_per_caption, epochs, max_steps, num_workers, seed, device,
+          print_config) -> None:
+    """Train a ViT with StableRep (or StableRep+, SimCLR, CLIP) on generated shards.
+
+    Runs as one process, or under torchrun on many (it reads RANK/WORLD_SIZE/LOCAL_RANK and
+    MASTER_ADDR/PORT); resumes from <out>/latest.json when it exists.
+
+    \b
+    Examples:
+      stablerep train --data-root ./data --model vit_tiny --image-size 32 --max-steps 50
+      torchrun --nproc_per_node 8 -m stablerep.train --config configs/train_cc12m.yaml
+    """
+    from stablerep import distributed
+    from stablerep.storage import join
+    from stablerep.training.trainer import Trainer
+
+    flags = {"data": data, "out": out, "method": method, "model": model,
+             "image_size": image_size, "captions_per_batch": captions_per_batch,
+             "images_per_caption": images_per_caption, "epochs": epochs,
+             "max_steps": max_steps, "num_workers": num_workers, "seed": seed,
+             "device": device}
+    cfg = build_config(recipe, overrides, "train", flags, data_root=data_root)
+    if print_config:
+        click.echo(dump_yaml(cfg), nl=False)
+        return
+    tc = cfg.train
+    assert tc is not None
+    env = distributed.setup(tc.device, timeout_s=tc.dist_timeout_s)
+    try:
+        trainer = Trainer(tc, data=tc.data or [join(cfg.data_root, "images")],
+                          out=tc.out or join(cfg.data_root, "train"), env=env)
+        if env.is_main:
+            from stablerep import storage
+
+            storage.write_text(join(trainer.out, "config.yaml"), dump_yaml(cfg))
+        result = _run_training(trainer)
+    finally:
+        distributed.teardown()
+    if env.is_main:
+        click.echo(f"train: {result.steps} steps, final loss {result.final_loss:.4f}, "
+                   f"{result.images_per_s:,.1f} img/s")
+        click.echo(f"train: checkpoint {result.checkpoint}; backbone {result.backbone}; "
+                   f"metrics {join(trainer.out, 'metrics.jsonl')}")
+
+
+def _run_training(trainer):
+    """Run the trainer, turning a lost peer into one clear error."""
+    from stablerep.training.trainer import TrainingError
+
+    try:
+        return trainer.fit()
+    except RuntimeError as e:
+        text = str(e)
+        markers = ("gloo", "NCCL", "nccl", "Connection closed", "Connection reset",
+                   "timed out", "Timeout", "ProcessGroup", "Broken pipe")
+        if trainer.env.distributed and any(m in text for m in markers):
+            raise TrainingError(
+                f"rank {trainer.env.rank}: a peer process failed or stopped responding "
+                f"({text.splitlines()[0][:200]}); restart the job: it resumes from the last "
+                "checkpoint") from None
+        raise
+
+
 if __name__ == "__main__":
     main()

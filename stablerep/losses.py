@@ -29,6 +29,11 @@ def identity_gather(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half/bfloat16 are upcast; float64 is kept, not rounded down)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def multi_positive_loss(
     embeds: torch.Tensor,
     labels: torch.Tensor,
@@ -55,7 +60,12 @@ def multi_positive_loss(
     Returns:
         Scalar: mean over the local anchors.
     """
-    local = F.normalize(embeds.float(), dim=-1)  # (n, d)
+    with torch.autocast(embeds.device.type, enabled=False):  # fp32 even inside autocast
+        return _multi_positive_loss(embeds, labels, temperature, gather, rank)
+
+
+def _multi_positive_loss(embeds, labels, temperature, gather, rank):
+    local = F.normalize(_upcast(embeds), dim=-1)  # (n, d)
     n = local.shape[0]
     every = gather(local)  # (N, d)
     every_labels = gather(labels)  # (N,)
@@ -65,8 +75,8 @@ def multi_positive_loss(
     self_mask[torch.arange(n, device=local.device), own] = True
     logits = logits.masked_fill(self_mask, SELF_MASK)
     positives = (labels[:, None] == every_labels[None, :]) & ~self_mask  # (n, N)
-    p = positives.float() / positives.sum(1, keepdim=True).clamp(min=1)  # (n, N)
     log_q = F.log_softmax(logits, dim=-1)  # (n, N)
+    p = positives.to(log_q.dtype) / positives.sum(1, keepdim=True).clamp(min=1)  # (n, N)
     return -(p * log_q).sum(1).mean()
 
 
@@ -90,9 +100,14 @@ def clip_loss(
     Returns:
         Scalar: (L_i2t + L_t2i) / 2 over the local rows.
     """
-    img = F.normalize(image_embeds.float(), dim=-1)  # (n, d)
-    txt = F.normalize(text_embeds.float(), dim=-1)  # (n, d)
-    scale = logit_scale.float().exp()
+    with torch.autocast(image_embeds.device.type, enabled=False):  # fp32 even inside autocast
+        return _clip_loss(image_embeds, text_embeds, logit_scale, gather, rank)
+
+
+def _clip_loss(image_embeds, text_embeds, logit_scale, gather, rank):
+    img = F.normalize(_upcast(image_embeds), dim=-1)  # (n, d)
+    txt = F.normalize(_upcast(text_embeds), dim=-1)  # (n, d)
+    scale = _upcast(logit_scale).exp()
     n = img.shape[0]
     target = torch.arange(n, device=img.device) + rank * n  # (n,)
     logits_i2t = scale * img @ gather(txt).T  # (n, N)

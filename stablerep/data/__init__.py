@@ -1,0 +1,1 @@
+"""Training data: shard discovery and reading, augmentation, the batch stream."""

@@ -1,0 +1,216 @@
+"""The training data stream: shards -> caption groups -> (n captions x k images) batches.
+
+Work is split into ``world_size * num_workers`` *streams*. Stream s reads the shards whose
+position (in an order shuffled per epoch) is s modulo the stream count, or — when there are
+fewer shards than streams — every shard keeping every caption whose position is s modulo the
+count; either way no caption is read twice in a pass. Each stream shuffles captions in a buffer
+and makes whole micro-batches; stream ``o`` of a rank makes the rank's micro-batches
+``b = o, o + W, o + 2W ...`` (W = workers), which is the order a DataLoader reads its workers
+in. A stream that runs out wraps around with a new shard order, so every rank yields exactly
+``steps`` micro-batches per epoch and no rank waits for another.
+
+Everything random is seeded from (seed, epoch, rank, stream) or (seed, epoch, rank, batch), so
+the batches depend on those alone. That makes resuming exact: the *data position* is (epoch,
+micro-batches done), and on restart each worker replays the stream it must continue, skipping
+the batches already used without decoding their images.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from stablerep.config import TrainConfig
+from stablerep.data.augment import create_train_transform, seeded
+from stablerep.data.shards import CaptionGroup, ShardRef, ShardStats, iter_caption_groups
+from stablerep.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One micro-batch of one rank, caption-major."""
+
+    images: torch.Tensor  # (n * c, 3, H, W); rows of caption i are [i*c, (i+1)*c)
+    labels: torch.Tensor  # (n * c,) local caption index 0..n-1
+    texts: list[str]  # (n,) captions
+    caption_ids: torch.Tensor  # (n,)
+    index: int  # micro-batch index within the epoch
+    bad_samples: int = 0  # unusable samples/captions skipped so far by this stream
+
+    def pin_memory(self) -> Batch:
+        self.images = self.images.pin_memory()
+        return self
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a global batch is cut: ranks x micro-batches x captions."""
+
+    captions_per_micro_batch: int  # per rank
+    micro_batches_per_epoch: int  # per rank
+    crops_per_caption: int  # rows per caption
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, shards: list[ShardRef], world_size: int) -> Layout:
+        per_rank, rest = divmod(cfg.captions_per_batch, world_size * cfg.grad_accum_steps)
+        if rest or per_rank == 0:
+            raise ConfigError(
+                f"train.captions_per_batch: {cfg.captions_per_batch} captions do not split "
+                f"evenly over {world_size} ranks x {cfg.grad_accum_steps} accumulation steps")
+        total = sum(s.num_captions for s in shards)
+        steps = total // cfg.captions_per_batch
+        if steps == 0:
+            raise InputError(f"the images hold {total} captions, fewer than one batch "
+                             f"(train.captions_per_batch={cfg.captions_per_batch})")
+        return cls(per_rank, steps * cfg.grad_accum_steps, cfg.crops_per_caption)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.micro_batches_per_epoch  # divided by grad_accum_steps by the trainer
+
+
+class CaptionBatches(IterableDataset):
+    """Micro-batches of one rank for one epoch (call :meth:`set_epoch` before iterating)."""
+
+    def __init__(self, shards: list[ShardRef], cfg: TrainConfig, layout: Layout, *,
+                 rank: int, world_size: int):
+        super().__init__()
+        self.shards, self.cfg, self.layout = shards, cfg, layout
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip = 0, 0
+        self.transform = create_train_transform(cfg.augmentation, cfg.image_size,
+                                                downsample_prob=cfg.downsample_prob)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch and how many micro-batches of it were already used."""
+        self.epoch, self.skip = epoch, skip
+
+    # -- streams ------------------------------------------------------------------------
+    def _groups(self, stream: int, num_streams: int) -> Iterator[CaptionGroup]:
+        """This stream's caption groups, endlessly (a new shard order on each wrap)."""
+        cfg, n_shards = self.cfg, len(self.shards)
+        stats = {}
+        for wrap in range(1 << 30):
+            order = np.random.default_rng(_seed(cfg.seed, self.epoch, wrap, 7)
+                                          ).permutation(n_shards)
+            by_shard = n_shards >= num_streams
+            mine = order[stream::num_streams] if by_shard else order
+            yielded = 0
+            position = 0
+            for i in mine:
+                ref = self.shards[i]
+                st = stats.setdefault(ref.uri, ShardStats(ref.uri))
+                for group in iter_caption_groups(ref.uri, max_errors=cfg.max_sample_errors,
+                                                 stats=st):
+                    position += 1
+                    if not by_shard and (position - 1) % num_streams != stream:
+                        continue
+                    self.shard_bad_samples = sum(s.bad_samples for s in stats.values())
+                    yielded += 1
+                    yield group
+            if yielded == 0:
+                raise InputError(f"data stream {stream} of {num_streams} got no caption from "
+                                 f"{n_shards} shards")
+
+    def _shuffled(self, stream: int, num_streams: int) -> Iterator[CaptionGroup]:
+        rng = np.random.default_rng(_seed(self.cfg.seed, self.epoch, stream, 11))
+        buffer: list[CaptionGroup] = []
+        for group in self._groups(stream, num_streams):
+            if len(buffer) < self.cfg.shuffle_buffer:
+                buffer.append(group)
+                continue
+            i = int(rng.integers(len(buffer)))
+            buffer[i], group = group, buffer[i]
+            yield group
+
+    # -- batches ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        layout = self.layout
+        # Worker `worker` continues original stream o: it makes batches skip + worker + i*W.
+        first = self.skip + worker
+        if first >= layout.micro_batches_per_epoch:
+            return
+        original = first % workers
+        stream = self.rank * workers + original
+        groups = self._shuffled(stream, self.world_size * workers)
+        self.shard_bad_samples = self.decode_bad_samples = 0
+        need = self.cfg.images_read_per_caption
+        for b in range(original, layout.micro_batches_per_epoch, workers):
+            chosen = self._take(groups, need)
+            if b < self.skip:
+                continue  # already used before the restart: no decoding
+            yield self._make_batch(b, chosen)
+
+    def _take(self, groups: Iterator[CaptionGroup], need: int) -> list[CaptionGroup]:
+        chosen = []
+        while len(chosen) < self.layout.captions_per_micro_batch:
+            group = next(groups)
+            if len(group.images) < need:
+                raise InputError(
+                    f"caption {group.caption_id} has {len(group.images)} stored images, fewer "
+                    f"than the {need} per caption train.images_per_caption asks for; generate "
+                    "more images per caption or lower images_per_caption")
+            chosen.append(group)
+        return chosen
+
+    def _make_batch(self, b: int, groups: list[CaptionGroup]) -> Batch:
+        cfg, c = self.cfg, self.layout.crops_per_caption
+        batch_seed = _seed(cfg.seed, self.epoch, self.rank, b, 13)
+        rng = np.random.default_rng(batch_seed)
+
+        def build() -> torch.Tensor:
+            rows = []
+            for group in groups:
+                picks = rng.choice(len(group.images), cfg.images_read_per_caption,
+                                   replace=False)
+                images = [self._decode(group, int(j)) for j in picks]
+                if cfg.method == "simclr":
+                    images = images * 2  # two crops of the one image
+                rows += [self.transform(im) for im in images]
+            return torch.stack(rows)  # (n * c, 3, H, W)
+
+        images = seeded(batch_seed, build)
+        n = len(groups)
+        return Batch(images=images, labels=torch.arange(n).repeat_interleave(c),
+                     texts=[g.caption for g in groups],
+                     caption_ids=torch.tensor([g.caption_id for g in groups]), index=b,
+                     bad_samples=self.shard_bad_samples + self.decode_bad_samples)
+
+    def _decode(self, group: CaptionGroup, j: int) -> Image.Image:
+        """Image ``j`` of the caption; a corrupt one is counted and the next one used."""
+        count = len(group.images)
+        for attempt in range(count):
+            data = group.images[(j + attempt) % count]
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    return im.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError):
+                self.decode_bad_samples += 1
+                log.warning("caption %d: stored image %d cannot be decoded; using another",
+                            group.caption_id, (j + attempt) % count)
+        raise InputError(f"caption {group.caption_id}: none of its {count} images can be "
+                         "decoded")
+
+
+def create_loader(dataset: CaptionBatches, *, num_workers: int, pin_memory: bool
+                  ) -> DataLoader:
+    """A DataLoader reading whole micro-batches from ``dataset``'s workers in order."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None,
+                      multiprocessing_context="fork" if num_workers else None)

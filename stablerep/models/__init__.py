@@ -1,0 +1,138 @@
+"""Models: a timm ViT backbone, the projection MLP, the open_clip text tower, and StableRep(+).
+
+- Backbone: any timm ViT (``vit_tiny/small/base/large_patch16_*``), trained from scratch, with
+  ``img_size`` configurable; its feature is the CLS token after the final norm.
+- Projection head: the paper's 3-layer MLP (768 -> 4096 -> 4096 -> 256 for ViT-B) with
+  BatchNorm and ReLU between layers (SyncBatchNorm once converted for DDP).
+- Text tower (StableRep+ and CLIP): open_clip's text transformer (width 512, 12 layers, 8 heads,
+  context 77, vocab 49408) with its bundled BPE tokenizer, projecting to ``embed_dim``.
+- :class:`StableRepModel` ties them together for a method (``stablerep``, ``stablerep_plus``,
+  ``simclr``, ``clip``) and carries the learnable logit scale of the image-text loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from stablerep.config import TrainConfig
+from stablerep.errors import ConfigError
+
+BACKBONES: dict[str, str] = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+}
+"""Short names accepted for the common backbones (any timm ViT name works too)."""
+
+
+def timm_name(name: str) -> str:
+    return BACKBONES.get(name, name)
+
+
+def create_backbone(name: str, image_size: int) -> nn.Module:
+    """A randomly initialised timm ViT returning the normalised CLS feature (n, d)."""
+    import timm
+
+    full = timm_name(name)
+    if full not in timm.list_models(full):
+        raise ConfigError(f"train.model: {name!r} is not a timm model; e.g. "
+                          + ", ".join(BACKBONES.values()))
+    try:
+        return timm.create_model(full, pretrained=False, num_classes=0, global_pool="token",
+                                 img_size=image_size)
+    except (AssertionError, ValueError, TypeError) as e:
+        raise ConfigError(f"train.model: cannot build {full} at image_size {image_size} ({e})"
+                          ) from None
+
+
+class ProjectionHead(nn.Module):
+    """MLP with BatchNorm + ReLU between layers: in -> hidden -> ... -> out."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(True)]
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, out_dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def create_text_tower(cfg: TrainConfig) -> nn.Module:
+    """open_clip's text transformer projecting to ``cfg.embed_dim``."""
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    text_cfg = CLIPTextCfg(context_length=cfg.text_context, vocab_size=49408,
+                           width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers)
+    return _build_text_tower(cfg.embed_dim, text_cfg)
+
+
+def create_tokenizer(context_length: int = 77) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's bundled BPE tokenizer: list of captions -> (n, context_length) int64."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer(context_length=context_length)
+    return lambda texts: tokenizer(list(texts), context_length=context_length)
+
+
+class StableRepModel(nn.Module):
+    """Backbone + the parts a method trains with.
+
+    ``forward(images, tokens)`` returns a dict with ``features`` (n, d) CLS features, and as
+    the method needs ``z`` (n, head_out_dim) projections for the multi-positive loss,
+    ``image_embeds`` / ``text_embeds`` (n, embed_dim) for the CLIP loss.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.method = cfg.method
+        self.backbone = create_backbone(cfg.model, cfg.image_size)
+        dim = self.backbone.num_features
+        self.head = (ProjectionHead(dim, cfg.head_hidden_dim, cfg.head_out_dim)
+                     if cfg.method != "clip" else None)
+        if cfg.uses_text:
+            self.image_proj = nn.Linear(dim, cfg.embed_dim, bias=False)
+            self.text = create_text_tower(cfg)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        else:
+            self.image_proj = self.text = self.logit_scale = None
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.num_features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        features = self.backbone(images)  # (n, d)
+        out = {"features": features}
+        if self.head is not None:
+            out["z"] = self.head(features)  # (n, head_out_dim)
+        if self.text is not None and tokens is not None:
+            out["image_embeds"] = self.image_proj(features)  # (n, embed_dim)
+            out["text_embeds"] = self.text(tokens)  # (captions, embed_dim)
+        return out
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay besides biases and 1-d parameters."""
+        names = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay",
+                                                  lambda: set())()}
+        if self.logit_scale is not None:
+            names.add("logit_scale")
+        if self.text is not None:
+            names |= {f"text.{n}" for n, p in self.text.named_parameters()
+                      if "positional_embedding" in n or "token_embedding" in n}
+        return names
+
+
+def create_model(cfg: TrainConfig) -> StableRepModel:
+    """The model for ``cfg.method``, randomly initialised (seed it before calling)."""
+    return StableRepModel(cfg)

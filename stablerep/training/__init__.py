@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, checkpoints and resume, the trainer loop."""
