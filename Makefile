@@ -25,8 +25,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+DEMO        ?= configs/demo.yaml
+
 demo: $(STAMP)
-	$(BIN)/stablerep captions --config configs/demo.yaml
+	$(BIN)/stablerep captions --config $(DEMO)
+	$(BIN)/stablerep generate --config $(DEMO)
+	$(BIN)/stablerep train --config $(DEMO)
 
 test: $(STAMP)
 	GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false $(BIN)/python -m pytest -q $(PYTEST_ARGS)

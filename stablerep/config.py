@@ -316,9 +316,6 @@ class Config:
     train: TrainConfig | None = None  # training stage
 
 
-SECTIONS: dict[str, type] = {"captions": CaptionsConfig, "generate": GenerateConfig,
-                             "train": TrainConfig}
-
 
 # ---------------------------------------------------------------------------- building
 
@@ -402,10 +399,7 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
     kwargs = {}
     for key, value in data.items():
         sub = f"{where}.{key}" if where else key
-        tp = hints[key]
-        if key in SECTIONS and cls is Config:
-            tp = SECTIONS[key]
-        kwargs[key] = _coerce(value, tp, sub)
+        kwargs[key] = _coerce(value, hints[key], sub)
     try:
         return cls(**kwargs)
     except TypeError as e:
