@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(BIN)/stablerep captions --config $(DEMO)
 	$(BIN)/stablerep generate --config $(DEMO)
 	$(BIN)/stablerep train --config $(DEMO)
+	$(BIN)/stablerep eval --config $(DEMO)
 
 test: $(STAMP)
 	GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -244,6 +244,7 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
     try:
         trainer = Trainer(tc, data=tc.data or [join(cfg.data_root, "images")],
                           out=tc.out or join(cfg.data_root, "train"), env=env)
+        trainer.resume()  # a checkpoint of another model fails here, before config.yaml
         if env.is_main:
             from stablerep import storage
 
@@ -256,6 +257,69 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
                    f"{result.images_per_s:,.1f} img/s")
         click.echo(f"train: checkpoint {result.checkpoint}; backbone {result.backbone}; "
                    f"metrics {join(trainer.out, 'metrics.jsonl')}")
+
+
+@main.command(name="eval")
+@_common
+@click.option("--checkpoint", metavar="URI|timm:NAME",
+              help="Training folder, ckpt-*.pt, backbone.pt or timm:<name> "
+                   "[default: <data-root>/train].")
+@click.option("--datasets", metavar="LIST",
+              help="Comma-separated: sklearn:digits, imagefolder:<URI>, torchvision:<Name>.")
+@click.option("--out", metavar="URI", help="Output folder [default: <data-root>/eval].")
+@click.option("--baseline", metavar="random|none|URI",
+              help="Backbone to compare with [default: random init of the same model].")
+@click.option("--episodes", "few_shot_episodes", type=int, help="Few-shot episodes.")
+@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
+def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
+             few_shot_episodes, device, print_config) -> None:
+    """Linear probe, few-shot and kNN on frozen features, with an HTML report.
+
+    \b
+    Examples:
+      stablerep eval --data-root ./data                       # the run's own checkpoint
+      stablerep eval --checkpoint gs://b/run1/train --datasets sklearn:digits,\\
+          imagefolder:gs://b/pets --out gs://b/run1/eval
+    """
+    from stablerep.evaluation.stage import run_eval
+    from stablerep.storage import join
+
+    flags = {"checkpoint": checkpoint, "out": out, "baseline": baseline,
+             "few_shot_episodes": few_shot_episodes, "device": device,
+             "datasets": [d.strip() for d in datasets.split(",") if d.strip()]
+             if datasets else None}
+    cfg = build_config(recipe, overrides, "eval", flags, data_root=data_root)
+    if print_config:
+        click.echo(dump_yaml(cfg), nl=False)
+        return
+    ec = cfg.eval
+    assert ec is not None
+    ckpt = ec.checkpoint or join(cfg.data_root, "train")
+    target = ec.out or join(cfg.data_root, "eval")
+    images = ec.images or join(cfg.data_root, "images")
+    metrics_uri = ec.train_metrics or (join(ckpt, "metrics.jsonl")
+                                       if not ckpt.startswith("timm") else "")
+    metrics = run_eval(ec, checkpoint=ckpt, out=target, images=images,
+                       train_metrics=metrics_uri)
+    for name, result in metrics["datasets"].items():
+        base = metrics.get("baseline", {}).get("datasets", {}).get(name, {})
+        click.echo(f"eval: {name}: " + _summary(result, base))
+    click.echo(f"eval: report {join(target, 'report.html')}; metrics "
+               f"{join(target, 'metrics.json')}")
+
+
+def _summary(result: dict, base: dict) -> str:
+    parts = []
+    for key, label in (("linear_probe", "probe top-1"), ("few_shot", "few-shot"),
+                       ("knn", "kNN")):
+        if key in result:
+            value = result[key]["top1" if key != "few_shot" else "mean"]
+            text = f"{label} {value:.3f}"
+            if key in base:
+                text += f" (baseline {base[key]['top1' if key != 'few_shot' else 'mean']:.3f})"
+            parts.append(text)
+    return ", ".join(parts)
 
 
 def _run_training(trainer):

@@ -303,6 +303,56 @@ class TrainConfig:
         return self.images_per_caption if self.method.startswith("stablerep") else 1
 
 
+# ---------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalConfig:
+    """Frozen-feature evaluation: linear probe, few-shot, kNN, and an HTML report."""
+
+    checkpoint: str = ""  # train folder, ckpt-*.pt, backbone.pt, or timm:<name>; default <data_root>/train
+    datasets: list[str] = field(default_factory=lambda: ["sklearn:digits"])  # see README
+    out: str = ""  # metrics.json, report.html, feature cache; default <data_root>/eval
+    baseline: str = "random"  # random (same architecture, random init), none, or a checkpoint
+    image_size: int | None = None  # input size; default the backbone's training size
+    batch_size: int = 256  # images per forward pass
+    num_workers: int = 2  # image decoding processes
+    device: str = "auto"  # auto (cuda when present), cpu, cuda
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), fp32, bf16
+    feature_cache: str = ""  # feature cache URI; default <out>/features
+    data_cache: str = ""  # local folder for torchvision data sets; default the stablerep cache
+    download: bool = False  # let torchvision download missing data sets (needs network)
+    probe: bool = True  # run the linear probe
+    probe_num_c: int = 45  # inverse-regularisation values swept (log-spaced)
+    probe_c_min: float = 1e-6  # smallest C
+    probe_c_max: float = 1e5  # largest C
+    probe_val_fraction: float = 0.2  # part of train held out to choose C
+    few_shot_way: int = 5  # classes per episode
+    few_shot_shot: int = 5  # support images per class
+    few_shot_query: int = 15  # query images per class
+    few_shot_episodes: int = 600  # episodes (0 = skip few-shot)
+    knn_k: int = 20  # neighbours for the kNN metric (0 = skip)
+    seed: int = 0  # seed for splits, episodes and the random baseline
+    images: str = ""  # images folder for the sample grid; default <data_root>/images if present
+    train_metrics: str = ""  # metrics.jsonl for the loss curve; default beside the checkpoint
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ConfigError("eval.datasets: expected at least one data set")
+        if self.image_size is not None:
+            _check_range("eval.image_size", self.image_size, low=16)
+        for name in ("batch_size", "probe_num_c", "few_shot_way", "few_shot_shot"):
+            _check_range(f"eval.{name}", getattr(self, name), low=1)
+        for name in ("num_workers", "few_shot_query", "few_shot_episodes", "knn_k"):
+            _check_range(f"eval.{name}", getattr(self, name), low=0)
+        if self.few_shot_episodes and self.few_shot_way < 2:
+            raise ConfigError(f"eval.few_shot_way: got {self.few_shot_way}, expected >= 2")
+        _check_choice("eval.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_range("eval.probe_c_min", self.probe_c_min, low=0, low_open=True)
+        _check_range("eval.probe_c_max", self.probe_c_max, low=self.probe_c_min)
+        _check_range("eval.probe_val_fraction", self.probe_val_fraction, low=0.01, high=0.9)
+
+
 # ---------------------------------------------------------------------------- root
 
 
@@ -314,6 +364,7 @@ class Config:
     captions: CaptionsConfig | None = None  # caption stage
     generate: GenerateConfig | None = None  # generation stage
     train: TrainConfig | None = None  # training stage
+    eval: EvalConfig | None = None  # evaluation stage
 
 
 

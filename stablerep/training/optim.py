@@ -20,6 +20,14 @@ def peak_lr(cfg: TrainConfig) -> float:
     return cfg.base_lr * cfg.captions_per_batch * cfg.crops_per_caption / 256
 
 
+def _strip_wrappers(name: str) -> str:
+    """The parameter name without DDP (``module.``) / torch.compile (``_orig_mod.``) prefixes,
+    in whatever order and nesting they were applied."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def param_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozenset()
                  ) -> list[dict]:
     """Two AdamW groups: decayed (matrices) and not decayed (biases, norms, 1-d, ``skip``)."""
@@ -27,7 +35,7 @@ def param_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozens
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        clean = name.removeprefix("module.").removeprefix("_orig_mod.")
+        clean = _strip_wrappers(name)
         if param.ndim <= 1 or name.endswith(".bias") or clean in skip:
             no_decay.append(param)
         else:
@@ -38,8 +46,10 @@ def param_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozens
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig, skip: set[str] = frozenset()
                      ) -> torch.optim.AdamW:
+    on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip), lr=peak_lr(cfg),
-                             betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+                             betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=True if on_cuda else None)
 
 
 def lr_factor(step: int, *, warmup: int, total: int) -> float:

@@ -1,0 +1,1 @@
+"""Evaluation: data sets, frozen features, linear probe, few-shot, kNN, report."""

@@ -1,0 +1,119 @@
+"""Loading the backbone to evaluate: a stablerep run, a checkpoint, an export, or timm.
+
+Accepted ``eval.checkpoint`` forms:
+
+- a training output folder (uses ``latest.json``'s checkpoint, or ``backbone.pt`` +
+  ``backbone.json`` when there is no checkpoint);
+- a ``ckpt-*.pt`` file; a ``backbone.pt`` (with its ``backbone.json`` beside it);
+- ``timm:<name>`` (random init, e.g. ``timm:vit_small_patch16_224``) or
+  ``timm-pretrained:<name>`` (weights from the hub, where there is network).
+
+Every backbone is a timm ViT returning the CLS feature after the final norm. Its ``key``
+identifies the weights for the feature cache (a checkpoint's sha256, or the timm name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stablerep import storage
+from stablerep.errors import InputError
+from stablerep.models import create_backbone, timm_name
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor and what it is."""
+
+    model: nn.Module
+    info: dict[str, Any]  # timm_model, image_size, feature_dim (+ step, method ...)
+    key: str  # identifies the weights (cache key)
+    source: str  # what the user named
+
+
+def _from_state(state: dict[str, torch.Tensor], info: dict[str, Any], key: str, source: str
+                ) -> Backbone:
+    model = create_backbone(info["timm_model"], int(info["image_size"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"{source}: the weights do not fit {info['timm_model']} (missing "
+                         f"{len(missing)} keys, e.g. {missing[:2]}; unexpected {unexpected[:2]})")
+    return Backbone(model.eval(), info, key, source)
+
+
+def _load_torch(uri: str) -> tuple[Any, str]:
+    data = storage.read_bytes(uri)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise InputError(f"{uri}: not a stablerep checkpoint or timm backbone ({type(e).__name__})"
+                         ) from None
+    return obj, hashlib.sha256(data).hexdigest()[:16]
+
+
+def _from_checkpoint(uri: str, source: str) -> Backbone:
+    obj, digest = _load_torch(uri)
+    if not isinstance(obj, dict) or "model_info" not in obj or "model" not in obj:
+        raise InputError(f"{uri}: not a stablerep checkpoint (no model / model_info)")
+    state = {k.removeprefix("backbone."): v for k, v in obj["model"].items()
+             if k.startswith("backbone.")}
+    info = {**obj["model_info"], "step": obj.get("step")}
+    return _from_state(state, info, f"ckpt-{digest}", source)
+
+
+def _from_export(uri: str, source: str) -> Backbone:
+    info_uri = storage.join(uri.rsplit("/", 1)[0], "backbone.json")
+    if not storage.exists(info_uri):
+        raise InputError(f"{uri}: no backbone.json beside it (it names the timm model)")
+    info = storage.read_json(info_uri)
+    state, digest = _load_torch(uri)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise InputError(f"{uri}: not a timm state dict")
+    return _from_state(state, info, f"backbone-{digest}", source)
+
+
+def random_like(info: dict[str, Any], *, seed: int = 0) -> Backbone:
+    """A randomly initialised backbone of the same architecture (the default baseline)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_backbone(info["timm_model"], int(info["image_size"]))
+    info = {k: info[k] for k in ("timm_model", "image_size", "feature_dim") if k in info}
+    return Backbone(model.eval(), {**info, "init": "random"},
+                    f"random-{info['timm_model']}-{info['image_size']}-s{seed}", "random init")
+
+
+def load_backbone(spec: str, *, image_size: int | None = None, seed: int = 0) -> Backbone:
+    """The backbone named by ``spec`` (see the module docstring)."""
+    if spec.startswith(("timm:", "timm-pretrained:")):
+        kind, name = spec.split(":", 1)
+        import timm
+
+        size = image_size or 224
+        pretrained = kind == "timm-pretrained"
+        try:
+            model = timm.create_model(timm_name(name), pretrained=pretrained, num_classes=0,
+                                      global_pool="token", img_size=size)
+        except Exception as e:  # noqa: BLE001 - unknown name, no network ...
+            raise InputError(f"{spec}: cannot create this timm backbone ({e})") from None
+        info = {"timm_model": timm_name(name), "image_size": size,
+                "feature_dim": model.num_features}
+        key = f"timm-{timm_name(name)}-{size}-{'pre' if pretrained else f'rand{seed}'}"
+        return Backbone(model.eval(), info, key, spec)
+    uri = spec.rstrip("/")
+    if storage.exists(storage.join(uri, "latest.json")):
+        latest = storage.read_json(storage.join(uri, "latest.json"))
+        return _from_checkpoint(storage.join(uri, latest["checkpoint"]), spec)
+    if storage.exists(storage.join(uri, "backbone.pt")):
+        return _from_export(storage.join(uri, "backbone.pt"), spec)
+    if not storage.exists(uri):
+        raise InputError(f"{spec}: no such checkpoint, backbone or training folder")
+    if uri.endswith("backbone.pt"):
+        return _from_export(uri, spec)
+    return _from_checkpoint(uri, spec)

@@ -1,0 +1,252 @@
+"""Evaluation data sets behind one small interface: (image, label) for train and test.
+
+Names (``eval.datasets``):
+
+- ``sklearn:digits`` — the 1,797 real 8x8 handwritten digits shipped inside scikit-learn;
+  split (documented, none is official): stratified, 2/3 train and 1/3 test, seed 0.
+- ``imagefolder:<URI>`` — ``train/<class>/*`` and ``test/<class>/*`` (or ``val/``) at any URI;
+  a remote folder is copied once to the local cache through storage.py.
+- ``torchvision:<Name>`` — CIFAR10, CIFAR100, FGVCAircraft, StanfordCars, DTD, Flowers102,
+  OxfordIIITPet, SUN397, Caltech101, Food101, ImageNet; read from ``eval.data_cache`` (a
+  missing data set is downloaded only with ``eval.download``). Official splits; where a data
+  set has none (SUN397, Caltech101) a documented, seeded split is used (see SPLITS).
+
+An image that cannot be decoded yields ``None``; feature extraction skips and counts it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from stablerep import storage
+from stablerep.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+SPLITS: dict[str, str] = {
+    "sklearn:digits": "stratified 2/3 train, 1/3 test (seed 0)",
+    "CIFAR10": "official train / test", "CIFAR100": "official train / test",
+    "FGVCAircraft": "official trainval / test", "StanfordCars": "official train / test",
+    "DTD": "official train+val / test (partition 1)",
+    "Flowers102": "official train+val / test", "OxfordIIITPet": "official trainval / test",
+    "Food101": "official train / test", "ImageNet": "official train / val",
+    "SUN397": "no official split here: stratified 50/50 per class (seed 0)",
+    "Caltech101": "no official split: 30 images per class train, the rest test (seed 0)",
+}
+
+
+@dataclass
+class ImageList:
+    """A split: a length and a loader of (PIL image or None, label) by index."""
+
+    labels: np.ndarray  # (n,) int64
+    load: Callable[[int], Image.Image | None]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image | None, int]:
+        return self.load(i), int(self.labels[i])
+
+
+@dataclass
+class EvalData:
+    """A data set's two splits and class names."""
+
+    name: str
+    classes: list[str]
+    train: ImageList
+    test: ImageList
+    split_note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def decode(data: bytes) -> Image.Image | None:
+    """Decode image bytes to RGB, or None when they are not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------- sklearn
+
+
+def load_digits_data(seed: int = 0) -> EvalData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images * (255 / 16)).round().astype(np.uint8)  # (1797, 8, 8)
+    idx = np.arange(len(pixels))
+    train_idx, test_idx = train_test_split(idx, test_size=1 / 3, random_state=seed,
+                                           stratify=digits.target)
+
+    def split(rows: np.ndarray) -> ImageList:
+        return ImageList(digits.target[rows].astype(np.int64),
+                         lambda i: Image.fromarray(pixels[rows[i]], mode="L").convert("RGB"))
+
+    return EvalData("sklearn:digits", [str(c) for c in digits.target_names],
+                    split(np.sort(train_idx)), split(np.sort(test_idx)), SPLITS["sklearn:digits"])
+
+
+def digits_pixels(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw-pixel features of the digits split (for checking classifiers): Xtr, ytr, Xte, yte."""
+    data = load_digits_data(seed)
+
+    def feats(split: ImageList) -> np.ndarray:
+        return np.stack([np.asarray(split.load(i))[..., 0].reshape(-1) / 255.0
+                         for i in range(len(split))]).astype(np.float32)
+
+    return feats(data.train), data.train.labels, feats(data.test), data.test.labels
+
+
+# ---------------------------------------------------------------------------- image folders
+
+
+def _class_files(root: Path) -> dict[str, list[Path]]:
+    classes = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        classes[d.name] = files
+    return classes
+
+
+def load_imagefolder(uri: str) -> EvalData:
+    root = storage.cache_local(uri)
+    if not root.is_dir():
+        raise InputError(f"imagefolder:{uri}: not a folder")
+    train_dir = root / "train"
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise InputError(f"imagefolder:{uri}: expected train/<class>/* and test/<class>/* "
+                         "(or val/) inside")
+    train, test = _class_files(train_dir), _class_files(test_dir)
+    if not train or not any(train.values()):
+        raise InputError(f"imagefolder:{uri}: train/ holds no class folder with images")
+    if set(train) != set(test):
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise InputError(f"imagefolder:{uri}: train and {test_dir.name} classes differ "
+                         f"(only in train: {only_train[:5]}; only in {test_dir.name}: "
+                         f"{only_test[:5]})")
+    classes = sorted(train)
+
+    def split(files: dict[str, list[Path]]) -> ImageList:
+        paths = [(p, classes.index(c)) for c in classes for p in files[c]]
+        return ImageList(np.array([y for _, y in paths], dtype=np.int64),
+                         lambda i: decode(paths[i][0].read_bytes()))
+
+    return EvalData(f"imagefolder:{uri}", classes, split(train), split(test),
+                    f"train / {test_dir.name} folders")
+
+
+# ---------------------------------------------------------------------------- torchvision
+
+
+def _tv_split(cls, root: str, name: str, download: bool, seed: int):
+    """(train dataset, test dataset, train indices or None, test indices or None)."""
+    kw = {"root": root, "download": download}
+    if name in ("CIFAR10", "CIFAR100"):
+        return cls(train=True, **kw), cls(train=False, **kw), None, None
+    if name in ("FGVCAircraft", "OxfordIIITPet"):
+        return cls(split="trainval", **kw), cls(split="test", **kw), None, None
+    if name in ("StanfordCars", "Food101"):
+        return cls(split="train", **kw), cls(split="test", **kw), None, None
+    if name in ("DTD", "Flowers102"):
+        import torch.utils.data as tud
+
+        both = tud.ConcatDataset([cls(split="train", **kw), cls(split="val", **kw)])
+        return both, cls(split="test", **kw), None, None
+    if name == "ImageNet":
+        return cls(root=root, split="train"), cls(root=root, split="val"), None, None
+    full = cls(**kw)
+    labels = np.asarray(_labels_of(full))
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        cut = 30 if name == "Caltech101" else len(rows) // 2
+        train_idx += rows[:cut].tolist()
+        test_idx += rows[cut:].tolist()
+    return full, full, np.sort(train_idx), np.sort(test_idx)
+
+
+def _labels_of(ds) -> list[int]:
+    for attr in ("targets", "_labels", "y", "labels", "_samples"):
+        if hasattr(ds, attr):
+            values = getattr(ds, attr)
+            if attr == "_samples":
+                return [s[1] for s in values]
+            return list(values)
+    if hasattr(ds, "datasets"):  # ConcatDataset
+        return [y for d in ds.datasets for y in _labels_of(d)]
+    return [ds[i][1] for i in range(len(ds))]
+
+
+def load_torchvision(name: str, *, data_cache: str, download: bool, seed: int) -> EvalData:
+    import torchvision.datasets as tvd
+
+    if name not in SPLITS or name == "sklearn:digits" or not hasattr(tvd, name):
+        known = ", ".join(k for k in SPLITS if k != "sklearn:digits")
+        raise InputError(f"torchvision:{name}: unknown data set; known: {known}")
+    root = str(Path(data_cache or storage.cache_dir() / "datasets") / name)
+    try:
+        train, test, tr_idx, te_idx = _tv_split(getattr(tvd, name), root, name, download, seed)
+    except RuntimeError as e:
+        raise InputError(f"torchvision:{name}: not found under {root} ({str(e).splitlines()[0]});"
+                         " put it there, or set eval.download=true where there is network"
+                         ) from None
+
+    def split(ds, rows) -> ImageList:
+        labels = np.asarray(_labels_of(ds), dtype=np.int64)
+        rows = np.arange(len(labels)) if rows is None else rows
+
+        def load(i: int) -> Image.Image | None:
+            try:
+                return ds[int(rows[i])][0].convert("RGB")
+            except (UnidentifiedImageError, OSError):
+                return None
+
+        return ImageList(labels[rows], load)
+
+    classes = [str(c) for c in getattr(train, "classes", [])] or [
+        str(i) for i in range(int(max(_labels_of(train))) + 1)]
+    return EvalData(f"torchvision:{name}", classes, split(train, tr_idx), split(test, te_idx),
+                    SPLITS[name])
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+KNOWN = ("sklearn:digits", "imagefolder:<URI>", "torchvision:<Name>")
+
+
+def load_dataset(spec: str, *, data_cache: str = "", download: bool = False,
+                 seed: int = 0) -> EvalData:
+    """The data set named by ``spec`` (see the module docstring)."""
+    kind, _, arg = spec.partition(":")
+    if spec == "sklearn:digits":
+        return load_digits_data(seed)
+    if kind == "imagefolder" and arg:
+        return load_imagefolder(arg)
+    if kind == "torchvision" and arg:
+        return load_torchvision(arg, data_cache=data_cache, download=download, seed=seed)
+    raise InputError(f"eval.datasets: unknown data set {spec!r}; known: {', '.join(KNOWN)}")
+
+
+def check_names(specs: Sequence[str]) -> None:
+    """Fail early on a malformed or unknown data set name (before any model is built)."""
+    for spec in specs:
+        kind, _, arg = spec.partition(":")
+        ok = spec == "sklearn:digits" or (kind == "imagefolder" and arg) or (
+            kind == "torchvision" and arg in SPLITS and arg != "sklearn:digits")
+        if not ok:
+            known = ", ".join(KNOWN) + " (torchvision names: " + ", ".join(
+                k for k in SPLITS if k != "sklearn:digits") + ")"
+            raise InputError(f"eval.datasets: unknown data set {spec!r}; known: {known}")

@@ -1,0 +1,150 @@
+"""The evaluation stage: backbone + data sets -> metrics.json and a self-contained report.
+
+For each data set: features of train and test (cached), a linear probe (C chosen on a held-out
+part of train, refit on all of train), few-shot episodes on the test split, and kNN. The same
+runs for a baseline backbone (random init of the same architecture by default), so the report
+shows what training bought. ``metrics.json`` and ``report.html`` (plus ``report.md``) are
+written last, atomically; nothing half-written is left when a data set fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from stablerep import storage
+from stablerep.config import EvalConfig
+from stablerep.errors import InputError
+from stablerep.evaluation.backbones import Backbone, load_backbone, random_like
+from stablerep.evaluation.datasets import EvalData, check_names, load_dataset
+from stablerep.evaluation.features import features_for
+
+log = logging.getLogger(__name__)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"eval.device: {name} requested but no CUDA device is available")
+    return name
+
+
+def _amp(precision: str, device: str) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def evaluate_backbone(backbone: Backbone, datasets: list[EvalData], cfg: EvalConfig, *,
+                      cache_root: str, device: str) -> dict[str, Any]:
+    """Metrics of one backbone on every data set (the ``datasets`` block of metrics.json)."""
+    from stablerep.evaluation.classifiers import few_shot, knn_accuracy, linear_probe
+
+    size = int(backbone.info["image_size"])  # a ViT's position grid fixes its input size
+    kwargs = dict(image_size=size, batch_size=cfg.batch_size, device=device,
+                  amp_dtype=_amp(cfg.precision, device), num_workers=cfg.num_workers)
+    out: dict[str, Any] = {}
+    for data in datasets:
+        tr = features_for(backbone, data.train, cache_root=cache_root, dataset=data.name,
+                          split="train", **kwargs)
+        te = features_for(backbone, data.test, cache_root=cache_root, dataset=data.name,
+                          split="test", **kwargs)
+        result: dict[str, Any] = {"num_classes": len(data.classes), "train": len(tr.y),
+                                  "test": len(te.y), "feature_dim": int(tr.x.shape[1]),
+                                  "corrupt_images": tr.corrupt + te.corrupt,
+                                  "split": data.split_note, "features_cached": tr.cached}
+        if cfg.probe:
+            c_values = np.logspace(np.log10(cfg.probe_c_min), np.log10(cfg.probe_c_max),
+                                   cfg.probe_num_c)
+            probe = linear_probe(tr.x, tr.y, te.x, te.y, c_values=c_values,
+                                 val_fraction=cfg.probe_val_fraction, seed=cfg.seed,
+                                 device=device)
+            result["linear_probe"] = {"top1": probe.top1, "top5": probe.top5,
+                                      "best_c": probe.best_c, "val_top1": probe.val_top1,
+                                      "seconds": round(probe.seconds, 3)}
+        if cfg.few_shot_episodes:
+            fs = few_shot(te.x, te.y, way=cfg.few_shot_way, shot=cfg.few_shot_shot,
+                          query=cfg.few_shot_query, episodes=cfg.few_shot_episodes,
+                          seed=cfg.seed)
+            result["few_shot"] = {"way": fs.way, "shot": fs.shot, "query": fs.query,
+                                  "episodes": fs.episodes, "mean": fs.mean, "ci95": fs.ci95,
+                                  "seconds": round(fs.seconds, 3)}
+        if cfg.knn_k:
+            result["knn"] = {"k": cfg.knn_k, "top1": knn_accuracy(tr.x, tr.y, te.x, te.y,
+                                                                  k=cfg.knn_k)}
+        out[data.name] = result
+        log.info("eval: %s %s", data.name, _line(result))
+    return out
+
+
+def _line(result: dict[str, Any]) -> str:
+    parts = []
+    if "linear_probe" in result:
+        parts.append(f"probe top-1 {result['linear_probe']['top1']:.3f}")
+    if "few_shot" in result:
+        fs = result["few_shot"]
+        parts.append(f"{fs['way']}-way {fs['shot']}-shot {fs['mean']:.3f}±{fs['ci95']:.3f}")
+    if "knn" in result:
+        parts.append(f"kNN {result['knn']['top1']:.3f}")
+    return ", ".join(parts)
+
+
+def _check_few_shot(cfg: EvalConfig, datasets: list[EvalData]) -> None:
+    """K (+ queries) must fit in enough classes of every test split, before any work."""
+    need = cfg.few_shot_shot + cfg.few_shot_query
+    for data in datasets:
+        counts = np.bincount(data.test.labels, minlength=len(data.classes))
+        if cfg.few_shot_episodes and (counts >= need).sum() < cfg.few_shot_way:
+            raise InputError(
+                f"eval.few_shot_shot: {cfg.few_shot_shot} support + {cfg.few_shot_query} query "
+                f"images per class need {need}, but only {(counts >= need).sum()} classes of "
+                f"{data.name} test have that many (smallest class: {counts.min()}); "
+                f"{cfg.few_shot_way}-way episodes need {cfg.few_shot_way}")
+
+
+def run_eval(cfg: EvalConfig, *, checkpoint: str, out: str, images: str = "",
+             train_metrics: str = "") -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (and the baseline) and publish metrics + report under ``out``."""
+    from stablerep import report
+
+    start = time.perf_counter()
+    check_names(cfg.datasets)
+    device = _device(cfg.device)
+    backbone = load_backbone(checkpoint, image_size=cfg.image_size, seed=cfg.seed)
+    datasets = [load_dataset(s, data_cache=cfg.data_cache, download=cfg.download,
+                             seed=cfg.seed) for s in cfg.datasets]
+    _check_few_shot(cfg, datasets)
+    cache_root = cfg.feature_cache or storage.join(out, "features")
+    metrics: dict[str, Any] = {
+        "checkpoint": checkpoint, "model": backbone.info,
+        "datasets": evaluate_backbone(backbone, datasets, cfg, cache_root=cache_root,
+                                      device=device)}
+    baseline = _baseline(cfg, backbone, datasets, cache_root, device)
+    if baseline is not None:
+        metrics["baseline"] = baseline
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    loss_curve = (report.read_loss_curve(train_metrics)
+                  if train_metrics and storage.exists(train_metrics) else None)
+    samples = (report.read_sample_grid(images)
+               if images and storage.exists(storage.join(images, "shard-000000.tar")) else None)
+    html = report.render_html(metrics, baseline=baseline, loss_curve=loss_curve,
+                              samples=samples)
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    report.write_report(out, html, report.render_markdown(metrics, baseline=baseline))
+    return metrics
+
+
+def _baseline(cfg: EvalConfig, backbone: Backbone, datasets: list[EvalData], cache_root: str,
+              device: str) -> dict[str, Any] | None:
+    if cfg.baseline == "none":
+        return None
+    base = (random_like(backbone.info, seed=cfg.seed) if cfg.baseline == "random"
+            else load_backbone(cfg.baseline, image_size=cfg.image_size, seed=cfg.seed))
+    return {"checkpoint": base.source, "model": base.info,
+            "datasets": evaluate_backbone(base, datasets, cfg, cache_root=cache_root,
+                                          device=device)}
