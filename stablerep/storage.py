@@ -107,10 +107,15 @@ def name(uri: str) -> str:
 
 def _storage_options(proto: str) -> dict[str, Any]:
     """Options derived from the environment alone (never from configs)."""
+    options: dict[str, Any] = {}
+    if proto in ("gs", "gcs", "s3", "s3a"):
+        # Other processes (pods, ranks, stages) write and delete objects under the same
+        # prefixes; a cached listing would make exists/list/read answer from a stale view.
+        options["use_listings_cache"] = False
     if proto in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
         # gcsfs reads the emulator endpoint itself; an emulator needs no credentials.
-        return {"token": "anon"}
-    return {}
+        options["token"] = "anon"
+    return options
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -137,10 +142,10 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
 # ---------------------------------------------------------------------------- retries
 
 
-def _http_status(exc: BaseException) -> int | None:
+def _own_http_status(exc: BaseException) -> int | None:
     for attr in ("code", "status", "status_code"):
         value = getattr(exc, attr, None)
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
     response = getattr(exc, "response", None)  # botocore ClientError
     if isinstance(response, dict):
@@ -150,9 +155,33 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind ``exc``, also when a client library wrapped it.
+
+    s3fs turns botocore's ``ClientError`` into a bare ``OSError`` (e.g. ``EBUSY`` for 503)
+    and keeps the original as ``__cause__``; the status is found there.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        status = _own_http_status(current)
+        if status is not None:
+            return status
+        current = current.__cause__
+    return None
+
+
+def _is_forbidden(exc: BaseException) -> bool:
+    """gcsfs reports HTTP 403 as a plain ``OSError("Forbidden: <path> ...")``."""
+    return type(exc) is OSError and str(exc).startswith("Forbidden")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the operation that raised ``exc`` may succeed."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if _is_forbidden(exc):
         return False
     status = _http_status(exc)
     if status is not None:
@@ -189,7 +218,7 @@ def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, FileNotFoundError) or status == 404:
         return StorageNotFound(f"cannot {action} {uri}: no such object, folder or bucket")
-    if isinstance(exc, PermissionError) or status in (401, 403):
+    if isinstance(exc, PermissionError) or status in (401, 403) or _is_forbidden(exc):
         return StorageError(
             f"cannot {action} {uri}: permission denied ({detail}); credentials come from the "
             "environment (GOOGLE_APPLICATION_CREDENTIALS / ADC for gs://, AWS_* or IRSA for s3://)"
@@ -198,7 +227,7 @@ def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:
 
 
 def with_retries(
-    fn: Callable[[], T], *, uri: str, action: str, policy: RetryPolicy = DEFAULT_RETRY
+    fn: Callable[[], T], *, uri: str, action: str, policy: RetryPolicy | None = None
 ) -> T:
     """Run ``fn``, retrying transient failures; raise :class:`StorageError` otherwise.
 
@@ -206,8 +235,9 @@ def with_retries(
         fn: the operation, without arguments; it must be safe to repeat.
         uri: the location it works on (named in errors and logs).
         action: a verb phrase for messages, e.g. ``"read"``.
-        policy: attempts and backoff.
+        policy: attempts and backoff; ``None`` means :data:`DEFAULT_RETRY` at call time.
     """
+    policy = policy or DEFAULT_RETRY
     delay = policy.initial_delay_s
     for attempt in range(1, policy.attempts + 1):
         try:
@@ -357,7 +387,10 @@ class _HashingFile(io.RawIOBase):
         return self.size
 
     def flush(self) -> None:
-        self._raw.flush()
+        # IOBase.close() (also run at garbage collection) flushes; the staged file may be
+        # closed by then (published or discarded).
+        if not self._raw.closed:
+            self._raw.flush()
 
     @property
     def sha256(self) -> str:
@@ -367,7 +400,7 @@ class _HashingFile(io.RawIOBase):
 class AtomicWrite:
     """The staged file of :func:`atomic_write`; ``sha256`` and ``size`` are set on publish."""
 
-    def __init__(self, uri: str, policy: RetryPolicy):
+    def __init__(self, uri: str, policy: RetryPolicy | None):
         self.uri = str(uri)
         self.policy = policy
         self.sha256: str | None = None
@@ -387,6 +420,7 @@ class AtomicWrite:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
+        self.file.close()
         self.sha256, self.size = self.file.sha256, self.file.size
         if is_local(self.uri):
             os.replace(self._staged, local_path(self.uri))
@@ -403,8 +437,9 @@ class AtomicWrite:
             self._staged.unlink(missing_ok=True)
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             self._raw.close()
+            self.file.close()
         self._staged.unlink(missing_ok=True)
 
 
@@ -415,7 +450,7 @@ def _staging_dir() -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(uri: str, *, policy: RetryPolicy = DEFAULT_RETRY) -> Iterator[AtomicWrite]:
+def atomic_write(uri: str, *, policy: RetryPolicy | None = None) -> Iterator[AtomicWrite]:
     """Stage a write to ``uri`` and publish it only if the block ends without error.
 
     Usage::
@@ -460,6 +495,9 @@ def remove(uri: str, *, recursive: bool = False, missing_ok: bool = True) -> Non
     fs, path = filesystem(uri)
 
     def _rm() -> None:
+        # s3fs deletes a missing key without complaint; ask first when that matters.
+        if not missing_ok and not fs.exists(path):
+            raise FileNotFoundError(path)
         try:
             fs.rm(path, recursive=recursive)
         except FileNotFoundError:

@@ -103,6 +103,18 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, oom)
 
 
+def _remove_stale_staged(folder: str, stem: str) -> None:
+    """Delete the staged tar/json of shard ``stem`` that a killed writer left in ``folder``.
+
+    Only local folders stage next to the final name (object stores stage in the writer's own
+    temporary folder); the process redoing a shard owns that shard, so its leftovers go.
+    """
+    if not storage.is_local(folder) or not storage.local_path(folder).is_dir():
+        return
+    for stale in storage.local_path(folder).glob(f"{storage.TEMP_PREFIX}{stem}.*"):
+        stale.unlink(missing_ok=True)
+
+
 class ShardJob:
     """Draws one shard's images into a staged tar (published later by :meth:`publish`)."""
 
@@ -121,7 +133,12 @@ class ShardJob:
         self.result = ShardResult(index)
 
     def draw(self) -> storage.AtomicWrite:
+        # Load the model before staging anything: a bad model is a user error that must fail
+        # the run, not a failure of every caption (as it would inside _draw_batch). Loading
+        # is not counted in the shard's rate.
+        self.run.backend  # noqa: B018
         start = time.perf_counter()
+        _remove_stale_staged(self.run.out, shard_stem(self.index))
         staged = storage.AtomicWrite(self.run.tar_uri(self.index), storage.DEFAULT_RETRY)
         try:
             self.writer = TarShardWriter(staged.file)
@@ -138,15 +155,15 @@ class ShardJob:
                     self._flush(block=False)
             self._flush(block=True)
             self.writer.close()
+            self.result.seconds = time.perf_counter() - start
+            self.result.samples = self.writer.samples
+            self.result.captions = len(self.captions) - len(self.failed)
+            self.result.failed = [{"caption_id": cid, "caption": dict(self.captions)[cid],
+                                   "error": err} for cid, err in sorted(self.failed.items())]
+            self._check_failures()  # inside the try: a failed shard leaves no staged file
         except BaseException:
             staged.discard()
             raise
-        self.result.seconds = time.perf_counter() - start
-        self.result.samples = self.writer.samples
-        self.result.captions = len(self.captions) - len(self.failed)
-        self.result.failed = [{"caption_id": cid, "caption": dict(self.captions)[cid],
-                               "error": err} for cid, err in sorted(self.failed.items())]
-        self._check_failures()
         return staged
 
     def _draw_batch(self, batch: list[WorkItem]) -> bool | None:
@@ -316,12 +333,21 @@ class GenerationRun:
 
     def write_manifest_if_complete(self) -> bool:
         """Write ``manifest.json`` (and ``config.yaml``) once every shard's json exists."""
+        manifest_uri = storage.join(self.out, "manifest.json")
+        if storage.exists(manifest_uri):
+            current = storage.read_json(manifest_uri)
+            if current.get("config_fingerprint") == self.fingerprint:
+                return True  # already complete with this config
         docs = []
         for i in range(self.manifest.num_shards):
             uri = self.json_uri(i)
             if not storage.exists(uri):
                 return False
             docs.append(storage.read_json(uri))
+        if any(d.get("config_fingerprint") != self.fingerprint for d in docs):
+            log.warning("generate: %s holds shards of another config; no manifest written",
+                        self.out)
+            return False
         storage.write_text(storage.join(self.out, "config.yaml"), dump_yaml(self.cfg))
         storage.write_json(storage.join(self.out, "manifest.json"), {
             "kind": MANIFEST_KIND, "version": 1, "num_shards": len(docs),
