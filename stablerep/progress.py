@@ -62,7 +62,9 @@ class Progress:
 
     def line(self) -> str:
         done = f"{self.count:,}" + (f"/{self.total:,}" if self.total else "")
-        text = f"{self.desc}: {done} {self.unit} ({self.rate:,.0f} {self.unit}/s"
+        rate = self.rate
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+        text = f"{self.desc}: {done} {self.unit} ({shown} {self.unit}/s"
         if self.total and self.rate > 0 and self.count < self.total:
             text += f", ETA {(self.total - self.count) / self.rate:,.0f}s"
         return text + ")"
