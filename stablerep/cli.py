@@ -225,9 +225,7 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
       stablerep train --data-root ./data --model vit_tiny --image-size 32 --max-steps 50
       torchrun --nproc_per_node 8 -m stablerep.train --config configs/train_cc12m.yaml
     """
-    from stablerep import distributed
     from stablerep.storage import join
-    from stablerep.training.trainer import Trainer
 
     flags = {"data": data, "out": out, "method": method, "model": model,
              "image_size": image_size, "captions_per_batch": captions_per_batch,
@@ -240,6 +238,9 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
         return
     tc = cfg.train
     assert tc is not None
+    from stablerep import distributed  # torch & co. only once the config is valid
+    from stablerep.training.trainer import Trainer
+
     env = distributed.setup(tc.device, timeout_s=tc.dist_timeout_s)
     try:
         trainer = Trainer(tc, data=tc.data or [join(cfg.data_root, "images")],

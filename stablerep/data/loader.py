@@ -4,7 +4,8 @@ Work is split into ``world_size * num_workers`` *streams*. Stream s reads the sh
 position (in an order shuffled per epoch) is s modulo the stream count, or — when there are
 fewer shards than streams — every shard keeping every caption whose position is s modulo the
 count; either way no caption is read twice in a pass. Each stream shuffles captions in a buffer
-and makes whole micro-batches; stream ``o`` of a rank makes the rank's micro-batches
+(emptied at the end of each pass, so a pass yields each of its captions once before any comes
+again) and makes whole micro-batches; stream ``o`` of a rank makes the rank's micro-batches
 ``b = o, o + W, o + 2W ...`` (W = workers), which is the order a DataLoader reads its workers
 in. A stream that runs out wraps around with a new shard order, so every rank yields exactly
 ``steps`` micro-batches per epoch and no rank waits for another.
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from stablerep.config import TrainConfig
 from stablerep.data.augment import create_train_transform, seeded
 from stablerep.data.shards import CaptionGroup, ShardRef, ShardStats, iter_caption_groups
-from stablerep.errors import ConfigError, InputError
+from stablerep.errors import ConfigError, InputError, StablerepError
 
 log = logging.getLogger(__name__)
 
@@ -99,42 +100,45 @@ class CaptionBatches(IterableDataset):
         self.epoch, self.skip = epoch, skip
 
     # -- streams ------------------------------------------------------------------------
-    def _groups(self, stream: int, num_streams: int) -> Iterator[CaptionGroup]:
-        """This stream's caption groups, endlessly (a new shard order on each wrap)."""
+    def _pass(self, stream: int, num_streams: int, wrap: int,
+              stats: dict[str, ShardStats]) -> Iterator[CaptionGroup]:
+        """One pass of this stream over its captions (the shard order depends on ``wrap``)."""
         cfg, n_shards = self.cfg, len(self.shards)
-        stats = {}
-        for wrap in range(1 << 30):
-            order = np.random.default_rng(_seed(cfg.seed, self.epoch, wrap, 7)
-                                          ).permutation(n_shards)
-            by_shard = n_shards >= num_streams
-            mine = order[stream::num_streams] if by_shard else order
-            yielded = 0
-            position = 0
-            for i in mine:
-                ref = self.shards[i]
-                st = stats.setdefault(ref.uri, ShardStats(ref.uri))
-                for group in iter_caption_groups(ref.uri, max_errors=cfg.max_sample_errors,
-                                                 stats=st):
-                    position += 1
-                    if not by_shard and (position - 1) % num_streams != stream:
-                        continue
-                    self.shard_bad_samples = sum(s.bad_samples for s in stats.values())
-                    yielded += 1
-                    yield group
-            if yielded == 0:
-                raise InputError(f"data stream {stream} of {num_streams} got no caption from "
-                                 f"{n_shards} shards")
+        order = np.random.default_rng(_seed(cfg.seed, self.epoch, wrap, 7)).permutation(n_shards)
+        by_shard = n_shards >= num_streams
+        mine = order[stream::num_streams] if by_shard else order
+        position = 0
+        for i in mine:
+            ref = self.shards[i]
+            st = stats.setdefault(ref.uri, ShardStats(ref.uri))
+            for group in iter_caption_groups(ref.uri, max_errors=cfg.max_sample_errors,
+                                             stats=st):
+                position += 1
+                if not by_shard and (position - 1) % num_streams != stream:
+                    continue
+                self.shard_bad_samples = sum(s.bad_samples for s in stats.values())
+                yield group
 
     def _shuffled(self, stream: int, num_streams: int) -> Iterator[CaptionGroup]:
+        """This stream's captions, shuffled within each pass, endlessly (passes wrap around)."""
         rng = np.random.default_rng(_seed(self.cfg.seed, self.epoch, stream, 11))
-        buffer: list[CaptionGroup] = []
-        for group in self._groups(stream, num_streams):
-            if len(buffer) < self.cfg.shuffle_buffer:
-                buffer.append(group)
-                continue
-            i = int(rng.integers(len(buffer)))
-            buffer[i], group = group, buffer[i]
-            yield group
+        stats: dict[str, ShardStats] = {}
+        for wrap in range(1 << 30):
+            buffer: list[CaptionGroup] = []
+            yielded = 0
+            for group in self._pass(stream, num_streams, wrap, stats):
+                yielded += 1
+                if len(buffer) < self.cfg.shuffle_buffer:
+                    buffer.append(group)
+                    continue
+                i = int(rng.integers(len(buffer)))
+                buffer[i], group = group, buffer[i]
+                yield group
+            if yielded == 0:
+                raise InputError(f"data stream {stream} of {num_streams} got no caption from "
+                                 f"{len(self.shards)} shards")
+            for i in rng.permutation(len(buffer)):  # the rest of this pass, in random order
+                yield buffer[int(i)]
 
     # -- batches ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -205,6 +209,23 @@ class CaptionBatches(IterableDataset):
                             group.caption_id, (j + attempt) % count)
         raise InputError(f"caption {group.caption_id}: none of its {count} images can be "
                          "decoded")
+
+
+def iterate(loader: DataLoader) -> Iterator[Batch]:
+    """Iterate ``loader``; a user error raised in a worker keeps its own one-line message.
+
+    DataLoader re-raises a worker's exception as the same type with the worker's traceback
+    as its message; for a :class:`StablerepError` (a corrupt shard, too few images ...) only
+    the original message is kept, as the CLI prints it as one ``error:`` line.
+    """
+    try:
+        yield from loader
+    except StablerepError as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]  # "package.module.ErrorType: message"
+        raise type(e)(last.split(": ", 1)[-1]) from None
 
 
 def create_loader(dataset: CaptionBatches, *, num_workers: int, pin_memory: bool

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from stablerep import storage
-from stablerep.errors import InputError
+from stablerep.errors import ConfigError, InputError
 from stablerep.models import create_backbone, timm_name
 
 
@@ -39,8 +39,18 @@ class Backbone:
 
 def _from_state(state: dict[str, torch.Tensor], info: dict[str, Any], key: str, source: str
                 ) -> Backbone:
-    model = create_backbone(info["timm_model"], int(info["image_size"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not isinstance(info, dict) or not all(k in info for k in ("timm_model", "image_size")):
+        raise InputError(f"{source}: its model info names no timm_model and image_size")
+    try:
+        model = create_backbone(info["timm_model"], int(info["image_size"]))
+    except ConfigError as e:  # its message names train.model; name the file instead
+        raise InputError(f"{source}: {str(e).removeprefix('train.model: ')}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: weights of another size or model
+        raise InputError(f"{source}: the weights do not fit {info['timm_model']} at "
+                         f"image_size {info['image_size']} ({str(e).splitlines()[-1].strip()})"
+                         ) from None
     if missing or unexpected:
         raise InputError(f"{source}: the weights do not fit {info['timm_model']} (missing "
                          f"{len(missing)} keys, e.g. {missing[:2]}; unexpected {unexpected[:2]})")
@@ -98,13 +108,17 @@ def load_backbone(spec: str, *, image_size: int | None = None, seed: int = 0) ->
         size = image_size or 224
         pretrained = kind == "timm-pretrained"
         try:
-            model = timm.create_model(timm_name(name), pretrained=pretrained, num_classes=0,
-                                      global_pool="token", img_size=size)
+            with torch.random.fork_rng(devices=[]):  # random init reproducible from `seed`
+                torch.manual_seed(seed)
+                model = timm.create_model(timm_name(name), pretrained=pretrained,
+                                          num_classes=0, global_pool="token", img_size=size)
         except Exception as e:  # noqa: BLE001 - unknown name, no network ...
             raise InputError(f"{spec}: cannot create this timm backbone ({e})") from None
         info = {"timm_model": timm_name(name), "image_size": size,
                 "feature_dim": model.num_features}
-        key = f"timm-{timm_name(name)}-{size}-{'pre' if pretrained else f'rand{seed}'}"
+        # random init: the same weights as random_like(info, seed=seed), so the same key
+        key = (f"timm-{timm_name(name)}-{size}-pre" if pretrained
+               else f"random-{timm_name(name)}-{size}-s{seed}")
         return Backbone(model.eval(), info, key, spec)
     uri = spec.rstrip("/")
     if storage.exists(storage.join(uri, "latest.json")):
@@ -114,6 +128,9 @@ def load_backbone(spec: str, *, image_size: int | None = None, seed: int = 0) ->
         return _from_export(storage.join(uri, "backbone.pt"), spec)
     if not storage.exists(uri):
         raise InputError(f"{spec}: no such checkpoint, backbone or training folder")
+    if storage.is_dir(uri):
+        raise InputError(f"{spec}: a folder with neither latest.json (a training folder) nor "
+                         "backbone.pt (an export)")
     if uri.endswith("backbone.pt"):
         return _from_export(uri, spec)
     return _from_checkpoint(uri, spec)

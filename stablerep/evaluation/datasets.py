@@ -131,6 +131,8 @@ def load_imagefolder(uri: str) -> EvalData:
     train, test = _class_files(train_dir), _class_files(test_dir)
     if not train or not any(train.values()):
         raise InputError(f"imagefolder:{uri}: train/ holds no class folder with images")
+    if not any(test.values()):
+        raise InputError(f"imagefolder:{uri}: {test_dir.name}/ holds no class folder with images")
     if set(train) != set(test):
         only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
         raise InputError(f"imagefolder:{uri}: train and {test_dir.name} classes differ "

@@ -98,6 +98,10 @@ def _check_few_shot(cfg: EvalConfig, datasets: list[EvalData]) -> None:
     """K (+ queries) must fit in enough classes of every test split, before any work."""
     need = cfg.few_shot_shot + cfg.few_shot_query
     for data in datasets:
+        if cfg.few_shot_episodes and len(data.classes) < cfg.few_shot_way:
+            raise InputError(f"eval.few_shot_way: {cfg.few_shot_way}-way episodes need "
+                             f"{cfg.few_shot_way} classes but {data.name} has "
+                             f"{len(data.classes)}; lower it (or eval.few_shot_episodes=0)")
         counts = np.bincount(data.test.labels, minlength=len(data.classes))
         if cfg.few_shot_episodes and (counts >= need).sum() < cfg.few_shot_way:
             raise InputError(

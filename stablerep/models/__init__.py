@@ -3,7 +3,9 @@
 - Backbone: any timm ViT (``vit_tiny/small/base/large_patch16_*``), trained from scratch, with
   ``img_size`` configurable; its feature is the CLS token after the final norm.
 - Projection head: the paper's 3-layer MLP (768 -> 4096 -> 4096 -> 256 for ViT-B) with
-  BatchNorm and ReLU between layers (SyncBatchNorm once converted for DDP).
+  BatchNorm and ReLU between layers; :func:`convert_sync_batchnorm` makes its statistics global
+  for DDP (torch's SyncBatchNorm on GPUs, :class:`GlobalBatchNorm1d` on CPU/gloo, where
+  SyncBatchNorm refuses to run).
 - Text tower (StableRep+ and CLIP): open_clip's text transformer (width 512, 12 layers, 8 heads,
   context 77, vocab 49408) with its bundled BPE tokenizer, projecting to ``embed_dim``.
 - :class:`StableRepModel` ties them together for a method (``stablerep``, ``stablerep_plus``,
@@ -65,6 +67,65 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover every rank's batch, on any backend.
+
+    torch's SyncBatchNorm runs on GPUs only (DDP rejects it on CPU). This one all-reduces the
+    per-feature sums with autograd (two passes: mean, then centred squares), so a CPU/gloo job
+    normalises, updates its running statistics and back-propagates as one process holding the
+    whole batch would. Without a process group (or in eval mode) it is plain BatchNorm1d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]  # every dim but the channels
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
+        dist.all_reduce(count)
+        total = float(count.item())
+        mean = all_reduce(x.sum(dims)) / total  # (C,)
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / total  # (C,) biased
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                            else self.momentum)
+                unbiased = var.detach() * total / max(total - 1, 1)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, *, cuda: bool) -> nn.Module:
+    """BatchNorm layers with statistics over all ranks: SyncBatchNorm on CUDA, else global BN."""
+    if cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GlobalBatchNorm1d):
+        new = GlobalBatchNorm1d(module.num_features, module.eps, module.momentum,
+                                module.affine, module.track_running_stats)
+        tensors = [*module.parameters(), *module.buffers()]
+        if tensors:
+            new = new.to(tensors[0].device)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new_child = convert_sync_batchnorm(child, cuda=False)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
 
 
 def create_text_tower(cfg: TrainConfig) -> nn.Module:

@@ -24,16 +24,24 @@ from torch import nn
 
 from stablerep import storage
 from stablerep.config import TrainConfig, to_dict
-from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader
+from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
 from stablerep.data.shards import ShardRef, discover
-from stablerep.distributed import DistEnv, all_gather
+from stablerep.distributed import DistEnv, all_gather, all_reduce_mean
 from stablerep.errors import InputError, StablerepError
 from stablerep.losses import clip_loss, multi_positive_loss
-from stablerep.models import StableRepModel, create_model, create_tokenizer, timm_name
+from stablerep.models import (
+    StableRepModel,
+    convert_sync_batchnorm,
+    create_model,
+    create_tokenizer,
+    timm_name,
+)
 from stablerep.training import checkpoint as ckpt
 from stablerep.training.optim import create_optimizer, create_scheduler, peak_lr
 
 log = logging.getLogger(__name__)
+
+MAX_LOG_SCALE = math.log(100.0)  # the image-text logit scale is clamped at 100
 
 
 class TrainingError(StablerepError):
@@ -77,6 +85,74 @@ def compute_loss(model: nn.Module, batch: Batch, cfg: TrainConfig, env: DistEnv,
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def wrap_model(core: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    """DDP when distributed (batch statistics over all ranks when ``cfg.sync_bn``), then
+    torch.compile when ``cfg.compile``. ``core`` is changed in place and stays usable."""
+    model = core
+    if env.distributed:
+        cuda = env.device.startswith("cuda")
+        if cfg.sync_bn:
+            model = convert_sync_batchnorm(model, cuda=cuda)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if cuda else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch],
+               cfg: TrainConfig, env: DistEnv, *, tokenizer=None,
+               scaler: torch.amp.GradScaler | None = None,
+               autocast=contextlib.nullcontext) -> dict[str, float]:
+    """One optimizer step on this rank's micro-batches: forward, backward, update.
+
+    Each micro-batch's loss is taken against the global micro-batch; gradients are accumulated
+    over the micro-batches (DDP synchronises on the last one) as the gradient of their mean.
+    The image-text logit scale is clamped at log(100) after the update.
+
+    Args:
+        model: the (possibly DDP-wrapped) model.
+        optimizer: its optimizer (gradients are zeroed after the update).
+        micro: this rank's ``grad_accum_steps`` micro-batches.
+        cfg, env: the run's config and place in the job.
+        tokenizer: captions -> tokens (methods with text).
+        scaler: a GradScaler (fp16), or None.
+        autocast: a no-argument context manager factory for the forward pass.
+
+    Returns:
+        This rank's mean loss (and its parts) over the micro-batches.
+    """
+    model.train()
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(micro):
+        sync = (model.no_sync() if env.distributed and i < len(micro) - 1
+                else contextlib.nullcontext())
+        with sync, autocast():
+            loss, parts = compute_loss(model, batch, cfg, env, tokenizer)
+        scaled = loss / len(micro)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        for k, v in {"loss": float(loss.detach()), **parts}.items():
+            totals[k] = totals.get(k, 0.0) + v / len(micro)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    core = unwrap(model)
+    if getattr(core, "logit_scale", None) is not None:
+        with torch.no_grad():
+            core.logit_scale.clamp_(max=MAX_LOG_SCALE)
+    return totals
+
+
 @dataclass
 class Position:
     """Where training stands: optimizer steps done, epoch, micro-batches done in the epoch."""
@@ -87,21 +163,27 @@ class Position:
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard on rank 0, staged locally and synced to ``out``."""
+    """metrics.jsonl + TensorBoard on rank 0, staged locally and synced to ``out``.
+
+    Nothing is created before the first metric line: a run that fails early (bad data, a
+    checkpoint of another model) leaves ``out`` as it was.
+    """
 
     def __init__(self, out: str, *, enabled: bool, tensorboard: bool):
-        self.out, self.enabled = out, enabled
+        self.out, self.enabled, self.tensorboard = out, enabled, tensorboard
         self.lines: list[str] = []
         self.writer = None
-        if not enabled:
-            return
-        self.local = (storage.local_path(out) if storage.is_local(out)
-                      else Path(tempfile.mkdtemp(prefix="stablerep-train-")))
-        self.local.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
+
+    def _tb(self):
+        """The TensorBoard writer, created on first use (None when disabled)."""
+        if self.writer is None and self.enabled and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            self.local = (storage.local_path(self.out) if storage.is_local(self.out)
+                          else Path(tempfile.mkdtemp(prefix="stablerep-train-")))
+            self.local.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.local / "tb"))
+        return self.writer
 
     def resume(self, step: int) -> None:
         """Keep the lines of steps up to ``step`` from an earlier run."""
@@ -114,10 +196,11 @@ class MetricsLog:
         if not self.enabled:
             return
         self.lines.append(json.dumps(record, sort_keys=True))
-        if self.writer is not None:
+        writer = self._tb()
+        if writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+                    writer.add_scalar(f"train/{key}", value, record["step"])
 
     def sync(self) -> None:
         """Publish metrics.jsonl and the TensorBoard files to ``out``."""
@@ -177,6 +260,8 @@ class Trainer:
         self.metrics = MetricsLog(self.out, enabled=env.is_main, tensorboard=cfg.tensorboard)
         self.position = Position()
         self.last_checkpoint = ""
+        self.last_lr = peak_lr(cfg)
+        self._resumed: bool | None = None  # None: resume() not called yet
 
     # -- set-up -------------------------------------------------------------------------
     def _check_images(self, shards: list[ShardRef]) -> None:
@@ -190,15 +275,7 @@ class Trainer:
                              f"train.images_per_caption={need}")
 
     def _wrap(self, core: nn.Module) -> nn.Module:
-        model = core
-        if self.env.distributed:
-            if self.cfg.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            device_ids = [self.env.local_rank] if self.env.device.startswith("cuda") else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        if self.cfg.compile:
-            model = torch.compile(model)
-        return model
+        return wrap_model(core, self.cfg, self.env)
 
     def _amp_dtype(self) -> torch.dtype | None:
         precision = self.cfg.precision
@@ -221,7 +298,14 @@ class Trainer:
                 "world_size": self.env.world_size}
 
     def resume(self) -> bool:
-        """Load ``latest.json``'s checkpoint if there is one (every rank reads it)."""
+        """Load ``latest.json``'s checkpoint if there is one (every rank reads it).
+
+        Runs once: :meth:`fit` skips it when the caller already resumed (e.g. to check the
+        checkpoint matches this model before writing anything).
+        """
+        if self._resumed is not None:
+            return self._resumed
+        self._resumed = False
         if not self.cfg.resume:
             return False
         state = ckpt.load_latest(self.out)
@@ -235,6 +319,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.position = Position(state["step"], state["epoch"], state["micro_batches"])
         self.metrics.resume(self.position.step)
+        self._resumed = True
         if self.env.is_main:
             log.info("train: resumed from step %d (epoch %d, %d micro-batches into it)",
                      self.position.step, self.position.epoch, self.position.micro_batches)
@@ -242,43 +327,39 @@ class Trainer:
 
     def save(self) -> None:
         if self.env.is_main:
+            # metrics first: a kill between the two then leaves no line past the checkpoint
+            # that a restart would log again
+            self.metrics.sync()
             self.last_checkpoint = ckpt.save_checkpoint(self.out, self.state(),
                                                         step=self.position.step,
                                                         keep=self.cfg.keep_checkpoints)
-            self.metrics.sync()
 
     # -- loop ---------------------------------------------------------------------------
     def _step(self, micro: list[Batch]) -> dict[str, float]:
-        self.model.train()
-        totals: dict[str, float] = {}
-        for i, batch in enumerate(micro):
-            sync = (self.model.no_sync() if self.env.distributed and i < len(micro) - 1
-                    else contextlib.nullcontext())
-            with sync, self._autocast():
-                loss, parts = compute_loss(self.model, batch, self.cfg, self.env,
-                                           self.tokenizer)
-            self.scaler.scale(loss / len(micro)).backward()
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                totals[k] = totals.get(k, 0.0) + v / len(micro)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        totals = train_step(self.model, self.optimizer, micro, self.cfg, self.env,
+                            tokenizer=self.tokenizer, scaler=self.scaler,
+                            autocast=self._autocast)
         self.scheduler.step()
         if not math.isfinite(totals["loss"]):
             raise TrainingError(f"the loss became {totals['loss']} at step "
                                 f"{self.position.step}; lower train.base_lr or check the data")
         return totals
 
-    def _record(self, totals: dict[str, float], rows: int, seconds: float, bad: int) -> None:
+    def _record(self, totals: dict[str, float], rows: int, seconds: float, bad: int
+                ) -> dict[str, float]:
+        """Log a metrics line (rank 0); returns the totals averaged over ranks."""
         p = self.position
+        totals = {k: all_reduce_mean(v, self.env.device)  # mean over ranks (every rank)
+                  for k, v in totals.items()}
         record = {"step": p.step, "epoch": round(p.epoch + p.micro_batches
                                                  / self.layout.micro_batches_per_epoch, 4),
                   **{k: round(v, 6) for k, v in totals.items()},
-                  "lr": self.scheduler.get_last_lr()[0],
+                  "lr": self.last_lr,
                   "images_per_s": round(rows * self.env.world_size / max(seconds, 1e-9), 2),
                   "bad_samples": bad}
         if self.core.logit_scale is not None:
-            record["logit_scale"] = round(float(self.core.logit_scale.exp()), 4)
+            record["logit_scale"] = round(float(self.core.logit_scale.detach().exp()), 4)
         if self.env.device.startswith("cuda"):
             record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         self.metrics.log(record)
@@ -286,6 +367,7 @@ class Trainer:
             log.info("train: step %d/%d epoch %.2f loss %.4f lr %.3g %.1f img/s", p.step,
                      self.total_steps, record["epoch"], totals["loss"], record["lr"],
                      record["images_per_s"])
+        return totals
 
     def fit(self) -> TrainResult:
         """Train to ``total_steps`` (resuming first when a checkpoint exists)."""
@@ -301,8 +383,9 @@ class Trainer:
         while p.step < self.total_steps:
             self.dataset.set_epoch(p.epoch, skip=p.micro_batches)
             micro: list[Batch] = []
-            for batch in create_loader(self.dataset, num_workers=cfg.num_workers,
-                                       pin_memory=self.env.device.startswith("cuda")):
+            loader = create_loader(self.dataset, num_workers=cfg.num_workers,
+                                   pin_memory=self.env.device.startswith("cuda"))
+            for batch in iterate(loader):
                 micro.append(batch)
                 if len(micro) < accum:
                     continue
@@ -312,7 +395,8 @@ class Trainer:
                 p.step, p.micro_batches, micro = p.step + 1, p.micro_batches + accum, []
                 last = totals["loss"]
                 if p.step % cfg.log_every == 0 or p.step == self.total_steps:
-                    self._record(totals, window_rows, time.perf_counter() - window_start, bad)
+                    last = self._record(totals, window_rows, time.perf_counter() - window_start,
+                                        bad)["loss"]
                     window_rows, window_start = 0, time.perf_counter()
                 if p.step % cfg.checkpoint_every == 0 and p.step < self.total_steps:
                     self.save()

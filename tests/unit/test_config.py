@@ -79,6 +79,13 @@ def test_override_syntax_errors():
         apply_overrides({"captions": 3}, ["captions.seed=1"])
 
 
+def test_float_fields_accept_exponents_without_a_dot():
+    cfg = load_config(None, ["captions.num_captions=5", "captions.synthetic.background_prob=5e-1"])
+    assert cfg.captions.synthetic.background_prob == 0.5
+    with pytest.raises(ConfigError, match="background_prob: got 'lots', expected a number"):
+        load_config(None, ["captions.num_captions=5", "captions.synthetic.background_prob=lots"])
+
+
 def test_override_values_are_yaml():
     data = apply_overrides({}, ["a.b=3", "a.c=true", "a.d=null", "a.e=[1, 2]", "a.f=text"])
     assert data == {"a": {"b": 3, "c": True, "d": None, "e": [1, 2], "f": "text"}}

@@ -1,0 +1,323 @@
+"""Training pieces in isolation (pure CPU, seconds): the schedule, parameter groups, the batch
+layout, and the data stream's split over ranks x workers and its exact resume.
+
+The shards here are small WebDataset tars written with the project's own tar writer (random
+32 px PNG images, 3 per caption), so no diffusion model is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from stablerep.config import TrainConfig
+from stablerep.data import loader as loader_mod
+from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
+from stablerep.data.shards import ShardRef, discover
+from stablerep.errors import ConfigError, InputError
+from stablerep.generation.shards import TarShardWriter, sample_key, sample_members
+from stablerep.models import GlobalBatchNorm1d, convert_sync_batchnorm, create_model
+from stablerep.training.optim import (
+    create_optimizer,
+    create_scheduler,
+    lr_factor,
+    param_groups,
+    peak_lr,
+)
+
+TINY = dict(model="vit_tiny", image_size=16, head_hidden_dim=16, head_out_dim=8, embed_dim=8,
+            text_width=16, text_layers=1, text_heads=2, text_context=8)
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def test_lr_factor_warmup_is_linear_to_the_peak() -> None:
+    factors = [lr_factor(s, warmup=5, total=25) for s in range(5)]
+    assert factors == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_lr_factor_cosine_decays_to_zero_at_the_end() -> None:
+    warmup, total = 4, 24
+    after = [lr_factor(s, warmup=warmup, total=total) for s in range(warmup, total + 3)]
+    assert after[0] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))  # never rises again
+    assert lr_factor(warmup + 10, warmup=warmup, total=total) == pytest.approx(0.5)  # half-way
+    for s in range(warmup, total + 1):
+        want = 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        assert lr_factor(s, warmup=warmup, total=total) == pytest.approx(want)
+    assert lr_factor(total, warmup=warmup, total=total) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(total + 5, warmup=warmup, total=total) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_factor_without_warmup_starts_at_the_peak() -> None:
+    assert lr_factor(0, warmup=0, total=10) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("method", "rows_per_caption"),
+                         [("stablerep", 6), ("stablerep_plus", 6), ("simclr", 2), ("clip", 1)])
+def test_peak_lr_scales_base_lr_by_rows_per_step_over_256(method: str,
+                                                          rows_per_caption: int) -> None:
+    cfg = TrainConfig(method=method, captions_per_batch=1376, images_per_caption=6,
+                      base_lr=2e-4)
+    assert peak_lr(cfg) == pytest.approx(2e-4 * 1376 * rows_per_caption / 256)
+
+
+def test_scheduler_applies_peak_times_factor_per_step() -> None:
+    cfg = TrainConfig(**TINY, captions_per_batch=64, images_per_caption=2, base_lr=1e-3)
+    param = nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([param], lr=peak_lr(cfg))
+    sched = create_scheduler(opt, warmup=2, total=6)
+    seen = []
+    for _ in range(7):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [peak_lr(cfg) * lr_factor(s, warmup=2, total=6) for s in range(7)]
+    assert seen == pytest.approx(want)
+
+
+# ---------------------------------------------------------------------------- param groups
+
+NO_DECAY_NAMES = {"backbone.pos_embed", "backbone.cls_token", "logit_scale",
+                  "text.positional_embedding", "text.token_embedding.weight"}
+
+
+def _expect_no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or name in NO_DECAY_NAMES
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, attr: str, inner: nn.Module):
+        super().__init__()
+        setattr(self, attr, inner)
+
+
+@pytest.mark.parametrize("wrapping", ["none", "ddp", "compile", "compile_of_ddp"])
+def test_param_groups_exclude_biases_norms_1d_and_embeddings(wrapping: str) -> None:
+    torch.manual_seed(0)
+    core = create_model(TrainConfig(method="stablerep_plus", **TINY))
+    model: nn.Module = core
+    for attr in {"none": [], "ddp": ["module"], "compile": ["_orig_mod"],
+                 "compile_of_ddp": ["module", "_orig_mod"]}[wrapping]:
+        model = _Wrapper(attr, model)  # the parameter names DDP / torch.compile produce
+    decay, no_decay = param_groups(model, 0.1, core.no_weight_decay())
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decay_ids = {id(p) for p in decay["params"]}
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    names = dict(core.named_parameters())
+    assert set(names) >= NO_DECAY_NAMES
+    for name, param in names.items():
+        expected = no_decay_ids if _expect_no_decay(name, param) else decay_ids
+        assert id(param) in expected, name
+    assert len(decay_ids) + len(no_decay_ids) == len(names)
+    # the ones a plain "1-d or bias" rule would miss are in the no-decay group
+    for name in ("backbone.pos_embed", "backbone.cls_token", "text.positional_embedding",
+                 "text.token_embedding.weight"):
+        assert names[name].ndim >= 2 and id(names[name]) in no_decay_ids
+    norms = [n for n, m in core.named_modules() if isinstance(m, (nn.LayerNorm, nn.BatchNorm1d))]
+    assert norms and all(id(names[f"{n}.weight"]) in no_decay_ids for n in norms)
+
+
+def test_create_optimizer_uses_the_paper_betas_and_peak_lr() -> None:
+    cfg = TrainConfig(**TINY, captions_per_batch=32, images_per_caption=2)
+    torch.manual_seed(0)
+    core = create_model(cfg)
+    opt = create_optimizer(core, cfg, skip=core.no_weight_decay())
+    for group in opt.param_groups:
+        assert group["betas"] == (0.9, 0.98) and group["lr"] == pytest.approx(peak_lr(cfg))
+
+
+# ---------------------------------------------------------------------------- batch norm
+
+
+def test_global_batchnorm_without_a_process_group_is_batchnorm() -> None:
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+    ref = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+    ref.load_state_dict(head.state_dict())
+    converted = convert_sync_batchnorm(head, cuda=False)
+    assert isinstance(converted[1], GlobalBatchNorm1d)
+    x = torch.randn(8, 4)
+    assert torch.allclose(converted(x), ref(x), atol=1e-6)
+    assert torch.allclose(converted[1].running_var, ref[1].running_var, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def _refs(*captions: int, m: int = 3) -> list[ShardRef]:
+    return [ShardRef(f"mem://shard-{i}.tar", c, c * m, m) for i, c in enumerate(captions)]
+
+
+def test_layout_splits_a_step_over_ranks_and_accumulation() -> None:
+    cfg = TrainConfig(**TINY, captions_per_batch=8, images_per_caption=2, grad_accum_steps=2)
+    layout = Layout.create(cfg, _refs(8, 8, 8, 8), world_size=2)
+    assert layout.captions_per_micro_batch == 2
+    assert layout.micro_batches_per_epoch == 4 * 2  # 32 captions / 8 per step, x 2 micro
+    assert layout.crops_per_caption == 2
+
+
+@pytest.mark.parametrize(("captions_per_batch", "accum", "world"), [(7, 2, 1), (8, 1, 3),
+                                                                    (6, 2, 2), (1, 1, 2)])
+def test_layout_rejects_uneven_splits(captions_per_batch: int, accum: int, world: int) -> None:
+    cfg = TrainConfig(**TINY, captions_per_batch=captions_per_batch, images_per_caption=2,
+                      grad_accum_steps=accum)
+    with pytest.raises(ConfigError, match=rf"train\.captions_per_batch: {captions_per_batch} "
+                                          rf"captions do not split evenly over {world} ranks"):
+        Layout.create(cfg, _refs(64), world_size=world)
+
+
+def test_layout_rejects_data_smaller_than_one_batch() -> None:
+    cfg = TrainConfig(**TINY, captions_per_batch=16, images_per_caption=2)
+    with pytest.raises(InputError, match="hold 10 captions, fewer than one batch"):
+        Layout.create(cfg, _refs(4, 6), world_size=1)
+
+
+# ---------------------------------------------------------------------------- data stream
+
+
+def _png(rng: np.random.Generator) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, captions_per_shard: list[int], m: int = 3) -> list[ShardRef]:
+    """Finished shards (tar + json) of ``m`` random images per caption; ids are global."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    cid = 0
+    for index, count in enumerate(captions_per_shard):
+        stem = f"shard-{index:06d}"
+        with open(folder / f"{stem}.tar", "wb") as f:
+            writer = TarShardWriter(f)
+            for _ in range(count):
+                for j in range(m):
+                    writer.write(sample_key(cid, j), sample_members(
+                        _png(rng), "png", f"caption number {cid}", {"caption_id": cid, "j": j}))
+                cid += 1
+            writer.close()
+        (folder / f"{stem}.json").write_text(json.dumps({
+            "tar": f"{stem}.tar", "num_captions": count, "num_samples": count * m,
+            "images_per_caption": m}))
+    return discover([str(folder)])
+
+
+@pytest.fixture(scope="module")
+def four_shards(tmp_path_factory: pytest.TempPathFactory) -> list[ShardRef]:
+    return write_shards(tmp_path_factory.mktemp("four") / "images", [8, 8, 8, 8])
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory: pytest.TempPathFactory) -> list[ShardRef]:
+    return write_shards(tmp_path_factory.mktemp("one") / "images", [32])
+
+
+def _config(**changes) -> TrainConfig:
+    # shuffle_buffer above the captions of a stream: the buffer must not mix passes
+    base = dict(TINY, captions_per_batch=8, images_per_caption=2, augmentation="stablerep",
+                num_workers=2, shuffle_buffer=256, seed=3)
+    return TrainConfig(**{**base, **changes})
+
+
+def _dataset(shards: list[ShardRef], cfg: TrainConfig, rank: int, world: int,
+             epoch: int = 0, skip: int = 0) -> CaptionBatches:
+    ds = CaptionBatches(shards, cfg, Layout.create(cfg, shards, world), rank=rank,
+                        world_size=world)
+    ds.set_epoch(epoch, skip)
+    return ds
+
+
+def _worker_batches(ds: CaptionBatches, worker: int, workers: int,
+                    monkeypatch: pytest.MonkeyPatch) -> list[Batch]:
+    """What DataLoader worker ``worker`` of ``workers`` yields (worker info simulated)."""
+    with monkeypatch.context() as mp:
+        mp.setattr(loader_mod, "get_worker_info",
+                   lambda: SimpleNamespace(id=worker, num_workers=workers))
+        return list(ds)
+
+
+def _in_loader_order(per_worker: list[list[Batch]]) -> list[Batch]:
+    """Round-robin over workers, the order a DataLoader reads an IterableDataset's workers."""
+    out = []
+    for i in range(max(len(b) for b in per_worker)):
+        out += [b[i] for b in per_worker if i < len(b)]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["by_shard", "by_caption"])
+def test_first_pass_reads_every_caption_once_over_ranks_and_workers(
+        layout: str, four_shards, one_shard, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = four_shards if layout == "by_shard" else one_shard  # 4 streams: >= / < shards
+    cfg, world, workers = _config(), 2, 2
+    seen: list[int] = []
+    for rank in range(world):
+        ds = _dataset(shards, cfg, rank, world)
+        per_worker = [_worker_batches(ds, w, workers, monkeypatch) for w in range(workers)]
+        batches = _in_loader_order(per_worker)
+        assert [b.index for b in batches] == list(range(ds.layout.micro_batches_per_epoch))
+        for b in batches:
+            assert b.images.shape == (4 * 2, 3, 16, 16)
+            assert b.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+            assert b.texts == [f"caption number {c}" for c in b.caption_ids.tolist()]
+            seen += b.caption_ids.tolist()
+    assert sorted(seen) == list(range(32))  # each caption exactly once in the epoch
+
+
+def test_a_new_epoch_reshuffles(four_shards, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config()
+    first = _worker_batches(_dataset(four_shards, cfg, 0, 2, epoch=0), 0, 2, monkeypatch)
+    second = _worker_batches(_dataset(four_shards, cfg, 0, 2, epoch=1), 0, 2, monkeypatch)
+    assert [b.caption_ids.tolist() for b in first] != [b.caption_ids.tolist() for b in second]
+
+
+@pytest.mark.parametrize("skip", [1, 2, 3])
+def test_resume_skip_yields_exactly_the_later_batches(
+        skip: int, four_shards, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, workers = _config(), 2
+    for rank in range(2):
+        full = _in_loader_order([_worker_batches(_dataset(four_shards, cfg, rank, 2), w,
+                                                 workers, monkeypatch) for w in range(workers)])
+        resumed = _in_loader_order([
+            _worker_batches(_dataset(four_shards, cfg, rank, 2, skip=skip), w, workers,
+                            monkeypatch) for w in range(workers)])
+        assert [b.index for b in resumed] == list(range(skip, len(full)))
+        for a, b in zip(full[skip:], resumed, strict=True):
+            assert torch.equal(a.caption_ids, b.caption_ids)
+            assert torch.equal(a.images, b.images)  # same crops, colours, flips
+
+
+def test_real_dataloader_workers_match_and_resume(four_shards) -> None:
+    cfg = _config()
+    full = list(create_loader(_dataset(four_shards, cfg, 1, 2), num_workers=2,
+                              pin_memory=False))
+    assert [b.index for b in full] == [0, 1, 2, 3]
+    resumed = list(create_loader(_dataset(four_shards, cfg, 1, 2, skip=1), num_workers=2,
+                                 pin_memory=False))
+    assert [b.index for b in resumed] == [1, 2, 3]
+    for a, b in zip(full[1:], resumed, strict=True):
+        assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
+
+
+class _Failing(IterableDataset):
+    def __iter__(self):
+        raise InputError("gs://bucket/images/shard-000007.tar: not a readable tar shard")
+
+
+def test_a_worker_user_error_keeps_its_one_line_message() -> None:
+    loader = DataLoader(_Failing(), batch_size=None, num_workers=1,
+                        multiprocessing_context="fork")
+    with pytest.raises(InputError) as info:
+        list(iterate(loader))
+    assert str(info.value) == "gs://bucket/images/shard-000007.tar: not a readable tar shard"
