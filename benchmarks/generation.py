@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import finish, matmul_tflops, sync
 
 from stablerep.captions import load_manifest, make_captions
 from stablerep.config import CaptionsConfig, GenerateConfig
@@ -35,7 +35,6 @@ from stablerep.generation.runner import generate
 from stablerep.generation.shards import image_seed
 from stablerep.generation.tiny import save_tiny_pipeline
 
-RESULTS = Path(__file__).parent / "results"
 UNET_TFLOP_512 = 0.89  # per image per UNet call at 512px
 VAE_TFLOP_512 = 2.5  # per image decode at 512px
 
@@ -75,25 +74,6 @@ def build_sd15_random(dtype):
     return pipe.to(dtype=dtype)
 
 
-def matmul_tflops(device: str, dtype) -> float:
-    """Measured dense matmul rate (TFLOP/s) of this device and dtype."""
-    n = 8192 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 20 if device.startswith("cuda") else 5
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_baseline(pipe, cfg: GenerateConfig, captions: list[tuple[int, str]], out: Path) -> int:
@@ -175,7 +155,7 @@ def main() -> None:
     scale = (args.size / 512) ** 2
     flop_per_image = (args.steps * UNET_TFLOP_512 * (2 if args.guidance > 1 else 1)
                       + VAE_TFLOP_512) * scale * 1e12
-    peak = matmul_tflops(device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    peak = matmul_tflops(device)
     print(f"device {device}  arch {args.arch}  {args.size}px  {args.steps} {args.scheduler} "
           f"steps  guidance {args.guidance}  m {args.images_per_caption}  "
           f"matmul {peak:.3g} TFLOP/s")
@@ -193,13 +173,9 @@ def main() -> None:
         print(line)
         out.append({"method": name, "images": n, "seconds": t, "images_per_s": rate,
                     "ratio": rate / (n_base / t_base), "floor_pct": floor})
-    if device.startswith("cuda"):
-        print(f"GPU memory peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"generation-{args.arch}-{device.split(':')[0]}.json"
-    path.write_text(json.dumps({"args": vars(args), "device": device, "matmul_tflops": peak,
-                                "results": out}, indent=2))
-    print(f"results: {path}")
+    finish(f"generation-{args.arch}-{device.split(':')[0]}",
+           {"args": vars(args), "device": device, "matmul_tflops": peak, "results": out},
+           device)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
           imagefolder:gs://b/pets --out gs://b/run1/eval
     """
     from stablerep.evaluation.stage import run_eval
-    from stablerep.storage import join
+    from stablerep.storage import join, write_text
 
     flags = {"checkpoint": checkpoint, "out": out, "baseline": baseline,
              "few_shot_episodes": few_shot_episodes, "device": device,
@@ -303,6 +303,7 @@ def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
                                        if not ckpt.startswith("timm") else "")
     metrics = run_eval(ec, checkpoint=ckpt, out=target, images=images,
                        train_metrics=metrics_uri)
+    write_text(join(target, "config.yaml"), dump_yaml(cfg))  # the resolved config, beside
     for name, result in metrics["datasets"].items():
         base = metrics.get("baseline", {}).get("datasets", {}).get(name, {})
         click.echo(f"eval: {name}: " + _summary(result, base))

@@ -43,6 +43,27 @@ def _clear_fsspec_cache() -> None:
             fsspec.get_filesystem_class(proto).clear_instance_cache()
 
 
+@contextlib.contextmanager
+def _serving(server, port: int, env: dict[str, str]) -> Iterator[str]:
+    """Start ``server``, point the environment at it (``{endpoint}`` in values), clean up."""
+    server.start()
+    _wait_for_port(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: v.format(endpoint=endpoint) for k, v in env.items()})
+    _clear_fsspec_cache()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _clear_fsspec_cache()
+
+
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[str]:
     """A gcp-storage-emulator on loopback; yields its endpoint URL and sets the env for gcsfs."""
@@ -50,20 +71,8 @@ def gcs_server() -> Iterator[str]:
 
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
-    _wait_for_port(port)
-    endpoint = f"http://127.0.0.1:{port}"
-    old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",)}
-    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
-    _clear_fsspec_cache()
-    yield endpoint
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _clear_fsspec_cache()
+    with _serving(server, port, {"STORAGE_EMULATOR_HOST": "{endpoint}"}) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -85,23 +94,10 @@ def s3_server() -> Iterator[str]:
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    _wait_for_port(port)
-    endpoint = f"http://127.0.0.1:{port}"
-    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    _clear_fsspec_cache()
-    yield endpoint
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _clear_fsspec_cache()
+    env = {"AWS_ENDPOINT_URL": "{endpoint}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with _serving(server, port, env) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

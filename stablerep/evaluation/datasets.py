@@ -27,6 +27,10 @@ from PIL import Image, UnidentifiedImageError
 from stablerep import storage
 from stablerep.errors import InputError
 
+# what a corrupt file raises while decoding (a damaged header can claim a huge size)
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+                 Image.DecompressionBombError)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 SPLITS: dict[str, str] = {
@@ -72,7 +76,7 @@ def decode(data: bytes) -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
+    except DECODE_ERRORS:
         return None
 
 
@@ -213,7 +217,7 @@ def load_torchvision(name: str, *, data_cache: str, download: bool, seed: int) -
         def load(i: int) -> Image.Image | None:
             try:
                 return ds[int(rows[i])][0].convert("RGB")
-            except (UnidentifiedImageError, OSError):
+            except DECODE_ERRORS:
                 return None
 
         return ImageList(labels[rows], load)

@@ -120,6 +120,11 @@ def run_eval(cfg: EvalConfig, *, checkpoint: str, out: str, images: str = "",
     check_names(cfg.datasets)
     device = _device(cfg.device)
     backbone = load_backbone(checkpoint, image_size=cfg.image_size, seed=cfg.seed)
+    trained_size = int(backbone.info["image_size"])
+    if cfg.image_size is not None and cfg.image_size != trained_size:
+        raise InputError(f"eval.image_size: got {cfg.image_size}, but {checkpoint} was trained "
+                         f"at {trained_size} (a ViT's position grid fixes its input size); "
+                         "leave it unset")
     datasets = [load_dataset(s, data_cache=cfg.data_cache, download=cfg.download,
                              seed=cfg.seed) for s in cfg.datasets]
     _check_few_shot(cfg, datasets)
@@ -138,8 +143,8 @@ def run_eval(cfg: EvalConfig, *, checkpoint: str, out: str, images: str = "",
                if images and storage.exists(storage.join(images, "shard-000000.tar")) else None)
     html = report.render_html(metrics, baseline=baseline, loss_curve=loss_curve,
                               samples=samples)
-    storage.write_json(storage.join(out, "metrics.json"), metrics)
     report.write_report(out, html, report.render_markdown(metrics, baseline=baseline))
+    storage.write_json(storage.join(out, "metrics.json"), metrics)  # last: the run is done
     return metrics
 
 
