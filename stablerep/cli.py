@@ -55,6 +55,17 @@ def build_config(recipe: str | None, overrides: tuple[str, ...], section: str,
     return from_dict(Config, data)
 
 
+def stage_config(recipe: str | None, overrides: tuple[str, ...], section: str,
+                 flags: dict[str, Any], *, data_root: str | None, print_config: bool
+                 ) -> tuple[Config, Any] | None:
+    """Build the config and return (config, its ``section``); None after --print-config."""
+    cfg = build_config(recipe, overrides, section, flags, data_root=data_root)
+    if print_config:
+        click.echo(dump_yaml(cfg), nl=False)
+        return None
+    return cfg, getattr(cfg, section)
+
+
 def _common(fn):
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                       help="Override one config field (repeatable), e.g. "
@@ -115,11 +126,11 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
              "format": fmt, "column": column, "num_captions": num_captions,
              "num_shards": num_shards, "seed": seed, "out": out, "allow_fewer": allow_fewer,
              "overwrite": overwrite, "work_dir": work_dir}
-    cfg = build_config(recipe, overrides, "captions", flags, data_root=data_root)
-    if print_config:
-        click.echo(dump_yaml(cfg), nl=False)
+    built = stage_config(recipe, overrides, "captions", flags, data_root=data_root,
+                         print_config=print_config)
+    if built is None:
         return
-    assert cfg.captions is not None
+    cfg, _ = built
     target = cfg.captions.out or join(cfg.data_root, "captions")
     manifest = make_captions(cfg.captions, target)
     click.echo(format_summary(manifest))
@@ -176,12 +187,11 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
              "image_format": image_format, "seed": seed, "batch_size": batch_size,
              "shard": shard, "all_shards": all_shards, "shard_from_env": shard_from_env,
              "device": device, "dtype": dtype, "compile": compile_unet, "overwrite": overwrite}
-    cfg = build_config(recipe, overrides, "generate", flags, data_root=data_root)
-    if print_config:
-        click.echo(dump_yaml(cfg), nl=False)
+    built = stage_config(recipe, overrides, "generate", flags, data_root=data_root,
+                         print_config=print_config)
+    if built is None:
         return
-    gen = cfg.generate
-    assert gen is not None
+    cfg, gen = built
     captions = gen.captions or join(cfg.data_root, "captions")
     target = gen.out or join(cfg.data_root, "images")
     results = run_generate(gen, captions=captions, out=target)
@@ -232,12 +242,11 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
              "images_per_caption": images_per_caption, "epochs": epochs,
              "max_steps": max_steps, "num_workers": num_workers, "seed": seed,
              "device": device}
-    cfg = build_config(recipe, overrides, "train", flags, data_root=data_root)
-    if print_config:
-        click.echo(dump_yaml(cfg), nl=False)
+    built = stage_config(recipe, overrides, "train", flags, data_root=data_root,
+                         print_config=print_config)
+    if built is None:
         return
-    tc = cfg.train
-    assert tc is not None
+    cfg, tc = built
     from stablerep import distributed  # torch & co. only once the config is valid
     from stablerep.training.trainer import Trainer
 
@@ -290,12 +299,11 @@ def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
              "few_shot_episodes": few_shot_episodes, "device": device,
              "datasets": [d.strip() for d in datasets.split(",") if d.strip()]
              if datasets else None}
-    cfg = build_config(recipe, overrides, "eval", flags, data_root=data_root)
-    if print_config:
-        click.echo(dump_yaml(cfg), nl=False)
+    built = stage_config(recipe, overrides, "eval", flags, data_root=data_root,
+                         print_config=print_config)
+    if built is None:
         return
-    ec = cfg.eval
-    assert ec is not None
+    cfg, ec = built
     ckpt = ec.checkpoint or join(cfg.data_root, "train")
     target = ec.out or join(cfg.data_root, "eval")
     images = ec.images or join(cfg.data_root, "images")

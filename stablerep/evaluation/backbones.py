@@ -14,8 +14,6 @@ identifies the weights for the feature cache (a checkpoint's sha256, or the timm
 
 from __future__ import annotations
 
-import hashlib
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +23,7 @@ from torch import nn
 from stablerep import storage
 from stablerep.errors import ConfigError, InputError
 from stablerep.models import create_backbone, timm_name
+from stablerep.training.checkpoint import read_torch
 
 
 @dataclass
@@ -58,13 +57,8 @@ def _from_state(state: dict[str, torch.Tensor], info: dict[str, Any], key: str, 
 
 
 def _load_torch(uri: str) -> tuple[Any, str]:
-    data = storage.read_bytes(uri)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise InputError(f"{uri}: not a stablerep checkpoint or timm backbone ({type(e).__name__})"
-                         ) from None
-    return obj, hashlib.sha256(data).hexdigest()[:16]
+    obj, digest = read_torch(uri, what="stablerep checkpoint or timm backbone")
+    return obj, digest[:16]
 
 
 def _from_checkpoint(uri: str, source: str) -> Backbone:

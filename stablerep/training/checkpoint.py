@@ -12,6 +12,7 @@ atomically, then ``latest.json`` pointing at it, then prunes all but the newest
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
@@ -69,14 +70,19 @@ def _prune(out: str, keep: int) -> None:
         storage.remove(uri)
 
 
-def load_checkpoint(uri: str) -> dict[str, Any]:
-    """Read a checkpoint file (any URI) on the CPU."""
+def read_torch(uri: str, *, what: str = "checkpoint") -> tuple[Any, str]:
+    """Unpickle a torch file from any URI on the CPU; returns (object, sha256 of the bytes)."""
     data = storage.read_bytes(uri)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(f"{uri}: not a readable checkpoint ({type(e).__name__}: {e})"
-                         ) from None
+        raise InputError(f"{uri}: not a {what} (unreadable: {type(e).__name__}: {e})") from None
+    return obj, hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(uri: str) -> dict[str, Any]:
+    """Read a checkpoint file (any URI) on the CPU."""
+    state, _ = read_torch(uri)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"{uri}: not a stablerep checkpoint")
     return state
