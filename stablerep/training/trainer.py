@@ -57,11 +57,11 @@ def model_info(cfg: TrainConfig, feature_dim: int) -> dict[str, Any]:
 
 
 def compute_loss(model: nn.Module, batch: Batch, cfg: TrainConfig, env: DistEnv,
-                 tokenizer=None) -> tuple[torch.Tensor, dict[str, float]]:
+                 tokenizer=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The method's loss on one micro-batch of this rank (global negatives via all-gather).
 
     Returns:
-        (loss, parts) where parts holds the detached components for logging.
+        (loss, parts) where parts holds the detached components (0-d tensors) for logging.
     """
     images = batch.images.to(env.device, non_blocking=True)  # (n * c, 3, H, W)
     n, c = len(batch.texts), cfg.crops_per_caption
@@ -82,7 +82,7 @@ def compute_loss(model: nn.Module, batch: Batch, cfg: TrainConfig, env: DistEnv,
     loss = parts.get("loss_image", 0) + cfg.clip_loss_weight * parts.get("loss_clip", 0)
     if cfg.method == "clip":
         loss = parts["loss_clip"]
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
+    return loss, {k: v.detach() for k, v in parts.items()}  # tensors: no host sync here
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -110,7 +110,7 @@ def wrap_model(core: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch],
                cfg: TrainConfig, env: DistEnv, *, tokenizer=None,
                scaler: torch.amp.GradScaler | None = None,
-               autocast=contextlib.nullcontext) -> dict[str, float]:
+               autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
     """One optimizer step on this rank's micro-batches: forward, backward, update.
 
     Each micro-batch's loss is taken against the global micro-batch; gradients are accumulated
@@ -127,10 +127,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[B
         autocast: a no-argument context manager factory for the forward pass.
 
     Returns:
-        This rank's mean loss (and its parts) over the micro-batches.
+        This rank's mean loss (and its parts) over the micro-batches, as detached 0-d
+        tensors: reading them (``float()``) waits for the device, so callers do it only when
+        they log.
     """
     model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro):
         sync = (model.no_sync() if env.distributed and i < len(micro) - 1
                 else contextlib.nullcontext())
@@ -138,8 +140,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[B
             loss, parts = compute_loss(model, batch, cfg, env, tokenizer)
         scaled = loss / len(micro)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        for k, v in {"loss": float(loss.detach()), **parts}.items():
-            totals[k] = totals.get(k, 0.0) + v / len(micro)
+        for k, v in {"loss": loss.detach(), **parts}.items():
+            totals[k] = totals.get(k, 0) + v / len(micro)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -335,23 +337,26 @@ class Trainer:
                                                         keep=self.cfg.keep_checkpoints)
 
     # -- loop ---------------------------------------------------------------------------
-    def _step(self, micro: list[Batch]) -> dict[str, float]:
+    def _step(self, micro: list[Batch]) -> dict[str, torch.Tensor]:
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         totals = train_step(self.model, self.optimizer, micro, self.cfg, self.env,
                             tokenizer=self.tokenizer, scaler=self.scaler,
                             autocast=self._autocast)
         self.scheduler.step()
-        if not math.isfinite(totals["loss"]):
-            raise TrainingError(f"the loss became {totals['loss']} at step "
-                                f"{self.position.step}; lower train.base_lr or check the data")
         return totals
 
-    def _record(self, totals: dict[str, float], rows: int, seconds: float, bad: int
+    def _record(self, totals: dict[str, torch.Tensor], rows: int, seconds: float, bad: int
                 ) -> dict[str, float]:
-        """Log a metrics line (rank 0); returns the totals averaged over ranks."""
+        """Log a metrics line (rank 0); returns the totals averaged over ranks.
+
+        The only place the loop waits for the device: every ``log_every`` steps.
+        """
         p = self.position
-        totals = {k: all_reduce_mean(v, self.env.device)  # mean over ranks (every rank)
+        totals = {k: all_reduce_mean(float(v), self.env.device)  # mean over ranks (every rank)
                   for k, v in totals.items()}
+        if not math.isfinite(totals["loss"]):
+            raise TrainingError(f"the loss became {totals['loss']} by step {p.step}; lower "
+                                "train.base_lr or check the data")
         record = {"step": p.step, "epoch": round(p.epoch + p.micro_batches
                                                  / self.layout.micro_batches_per_epoch, 4),
                   **{k: round(v, 6) for k, v in totals.items()},
@@ -393,7 +398,6 @@ class Trainer:
                 window_rows += sum(b.images.shape[0] for b in micro)
                 bad = max(bad, micro[-1].bad_samples)
                 p.step, p.micro_batches, micro = p.step + 1, p.micro_batches + accum, []
-                last = totals["loss"]
                 if p.step % cfg.log_every == 0 or p.step == self.total_steps:
                     last = self._record(totals, window_rows, time.perf_counter() - window_start,
                                         bad)["loss"]

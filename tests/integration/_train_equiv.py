@@ -73,10 +73,10 @@ def one_step(method: str, env: distributed.DistEnv, out: Path) -> None:
     optimizer.register_step_pre_hook(keep_grads)
     tokenizer = create_tokenizer(cfg.text_context) if cfg.uses_text else None
     totals = train_step(model, optimizer, [local_batch(env)], cfg, env, tokenizer=tokenizer)
-    losses = [totals["loss"]]
+    losses = [float(totals["loss"])]
     if env.distributed:
         box: list = [None] * env.world_size
-        dist.all_gather_object(box, totals["loss"])
+        dist.all_gather_object(box, float(totals["loss"]))
         losses = box
     if env.is_main:
         stem = out / f"{method}-w{env.world_size}"
