@@ -250,6 +250,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present), cpu, cuda
     dist_timeout_s: float = 600.0  # collective timeout: a dead peer fails the job after it
     tensorboard: bool = True  # write TensorBoard event files under <out>/tb
+    knn_every: int = 0  # steps between kNN checks of the backbone (0 = never)
+    knn_dataset: str = "sklearn:digits"  # data set of the kNN check (eval.datasets names)
 
     def __post_init__(self) -> None:
         _check_choice("train.method", self.method, METHODS)
@@ -287,6 +289,7 @@ class TrainConfig:
         _check_range("train.num_workers", self.num_workers, low=0)
         _check_range("train.max_sample_errors", self.max_sample_errors, low=0)
         _check_range("train.dist_timeout_s", self.dist_timeout_s, low=1)
+        _check_range("train.knn_every", self.knn_every, low=0)
 
     @property
     def uses_text(self) -> bool:

@@ -642,6 +642,8 @@ def read_loss_curve(metrics_jsonl_uri: str) -> list[tuple[int, float]]:
         except json.JSONDecodeError:
             skipped += 1
             continue
+        if isinstance(record, dict) and "loss" not in record and "knn_top1" in record:
+            continue  # a kNN check line, not a training step
         step, loss = _get(record, "step"), _get(record, "loss")
         if (isinstance(step, bool) or not isinstance(step, (int, float))
                 or isinstance(loss, bool) or not isinstance(loss, (int, float))):

@@ -239,6 +239,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, data: list[str], out: str, env: DistEnv):
         self.cfg, self.out, self.env = cfg, out.rstrip("/"), env
+        if cfg.knn_every:
+            from stablerep.evaluation.datasets import check_names
+
+            check_names([cfg.knn_dataset])
         self.shards = discover(data)
         self._check_images(self.shards)
         self.layout = Layout.create(cfg, self.shards, env.world_size)
@@ -374,6 +378,29 @@ class Trainer:
                      record["images_per_s"])
         return totals
 
+    def _knn_check(self) -> None:
+        """kNN accuracy of the current backbone on ``knn_dataset`` (rank 0), logged."""
+        if not self.env.is_main:
+            return
+        from stablerep.evaluation.backbones import Backbone
+        from stablerep.evaluation.classifiers import knn_accuracy
+        from stablerep.evaluation.datasets import load_dataset
+        from stablerep.evaluation.features import extract
+
+        if not hasattr(self, "_knn_data"):
+            self._knn_data = load_dataset(self.cfg.knn_dataset, seed=self.cfg.seed)
+        backbone = Backbone(self.core.backbone, self.info, "training", "training")
+        kwargs = dict(image_size=self.cfg.image_size, batch_size=256, device=self.env.device,
+                      amp_dtype=self.amp_dtype, num_workers=0)
+        train = extract(backbone, self._knn_data.train, desc="knn train", **kwargs)
+        test = extract(backbone, self._knn_data.test, desc="knn test", **kwargs)
+        self.core.train()
+        top1 = knn_accuracy(train.x, train.y, test.x, test.y, k=20)
+        self.metrics.log({"step": self.position.step, "knn_top1": round(top1, 4),
+                          "knn_dataset": self.cfg.knn_dataset})
+        log.info("train: step %d kNN top-1 on %s: %.4f", self.position.step,
+                 self.cfg.knn_dataset, top1)
+
     def fit(self) -> TrainResult:
         """Train to ``total_steps`` (resuming first when a checkpoint exists)."""
         self.resume()
@@ -402,6 +429,8 @@ class Trainer:
                     last = self._record(totals, window_rows, time.perf_counter() - window_start,
                                         bad)["loss"]
                     window_rows, window_start = 0, time.perf_counter()
+                if cfg.knn_every and p.step % cfg.knn_every == 0:
+                    self._knn_check()
                 if p.step % cfg.checkpoint_every == 0 and p.step < self.total_steps:
                     self.save()
                 if p.step >= self.total_steps:

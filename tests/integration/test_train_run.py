@@ -278,6 +278,21 @@ def test_each_method_trains_end_to_end(data: Path, tmp_path: Path, method: str,
     assert (tmp_path / method / "backbone.pt").exists()
 
 
+def test_knn_check_during_training_is_logged(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "knn"
+    result = _train(data, out, max_steps=4, knn_every=2)
+    assert result.steps == 4
+    knn = [r for r in _metrics(out) if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [2, 4]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 and r["knn_dataset"] == "sklearn:digits"
+               for r in knn)
+    # digits has 10 balanced classes: any sane feature beats a 10% guess by far
+    assert max(r["knn_top1"] for r in knn) > 0.3
+    from stablerep.report import read_loss_curve
+
+    assert [s for s, _ in read_loss_curve(str(out / "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
 def test_simclr_trains_on_one_image_per_caption(data_m1: Path, tmp_path: Path) -> None:
     result = _train(data_m1, tmp_path / "simclr", method="simclr", max_steps=2)
     assert result.steps == 2 and (tmp_path / "simclr" / "backbone.pt").exists()
