@@ -148,7 +148,7 @@ def test_short_run_learns_and_writes_every_output(data: Path, tmp_path: Path) ->
     steps = 30
     # No augmentation and a larger rate: the 32 captions' image pairs are learnt quickly, so
     # the drop shows through the noise of 16-image batches.
-    cfg_changes = dict(captions_per_batch=16, max_steps=steps, base_lr=1e-3,
+    cfg_changes = dict(captions_per_batch=16, max_steps=steps, base_lr=2e-3,
                        augmentation="none", checkpoint_every=10, keep_checkpoints=2)
     result = _train(data, out, **cfg_changes)
     assert result.steps == steps
