@@ -3,7 +3,8 @@
 ``stablerep`` (the paper, applied once per image): RandomResizedCrop(scale 0.08-1), ColorJitter
 (0.4, 0.4, 0.4, 0.1) with p 0.8, RandomGrayscale 0.2, GaussianBlur (sigma 0.1-2) p 0.5,
 horizontal flip, ImageNet mean/std; optionally a down-and-up resize to 64 or 128 px with a small
-probability. ``weak``: RandomResizedCrop(scale 0.4-1) and flip. ``none``: resize + centre crop.
+probability. ``weak`` (the reference's): RandomResizedCrop(scale 0.5-1) alone. ``none``: resize
++ centre crop.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def create_train_transform(kind: str, image_size: int, *, downsample_prob: float
             T.RandomHorizontalFlip(),
         ]
     elif kind == "weak":
-        steps = [T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=bicubic),
-                 T.RandomHorizontalFlip()]
+        steps = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic)]
     elif kind == "none":
         steps = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
     else:
