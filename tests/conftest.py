@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +113,31 @@ def s3_bucket(s3_server: str) -> str:
     fs.mkdir(name)
     fs.invalidate_cache()
     return f"s3://{name}"
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run")
+CHROMIUM_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run headless Debian Chromium (a fresh profile per call); skips, saying why, if absent."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        reason = "chromium is not installed (Debian: apt-get install -y chromium)"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    calls = iter(range(1 << 20))
+
+    def browse(*args: str) -> subprocess.CompletedProcess:
+        cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / f'chromium-{next(calls)}'}",
+               *args]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=CHROMIUM_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"chromium did not finish in {CHROMIUM_TIMEOUT_S}s: {' '.join(cmd)}\n"
+                        f"{e.stderr}")
+
+    return browse

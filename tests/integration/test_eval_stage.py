@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -48,9 +47,6 @@ pytestmark = pytest.mark.integration
 TIMM = "timm:vit_tiny_patch16_224"
 FAST = ["--set", "eval.probe_num_c=5", "--set", "eval.num_workers=0", "--set",
         "eval.batch_size=128"]
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -357,36 +353,17 @@ def test_cli_training_folder_with_a_corrupt_image(runs: Runs, inputs: dict[str, 
     assert f"eval: report {out / 'report.html'}" in stdout
 
 
-def _chromium() -> str:
-    binary = shutil.which("chromium")
-    if binary is None:
-        reason = "chromium is not installed (Debian: apt-get install -y chromium)"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    return binary
-
-
-def _browse(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"chromium did not finish in 120s: {' '.join(cmd)}\n{e.stderr}")
-
-
 def test_report_of_a_real_run_in_chromium(runs: Runs, inputs: dict[str, Path],
-                                          tmp_path: Path):
+                                          tmp_path: Path, chromium):
     _, out, _ = _good(runs, "folder")
-    binary = _chromium()
     page = (out / "report.html").as_uri()
     shot = tmp_path / "shot.png"
-    proc = _browse(binary, tmp_path / "profile-shot", f"--screenshot={shot}",
-                   "--window-size=1200,1600", page)
+    proc = chromium(f"--screenshot={shot}", "--window-size=1200,1600", page)
     assert shot.exists(), f"no screenshot (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     with Image.open(shot) as im:
         stddev = ImageStat.Stat(im.convert("L")).stddev[0]
     assert stddev > 10, f"the screenshot looks blank (stddev {stddev:.1f})"
-    dom = _browse(binary, tmp_path / "profile-dom", "--dump-dom", page).stdout
+    dom = chromium("--dump-dom", page).stdout
     rows = re.findall(r'<tr class="ds" data-dataset="([^"]+)">', dom)
     assert rows == ["sklearn:digits", f"imagefolder:{inputs['corrupt']}"]
     # few-shot and linear-probe bars, and the loss curve from the folder's metrics.jsonl

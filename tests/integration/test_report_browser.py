@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import math
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,28 +18,6 @@ from PIL import Image, ImageStat
 from stablerep import report
 
 pytestmark = pytest.mark.integration
-
-TIMEOUT_S = 120
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run")
-
-
-def _chromium() -> str:
-    binary = shutil.which("chromium")
-    if binary is None:
-        reason = "chromium is not installed (Debian: apt-get install -y chromium)"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    return binary
-
-
-def _run(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [binary, *FLAGS, f"--user-data-dir={profile}", *args]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S,
-                              check=False)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"chromium did not finish in {TIMEOUT_S}s: {' '.join(cmd)}\n{e.stderr}")
 
 
 def _result(top1, fs, knn, classes):
@@ -78,11 +54,9 @@ def page(tmp_path_factory) -> Path:
     return out / "report.html"
 
 
-def test_report_renders_in_chromium(page: Path, tmp_path: Path):
-    binary = _chromium()
+def test_report_renders_in_chromium(page: Path, tmp_path: Path, chromium):
     shot = tmp_path / "shot.png"
-    proc = _run(binary, tmp_path / "profile-shot", f"--screenshot={shot}",
-                "--window-size=1280,2000", page.as_uri())
+    proc = chromium(f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri())
     assert shot.exists(), f"no screenshot (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     with Image.open(shot) as im:
         assert im.size == (1280, 2000)
@@ -90,7 +64,7 @@ def test_report_renders_in_chromium(page: Path, tmp_path: Path):
     assert stat.stddev[0] > 10, f"the screenshot looks blank (stddev {stat.stddev[0]:.1f})"
     print(f"screenshot: {shot}")
 
-    proc = _run(binary, tmp_path / "profile-dom", "--dump-dom", page.as_uri())
+    proc = chromium("--dump-dom", page.as_uri())
     dom = proc.stdout
     assert proc.returncode == 0 and "<table" in dom, proc.stderr[-3000:]
     rows = re.findall(r'<tr class="ds" data-dataset="([^"]+)">', dom)
