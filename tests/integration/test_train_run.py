@@ -16,6 +16,7 @@ torch runs on one thread here and in the subprocesses (the CI machine has 2 busy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -336,7 +337,12 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_ends_the_job_instead_of_hanging(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("how", "within"), [(signal.SIGKILL, 60), (signal.SIGSTOP, 120)],
+                         ids=["killed", "hung"])
+def test_a_lost_rank_ends_the_job_instead_of_hanging(data: Path, tmp_path: Path, how: int,
+                                                     within: float) -> None:
+    """A dead rank (torchrun notices) or a hung one (the collective times out after
+    train.dist_timeout_s on the live rank, which then fails with one clear line)."""
     out, log = tmp_path / "train", tmp_path / "torchrun.log"
     cmd = _torchrun("--data-root", str(data), "--out", str(out), *CLI_TINY,
                     "--captions-per-batch", "8", "-k", "2", "--max-steps", "5000",
@@ -345,6 +351,7 @@ def test_a_killed_rank_ends_the_job_instead_of_hanging(data: Path, tmp_path: Pat
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, env=_env(), stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    rank1: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while "train: step 2/5000" not in log.read_text():
@@ -353,17 +360,23 @@ def test_a_killed_rank_ends_the_job_instead_of_hanging(data: Path, tmp_path: Pat
             time.sleep(0.1)
         rank1 = [p for p in _children(proc.pid) if _rank_of(p) == 1]
         assert len(rank1) == 1, _children(proc.pid)
-        os.kill(rank1[0], signal.SIGKILL)
-        killed = time.monotonic()
-        status = proc.wait(timeout=90)
-        took = time.monotonic() - killed
+        os.kill(rank1[0], how)
+        lost = time.monotonic()
+        status = proc.wait(timeout=within + 60)
+        took = time.monotonic() - lost
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert status != 0, log.read_text()[-3000:]
-    assert took < 60, f"the job took {took:.0f} s to end after rank 1 died"
+        for pid in rank1:  # a stopped rank would otherwise outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert status != 0, text[-3000:]
+    assert took < within, f"the job took {took:.0f} s to end after rank 1 was lost"
     assert not (out / "ckpt-00005000.pt").exists()
+    if how == signal.SIGSTOP:
+        assert "a peer process failed or stopped responding" in text, text[-3000:]
 
 
 # ---------------------------------------------------------------------------- bad input
