@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from stablerep.devices import resolve_device
 from stablerep.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,7 @@ def setup(device: str = "auto", *, timeout_s: float = 600.0) -> DistEnv:
     local_rank = _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {device} requested but no CUDA device is available")
+    use_cuda = resolve_device(device, field="train.device").startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = f"cuda:{local_rank}"

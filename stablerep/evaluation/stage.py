@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stablerep import storage
+from stablerep import devices, storage
 from stablerep.config import EvalConfig
 from stablerep.errors import InputError
 from stablerep.evaluation.backbones import Backbone, load_backbone, random_like
@@ -26,18 +26,10 @@ from stablerep.evaluation.features import features_for
 log = logging.getLogger(__name__)
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"eval.device: {name} requested but no CUDA device is available")
-    return name
-
-
 def _amp(precision: str, device: str) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    """bf16 autocast on a GPU unless fp32 is chosen; None = no autocast."""
+    dtype = devices.resolve_dtype(precision, device, auto_cuda="bf16")
+    return None if dtype == torch.float32 else dtype
 
 
 def evaluate_backbone(backbone: Backbone, datasets: list[EvalData], cfg: EvalConfig, *,
@@ -118,7 +110,7 @@ def run_eval(cfg: EvalConfig, *, checkpoint: str, out: str, images: str = "",
 
     start = time.perf_counter()
     check_names(cfg.datasets)
-    device = _device(cfg.device)
+    device = devices.resolve_device(cfg.device, field="eval.device")
     backbone = load_backbone(checkpoint, image_size=cfg.image_size, seed=cfg.seed)
     trained_size = int(backbone.info["image_size"])
     if cfg.image_size is not None and cfg.image_size != trained_size:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stablerep import storage
+from stablerep import devices, storage
 from stablerep.config import GenerateConfig
 from stablerep.errors import InputError
 
@@ -54,21 +54,12 @@ class Backend(Protocol):
 
 
 def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"generate.device: {name} requested but no CUDA device is available")
-    return name
+    return devices.resolve_device(name, field="generate.device")
 
 
 def resolve_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    """The pipeline's dtype: fp16 on a GPU and fp32 on the CPU unless chosen."""
+    return devices.resolve_dtype(name, device, auto_cuda="fp16")
 
 
 def check_pipeline_folder(folder: Path, label: str) -> dict[str, Any]:
