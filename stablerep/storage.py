@@ -507,21 +507,6 @@ def remove(uri: str, *, recursive: bool = False, missing_ok: bool = True) -> Non
     with_retries(_rm, uri=uri, action="delete")
 
 
-def makedirs(uri: str) -> None:
-    """Create a local folder (object stores have no folders; a no-op there)."""
-    if is_local(uri):
-        local_path(uri).mkdir(parents=True, exist_ok=True)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a local file, read in chunks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 # ---------------------------------------------------------------------------- parquet
 
 

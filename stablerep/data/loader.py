@@ -78,10 +78,6 @@ class Layout:
                              f"(train.captions_per_batch={cfg.captions_per_batch})")
         return cls(per_rank, steps * cfg.grad_accum_steps, cfg.crops_per_caption)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.micro_batches_per_epoch  # divided by grad_accum_steps by the trainer
-
 
 class CaptionBatches(IterableDataset):
     """Micro-batches of one rank for one epoch (call :meth:`set_epoch` before iterating)."""

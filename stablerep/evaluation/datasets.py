@@ -101,17 +101,6 @@ def load_digits_data(seed: int = 0) -> EvalData:
                     split(np.sort(train_idx)), split(np.sort(test_idx)), SPLITS["sklearn:digits"])
 
 
-def digits_pixels(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw-pixel features of the digits split (for checking classifiers): Xtr, ytr, Xte, yte."""
-    data = load_digits_data(seed)
-
-    def feats(split: ImageList) -> np.ndarray:
-        return np.stack([np.asarray(split.load(i))[..., 0].reshape(-1) / 255.0
-                         for i in range(len(split))]).astype(np.float32)
-
-    return feats(data.train), data.train.labels, feats(data.test), data.test.labels
-
-
 # ---------------------------------------------------------------------------- image folders
 
 
