@@ -4,6 +4,7 @@
 #   make test    create .venv, install, run the unit + integration tests
 #   make lint    ruff
 #   make bench   CPU benchmarks (tables against an in-process baseline)
+#   make lock    re-resolve every dependency on purpose and rewrite requirements.lock
 #   make clean   remove the venv and demo output
 
 PYTHON      ?= python3
@@ -12,18 +13,38 @@ BIN         := $(VENV)/bin
 # The only torch build this project pins (CUDA wheels; they run on CPU too).
 TORCH_PINS  := torch==2.14.1 torchvision==0.29.1
 STAMP       := $(VENV)/.installed
+# Every install goes through the lock: today's resolve, next year (`make lock` refreshes it).
+LOCK        := requirements.lock
+PIP_LOCKED  = $(BIN)/python -m pip install -q -c $(LOCK)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration lint bench clean
+.PHONY: venv demo test test-unit test-integration lint bench lock clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP_LOCKED) --upgrade pip setuptools wheel
+	$(PIP_LOCKED) $(TORCH_PINS)
+	$(PIP_LOCKED) -e '.[dev]'
 	@touch $(STAMP)
+
+# A fresh resolve of pyproject's ranges in a scratch venv, frozen (pip, setuptools and wheel
+# included) into $(LOCK). Run it on purpose, then run `make test` and commit both.
+LOCK_VENV   := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/python -m pip install -q $(TORCH_PINS)
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[dev]'
+	{ echo "# The resolved dependency set of stablerep (runtime + dev extra), used as pip constraints"; \
+	  echo "# by make and the images. Written by 'make lock' on $$(date -u +%Y-%m-%d) with"; \
+	  echo "# $$($(LOCK_VENV)/bin/python --version) on $$(uname -m); do not edit by hand."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "lock: $$(grep -vc '^#' $(LOCK)) pins written to $(LOCK)"
 
 DEMO        ?= configs/demo.yaml
 
@@ -51,4 +72,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py --model vit_tiny --image-size 32 --captions 16 -k 2
 
 clean:
-	rm -rf $(VENV) data/demo .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) data/demo .pytest_cache

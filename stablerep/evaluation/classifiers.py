@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -447,10 +448,10 @@ def sample_episodes(labels: np.ndarray, *, way: int, shot: int, query: int, epis
     return out
 
 
-def episode_accuracies(x: np.ndarray, episodes: list[Episode], *, c: float = 1.0,
-                       device: str = "cpu", max_iter: int = 500, batch: int = 100,
-                       progress: Progress | None = None) -> np.ndarray:
-    """Query accuracy of each episode's logistic regression fitted on its support set.
+def episode_logits(x: np.ndarray, episodes: list[Episode], *, c: float = 1.0,
+                   device: str = "cpu", max_iter: int = 500, batch: int = 100,
+                   progress: Progress | None = None) -> np.ndarray:
+    """Query logits of each episode's logistic regression fitted on its support set.
 
     Episodes are solved ``batch`` at a time by one batched L-BFGS run of
     :func:`fit_logistic` (their objectives separate, so each gets its own sklearn-equivalent
@@ -464,22 +465,30 @@ def episode_accuracies(x: np.ndarray, episodes: list[Episode], *, c: float = 1.0
         max_iter: most L-BFGS iterations per batch.
         batch: episodes per solver run.
         progress: counts finished episodes when given.
+
+    Returns:
+        (episodes, way * query, way) float32 logits; column i is the episode's i-th class.
     """
     feats = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     way = len(episodes[0].classes)
-    accs = []
+    out = []
     for lo in range(0, len(episodes), batch):
         eps = episodes[lo:lo + batch]
         sup = torch.from_numpy(np.stack([e.support for e in eps])).to(device)
         qry = torch.from_numpy(np.stack([e.query for e in eps])).to(device)
         sup_y = torch.from_numpy(np.stack([e.support_targets for e in eps])).to(device)
-        qry_y = torch.from_numpy(np.stack([e.query_targets for e in eps])).to(device)
         (w, b), _ = fit_logistic(feats[sup], sup_y, c, way, max_iter=max_iter, tol=1e-6)
-        pred = torch.baddbmm(b[:, None, :], feats[qry], w.transpose(1, 2)).argmax(dim=2)
-        accs.append((pred == qry_y).double().mean(dim=1).cpu().numpy())
+        out.append(torch.baddbmm(b[:, None, :], feats[qry], w.transpose(1, 2)).cpu().numpy())
         if progress is not None:
             progress.update(len(eps))
-    return np.concatenate(accs)
+    return np.concatenate(out)
+
+
+def episode_accuracies(x: np.ndarray, episodes: list[Episode], **kwargs: Any) -> np.ndarray:
+    """Query accuracy of each episode (arguments as :func:`episode_logits`): (episodes,)."""
+    logits = episode_logits(x, episodes, **kwargs)  # (E, Q, way)
+    targets = np.stack([e.query_targets for e in episodes])  # (E, Q)
+    return (logits.argmax(axis=2) == targets).mean(axis=1)
 
 
 def few_shot(x: np.ndarray, y: np.ndarray, *, way: int = 5, shot: int = 5, query: int = 15,

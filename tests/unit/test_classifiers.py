@@ -17,6 +17,7 @@ from stablerep.errors import InputError
 from stablerep.evaluation.classifiers import (
     DEFAULT_C_VALUES,
     episode_accuracies,
+    episode_logits,
     few_shot,
     fit_logistic,
     knn_accuracy,
@@ -140,12 +141,37 @@ def test_few_shot_digits_well_above_chance(digits):
 
 
 def test_episode_solver_agrees_with_sklearn(digits):
+    """Each episode's model equals sklearn's to solver tolerance, and so do its predictions.
+
+    Two solvers of one convex problem agree on the decision function up to their tolerances,
+    not bit for bit: a query whose top two classes are closer than that can go either way
+    (seen: a margin of 5e-6 in episode 9 with scikit-learn 1.9.1). So predictions must match
+    except where sklearn's own margin between the two predicted classes is below the logit
+    tolerance, and at least 98% of all queries must match.
+    """
     x, y = digits[2], digits[3]
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     eps = sample_episodes(y, way=5, shot=1, query=10, episodes=10, seed=1)
-    ref = [(LogisticRegression(C=1.0).fit(x[e.support], e.support_targets)
-            .predict(x[e.query]) == e.query_targets).mean() for e in eps]
-    np.testing.assert_allclose(episode_accuracies(x, eps, c=1.0, batch=4), ref)
+    ours = episode_logits(x, eps, c=1.0, batch=4)  # (10, 50, 5)
+    agree = total = 0
+    for e, logits in zip(eps, ours, strict=True):
+        ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(
+            x[e.support], e.support_targets).decision_function(x[e.query])  # (50, 5)
+        # softmax logits are defined up to a per-row constant: compare row-centred values
+        a = logits - logits.mean(1, keepdims=True)
+        b = ref - ref.mean(1, keepdims=True)
+        atol = 5e-3 * np.abs(b).max()
+        np.testing.assert_allclose(a, b, atol=atol)
+        mine, theirs = logits.argmax(1), ref.argmax(1)
+        rows = np.flatnonzero(mine != theirs)
+        margins = ref[rows, theirs[rows]] - ref[rows, mine[rows]]
+        assert (margins <= 2 * atol).all(), f"confident disagreement, margins {margins}"
+        agree += int((mine == theirs).sum())
+        total += len(mine)
+    assert agree / total >= 0.98
+    accs = episode_accuracies(x, eps, c=1.0, batch=4)
+    targets = np.stack([e.query_targets for e in eps])
+    np.testing.assert_array_equal(accs, (ours.argmax(2) == targets).mean(1))
 
 
 @pytest.mark.parametrize("kwargs, message", [
