@@ -4,6 +4,7 @@
 #   make test    create .venv, install, run the unit + integration tests
 #   make lint    ruff
 #   make bench   CPU benchmarks (tables against an in-process baseline)
+#   make k8s     re-render the Kubernetes manifests in k8s/ from configs/k8s_cc12m.yaml
 #   make lock    re-resolve every dependency on purpose and rewrite requirements.lock
 #   make clean   remove the venv and demo output
 
@@ -18,7 +19,7 @@ LOCK        := requirements.lock
 PIP_LOCKED  = $(BIN)/python -m pip install -q -c $(LOCK)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration lint bench lock clean
+.PHONY: venv demo test test-unit test-integration lint bench lock k8s clean
 
 venv: $(STAMP)
 
@@ -70,6 +71,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/captions.py
 	$(BIN)/python benchmarks/generation.py --arch tiny --captions 8 -m 4 --size 64 --steps 10
 	$(BIN)/python benchmarks/training.py --model vit_tiny --image-size 32 --captions 16 -k 2
+
+K8S_RECIPE  ?= configs/k8s_cc12m.yaml
+
+k8s: $(STAMP)
+	rm -rf k8s/base k8s/overlays
+	$(BIN)/stablerep k8s render --config $(K8S_RECIPE) --out k8s
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) data/demo .pytest_cache

@@ -350,5 +350,13 @@ def _run_training(trainer):
         raise
 
 
+def _add_groups() -> None:
+    from stablerep.k8s.cli import k8s
+
+    main.add_command(k8s)
+
+
+_add_groups()
+
 if __name__ == "__main__":
     main()

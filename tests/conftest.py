@@ -141,3 +141,81 @@ def chromium(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
                         f"{e.stderr}")
 
     return browse
+
+
+# ------------------------------------------------------------------------ Kubernetes manifests
+
+SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
+K8S_VERSION = "1.33.0"  # the oldest Kubernetes the manifests target (backoffLimitPerIndex GA)
+CRD_FILES = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml",
+             "TrainJob": "trainer.kubeflow.org_trainjobs.yaml"}
+
+
+def _unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Keys of ``obj`` that the OpenAPI ``schema`` does not define (the server would prune)."""
+    found = []
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, value in obj.items():
+            if key in schema["properties"]:
+                found += _unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+            elif not schema.get("additionalProperties") and \
+                    not schema.get("x-kubernetes-preserve-unknown-fields"):
+                found.append(f"{path}.{key}")
+    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, value in obj.items():
+            found += _unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, value in enumerate(obj):
+            found += _unknown_fields(value, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    """The pod templates inside a PyTorchJob (its replica specs)."""
+    if doc.get("kind") != "PyTorchJob":
+        return []
+    return [rs["template"] for rs in doc["spec"]["pytorchReplicaSpecs"].values()]
+
+
+@pytest.fixture(scope="session")
+def k8s_check() -> Callable[[dict], None]:
+    """Validate one manifest offline as an API server and the operators' webhooks would.
+
+    CRD kinds: jsonschema against the CRD in ../shared/schemas (skips, saying why, where that
+    folder is absent), no field the schema lacks, the webhook rules
+    (stablerep.k8s.check_manifest), and each pod template against the core Pod schema. Core
+    kinds: kubernetes-validate's strict schemas for Kubernetes 1.33.
+    """
+    import jsonschema
+    import kubernetes_validate
+    import yaml
+
+    from stablerep.k8s import check_manifest
+
+    schemas: dict[str, dict] = {}
+
+    def crd_schema(kind: str) -> dict:
+        if kind not in schemas:
+            path = SCHEMAS / CRD_FILES[kind]
+            if not path.exists():
+                reason = f"CRD schema {path} is absent (shared/schemas beside the project root)"
+                print(f"SKIP: {reason}")
+                pytest.skip(reason)
+            crd = yaml.safe_load(path.read_text())
+            schemas[kind] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        return schemas[kind]
+
+    def check(doc: dict) -> None:
+        if doc["kind"] in CRD_FILES:
+            schema = crd_schema(doc["kind"])
+            jsonschema.validate(doc, schema)
+            assert _unknown_fields(doc, schema) == [], f"fields the {doc['kind']} CRD lacks"
+            check_manifest(doc)
+            for tpl in _pod_templates(doc):
+                pod = {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": "p", **tpl["metadata"]}, "spec": tpl["spec"]}
+                kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+    return check

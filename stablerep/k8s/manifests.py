@@ -1,0 +1,276 @@
+"""Manifests as plain dicts: PyTorchJob, TrainJob, the Indexed generation Job, launcher RBAC.
+
+Every function takes a validated config (:mod:`stablerep.k8s.config`) and returns what
+``kubectl apply`` or the Kubernetes client accepts. Training pods run ``torchrun -m
+stablerep.train``: torchrun reads the ``PET_*`` variables the Training Operator (and Trainer
+v2's torch plugin) inject — node count, processes per node, node rank, master address and
+port — so the same command serves one node or many. Pods run as a non-root user with a
+memory-backed ``/dev/shm`` for data-loader workers and no Istio sidecar (it would keep a
+finished pod alive and break the rendezvous).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stablerep.errors import ConfigError
+from stablerep.k8s.config import ClusterConfig, GenerationJobConfig, PodConfig
+
+PYTORCHJOB_API = "kubeflow.org/v1"
+TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
+#: The container name each kind requires (PyTorchJob's webhook; the torch runtime's trainer).
+PYTORCH_CONTAINER = "pytorch"
+TRAINJOB_CONTAINER = "node"
+GENERATE_CONTAINER = "generate"
+#: Variables the Trainer v2 torch plugin sets; a TrainJob must not set them itself.
+TORCH_PLUGIN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                    "PET_MASTER_PORT")
+LAUNCHER = "stablerep-launcher"  # the launcher's ServiceAccount, Role and RoleBinding
+_NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
+_SHM = "dshm"
+
+
+#: Environment variables carrying the run's recipe and data root; the stage command reads
+#: them through Kubernetes' $(VAR) expansion, so a kustomize overlay sets them by name.
+RECIPE_ENV = "STABLEREP_RECIPE"
+DATA_ROOT_ENV = "STABLEREP_DATA_ROOT"
+
+
+def stage_args(recipe: str, data_root: str, overrides: list[str]) -> list[str]:
+    """The stage command's own flags: --config, --data-root (as $(VAR)), --set, in order."""
+    args = ["--config", f"$({RECIPE_ENV})"] if recipe else []
+    if data_root:
+        args += ["--data-root", f"$({DATA_ROOT_ENV})"]
+    for text in overrides:
+        args += ["--set", text]
+    return args
+
+
+def _env(recipe: str, data_root: str, pod: PodConfig) -> list[dict[str, str]]:
+    """The run variables the args refer to, then the pod's own (sorted)."""
+    taken = sorted({RECIPE_ENV, DATA_ROOT_ENV} & set(pod.env))
+    if taken:
+        raise ConfigError(f"pod.env: {', '.join(taken)} are set from recipe / data_root; "
+                          "set those fields instead")
+    run = [(RECIPE_ENV, recipe), (DATA_ROOT_ENV, data_root)]
+    return ([{"name": k, "value": v} for k, v in run if v]
+            + [{"name": k, "value": v} for k, v in sorted(pod.env.items())])
+
+
+def _metadata(name: str, namespace: str, labels: dict[str, str], app: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name,
+                            "labels": {"app.kubernetes.io/name": "stablerep",
+                                       "app.kubernetes.io/component": app, **labels}}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+def _resources(pod: PodConfig) -> dict[str, Any]:
+    amounts: dict[str, Any] = {"cpu": pod.cpu, "memory": pod.memory}
+    if pod.gpus:
+        amounts["nvidia.com/gpu"] = pod.gpus
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
+            "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod_security(pod: PodConfig) -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": pod.run_as_user, "runAsGroup": pod.run_as_user,
+            "fsGroup": pod.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _shm_volume(pod: PodConfig) -> dict[str, Any]:
+    return {"name": _SHM, "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm_size}}
+
+
+def _shm_mount() -> dict[str, Any]:
+    return {"name": _SHM, "mountPath": "/dev/shm"}
+
+
+def _container(name: str, pod: PodConfig, command: list[str], args: list[str],
+               env: list[dict[str, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "image": pod.image,
+                           "imagePullPolicy": pod.image_pull_policy, "command": list(command),
+                           "args": list(args), "resources": _resources(pod),
+                           "volumeMounts": [_shm_mount()],
+                           "securityContext": _container_security()}
+    if env:
+        out["env"] = [dict(e) for e in env]
+    return out
+
+
+def _pod_spec(pod: PodConfig, container: dict[str, Any], restart_policy: str
+              ) -> dict[str, Any]:
+    spec: dict[str, Any] = {"restartPolicy": restart_policy, "containers": [container],
+                            "volumes": [_shm_volume(pod)],
+                            "securityContext": _pod_security(pod)}
+    if pod.node_selector:
+        spec["nodeSelector"] = dict(pod.node_selector)
+    if pod.tolerations:
+        spec["tolerations"] = [dict(t) for t in pod.tolerations]
+    if pod.priority_class:
+        spec["priorityClassName"] = pod.priority_class
+    if pod.service_account:
+        spec["serviceAccountName"] = pod.service_account
+    return spec
+
+
+def _template(cfg: ClusterConfig | GenerationJobConfig, container: dict[str, Any],
+              restart_policy: str, app: str) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": "stablerep", "app.kubernetes.io/component": app,
+              **cfg.labels}
+    return {"metadata": {"labels": labels, "annotations": dict(_NO_SIDECAR)},
+            "spec": _pod_spec(cfg.pod, container, restart_policy)}
+
+
+def _train_command(cfg: ClusterConfig) -> tuple[list[str], list[str]]:
+    return ["torchrun"], ["-m", "stablerep.train",
+                          *stage_args(cfg.recipe, cfg.data_root, cfg.overrides)]
+
+
+def pytorchjob(cfg: ClusterConfig) -> dict[str, Any]:
+    """A ``kubeflow.org/v1`` PyTorchJob: Master x1 (+ Worker x nodes-1), or elastic Workers.
+
+    Args:
+        cfg: the cluster config (backend is not consulted: this always builds a PyTorchJob).
+    """
+    command, args = _train_command(cfg)
+
+    def replicas(n: int) -> dict[str, Any]:  # a fresh copy each: no YAML aliases
+        container = _container(PYTORCH_CONTAINER, cfg.pod, command, args,
+                               _env(cfg.recipe, cfg.data_root, cfg.pod))
+        return {"replicas": n, "restartPolicy": "OnFailure",
+                "template": _template(cfg, container, "OnFailure", "train")}
+
+    run_policy: dict[str, Any] = {"cleanPodPolicy": cfg.clean_pod_policy,
+                                  "backoffLimit": cfg.backoff_limit,
+                                  "ttlSecondsAfterFinished": cfg.ttl_after_finished_s}
+    if cfg.active_deadline_s is not None:
+        run_policy["activeDeadlineSeconds"] = cfg.active_deadline_s
+    spec: dict[str, Any] = {"nprocPerNode": str(max(cfg.pod.gpus, 1)), "runPolicy": run_policy}
+    if cfg.elastic_min_nodes is not None:
+        # elastic: every pod is a Worker and torchrun's c10d rendezvous admits min..max of them
+        spec["elasticPolicy"] = {"rdzvBackend": "c10d", "minReplicas": cfg.elastic_min_nodes,
+                                 "maxReplicas": cfg.elastic_max_nodes,
+                                 "maxRestarts": cfg.elastic_max_restarts}
+        spec["pytorchReplicaSpecs"] = {"Worker": replicas(cfg.nodes)}
+    else:
+        spec["pytorchReplicaSpecs"] = {"Master": replicas(1)}
+        if cfg.nodes > 1:
+            spec["pytorchReplicaSpecs"]["Worker"] = replicas(cfg.nodes - 1)
+    return {"apiVersion": PYTORCHJOB_API, "kind": "PyTorchJob",
+            "metadata": _metadata(cfg.name, cfg.namespace, cfg.labels, "train"), "spec": spec}
+
+
+def trainjob(cfg: ClusterConfig) -> dict[str, Any]:
+    """A ``trainer.kubeflow.org/v1alpha1`` TrainJob on a ClusterTrainingRuntime.
+
+    Image, command, node count, processes and resources go in ``spec.trainer``; what the
+    trainer section has no field for (node selector, tolerations, ``/dev/shm``, security
+    context, the sidecar annotation) goes in a runtime patch of the runtime's ``node`` job.
+
+    Args:
+        cfg: the cluster config.
+    """
+    pod = cfg.pod
+    if pod.priority_class:
+        raise ConfigError("cluster.pod.priority_class: a TrainJob cannot set it (runtime "
+                          "patches do not allow priorityClassName); set it in the "
+                          f"ClusterTrainingRuntime {cfg.runtime!r} or use backend pytorchjob")
+    clash = sorted(set(pod.env) & set(TORCH_PLUGIN_ENV))
+    if clash:
+        raise ConfigError(f"cluster.pod.env: {', '.join(clash)} are set by the TrainJob's "
+                          "torch plugin; remove them")
+    command, args = _train_command(cfg)
+    trainer: dict[str, Any] = {"image": pod.image, "command": command, "args": args,
+                               "numNodes": cfg.nodes, "numProcPerNode": max(pod.gpus, 1),
+                               "resourcesPerNode": _resources(pod)}
+    env = _env(cfg.recipe, cfg.data_root, pod)
+    if env:
+        trainer["env"] = env
+    node_spec: dict[str, Any] = {
+        "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": [_shm_mount()],
+                        "securityContext": _container_security()}],
+        "volumes": [_shm_volume(pod)], "securityContext": _pod_security(pod)}
+    if pod.node_selector:
+        node_spec["nodeSelector"] = dict(pod.node_selector)
+    if pod.tolerations:
+        node_spec["tolerations"] = [dict(t) for t in pod.tolerations]
+    if pod.service_account:
+        node_spec["serviceAccountName"] = pod.service_account
+    patch = {"manager": "stablerep", "trainingRuntimeSpec": {"template": {"spec": {
+        "replicatedJobs": [{"name": TRAINJOB_CONTAINER, "template": {"spec": {"template": {
+            "metadata": {"annotations": dict(_NO_SIDECAR)}, "spec": node_spec}}}}]}}}}
+    spec: dict[str, Any] = {"runtimeRef": {"apiGroup": "trainer.kubeflow.org",
+                                           "kind": "ClusterTrainingRuntime",
+                                           "name": cfg.runtime},
+                            "trainer": trainer, "runtimePatches": [patch]}
+    if cfg.active_deadline_s is not None:
+        spec["activeDeadlineSeconds"] = cfg.active_deadline_s
+    return {"apiVersion": TRAINJOB_API, "kind": "TrainJob",
+            "metadata": _metadata(cfg.name, cfg.namespace, cfg.labels, "train"), "spec": spec}
+
+
+def training_job(cfg: ClusterConfig) -> dict[str, Any]:
+    """The job of ``cfg.backend``: a PyTorchJob or a TrainJob."""
+    return pytorchjob(cfg) if cfg.backend == "pytorchjob" else trainjob(cfg)
+
+
+def generation_job(cfg: GenerationJobConfig) -> dict[str, Any]:
+    """A ``batch/v1`` Indexed Job: completion index i draws captions shard i.
+
+    A pod that exits 2 (bad input: retrying cannot help) fails its index at once; a pod
+    evicted or preempted (condition DisruptionTarget) is retried without counting against
+    ``backoff_limit_per_index``; other failures are retried up to that limit. Each pod runs
+    ``stablerep generate --shard-from-env``, which reads ``JOB_COMPLETION_INDEX``.
+    """
+    args = ["generate", *stage_args(cfg.recipe, cfg.data_root, cfg.overrides),
+            "--shard-from-env"]
+    container = _container(GENERATE_CONTAINER, cfg.pod, ["stablerep"], args,
+                           _env(cfg.recipe, cfg.data_root, cfg.pod))
+    spec = {"completionMode": "Indexed", "completions": cfg.shards,
+            "parallelism": min(cfg.parallelism, cfg.shards),
+            "backoffLimitPerIndex": cfg.backoff_limit_per_index,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailIndex",
+                 "onExitCodes": {"containerName": GENERATE_CONTAINER, "operator": "In",
+                                 "values": [2]}},
+                {"action": "Ignore",
+                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+            "ttlSecondsAfterFinished": cfg.ttl_after_finished_s,
+            "template": _template(cfg, container, "Never", "generate")}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _metadata(cfg.name, cfg.namespace, cfg.labels, "generate"),
+            "spec": spec}
+
+
+def launcher_rbac(namespace: str = "") -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding for the training launcher in one namespace.
+
+    The Role grants what the launcher does: create, follow and delete its training jobs
+    (both kinds), and read its pods, their logs and events to say why a job is stuck.
+    """
+    meta = _metadata(LAUNCHER, namespace, {}, "launcher")
+    job_verbs = ["create", "get", "list", "watch", "delete"]
+    rules = [
+        {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": job_verbs},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": job_verbs},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+    ]
+    subject = {"kind": "ServiceAccount", "name": LAUNCHER}
+    if namespace:
+        subject["namespace"] = namespace
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LAUNCHER},
+         "subjects": [subject]},
+    ]
