@@ -27,3 +27,51 @@ def render(config: str, out: str) -> None:
 
     paths = run_render(config, out)
     click.echo(f"k8s: {len(paths)} files written under {out}")
+
+
+@k8s.command()
+@click.option("--config", "config", required=True, metavar="URI",
+              help="Cluster recipe (its cluster: section is the job).")
+@click.option("--backend", type=click.Choice(["pytorchjob", "trainjob"]),
+              help="Job kind [default: the recipe's cluster.backend].")
+@click.option("--name", "job_name", metavar="NAME", help="Job name (DNS-1035) [default: "
+              "derived from --run-id and --task, else cluster.name].")
+@click.option("--run-id", default="", metavar="ID", help="Pipeline run id (with --task, the "
+              "job name: a retried step attaches to its job instead of starting another).")
+@click.option("--task", default="train", show_default=True, help="Pipeline task name.")
+@click.option("--namespace", metavar="NS", help="[default: the recipe's, else the service "
+              "account's or the kubeconfig context's].")
+@click.option("--kubeconfig", default="", metavar="PATH", help="kubeconfig file.")
+@click.option("--context", default="", metavar="NAME", help="kubeconfig context.")
+@click.option("--schedule-timeout", type=float, default=900.0, show_default=True,
+              help="Seconds a pod may stay stuck (unschedulable, image pull, crash loop).")
+@click.option("--timeout", type=float, default=None, help="Seconds the whole run may take.")
+@click.option("--watch-timeout", type=int, default=30, show_default=True,
+              help="Seconds of one watch request (the launcher re-watches).")
+@click.option("--no-logs", is_flag=True, help="Do not stream the master pod's log.")
+def launch(config, backend, job_name, run_id, task, namespace, kubeconfig, context,
+           schedule_timeout, timeout, watch_timeout, no_logs) -> None:
+    """Create (or attach to) a training job, follow it to the end, clean up on failure.
+
+    \b
+    Examples:
+      stablerep k8s launch --config configs/k8s_cc12m.yaml --context my-gke --namespace ml
+      stablerep k8s launch --config configs/k8s_cc12m.yaml --backend trainjob
+    """
+    import dataclasses
+
+    from stablerep.k8s.launcher import LaunchConfig
+    from stablerep.k8s.launcher import launch as run_launch
+    from stablerep.k8s.render import load_recipe
+
+    cluster = load_recipe(config).cluster
+    changes = {k: v for k, v in (("backend", backend), ("namespace", namespace)) if v}
+    if changes:
+        cluster = dataclasses.replace(cluster, **changes)
+    cfg = LaunchConfig(cluster=cluster, run_id=run_id, task=task, job_name=job_name or "",
+                       schedule_timeout_s=schedule_timeout, timeout_s=timeout,
+                       watch_timeout_s=watch_timeout, stream_logs=not no_logs)
+    result = run_launch(cfg, kubeconfig=kubeconfig, context=context)
+    click.echo(f"launch: {result.kind} {result.namespace}/{result.name} succeeded in "
+               f"{result.seconds:,.0f}s; checkpoint {result.checkpoint}; backbone "
+               f"{result.backbone}")

@@ -251,15 +251,16 @@ def generation_job(cfg: GenerationJobConfig) -> dict[str, Any]:
 def launcher_rbac(namespace: str = "") -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding for the training launcher in one namespace.
 
-    The Role grants what the launcher does: create, follow and delete its training jobs
-    (both kinds), and read its pods, their logs and events to say why a job is stuck.
+    The Role grants exactly what the launcher does (a test records its calls against a live
+    fake API server): create, get, list, watch and delete training jobs of both kinds; list
+    pods, get their logs and list events, to stream the log and say why a job is stuck.
     """
     meta = _metadata(LAUNCHER, namespace, {}, "launcher")
     job_verbs = ["create", "get", "list", "watch", "delete"]
     rules = [
         {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": job_verbs},
         {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": job_verbs},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
     ]
