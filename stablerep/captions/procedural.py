@@ -133,7 +133,7 @@ def _parse_ink(caption: str, text: str) -> tuple[str, str, str, str]:
     weight = _pick(caption, words[0], WEIGHTS, "weight")
     texture = _pick(caption, words[5], TEXTURES, "background texture")
     tone = _pick(caption, words[6], TONES, "background tone")
-    ink = _pick(caption, words[1], INKS[tone], f"ink on a {tone} background")
+    ink = _pick(caption, words[1], INKS[tone], f"ink colour on a {tone} background")
     return weight, ink, texture, tone
 
 
@@ -207,6 +207,11 @@ def draw_captions(cfg: ProceduralCaptionsConfig, num_rows: int, seed: int
 
     Classes are drawn uniformly, every other slot uniformly within its vocabulary. The source
     label is ``procedural:<class name>`` (``procedural:7``, ``procedural:circle``).
+
+    Args:
+        cfg: which classes and typefaces, and how often digits are italic.
+        num_rows: how many candidates to yield (duplicates are possible).
+        seed: the stream's seed; the first n rows do not depend on ``num_rows``.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x50524F43]))
     classes = _classes(cfg)

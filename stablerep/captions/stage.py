@@ -147,6 +147,8 @@ def output_fingerprint(cfg: CaptionsConfig) -> str:
     data = to_dict(cfg)
     for key in _RUN_ONLY_FIELDS:
         data.pop(key, None)
+    if cfg.source != "procedural":  # unused: keeps the hashes made before it existed
+        data.pop("procedural", None)
     return fingerprint(data)
 
 

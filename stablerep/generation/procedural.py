@@ -153,7 +153,13 @@ def _soften(image: Image.Image, side: int) -> np.ndarray:
 
 
 def font_path(typeface: str, *, italic: bool, bold: bool) -> Path:
-    """The matplotlib-shipped DejaVu file for a typeface and its variant."""
+    """The matplotlib-shipped DejaVu file for a typeface and its variant.
+
+    Args:
+        typeface: sans-serif, serif or monospace.
+        italic: the Oblique (Italic for serif) variant.
+        bold: the Bold variant.
+    """
     import matplotlib
 
     family, slant = _FONT_FILES[typeface]
@@ -168,6 +174,13 @@ def font_glyph(typeface: str, italic: bool, weight: str, char: str, side: int) -
 
     ``thin`` is the regular file as is, ``regular`` adds a thin outline stroke, ``bold`` is the
     Bold file with a wider one (the glyph is drawn at twice the side, then scaled down).
+
+    Args:
+        typeface: sans-serif, serif or monospace.
+        italic: the slanted variant of the typeface.
+        weight: thin, regular or bold.
+        char: the character to draw.
+        side: the mask's side in pixels; the glyph's box is GLYPH_FILL of it tall.
     """
     bold = weight == "bold"
     font = ImageFont.truetype(str(font_path(typeface, italic=italic, bold=bold)), size=2 * side)
@@ -245,8 +258,9 @@ def _bilinear(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
     """``mask`` sampled at fractional (rows, cols), zero outside: (H, W)."""
     side = mask.shape[0]
     padded = np.pad(mask, 1)  # (side + 2, side + 2): zeros around
-    r = np.clip(rows + 1, 0, side)
-    c = np.clip(cols + 1, 0, side)
+    edge = side + 0.999  # beyond the mask: read the zero border
+    r = np.clip(rows + 1, 0, edge)
+    c = np.clip(cols + 1, 0, edge)
     r0, c0 = np.floor(r).astype(np.intp), np.floor(c).astype(np.intp)
     fr, fc = r - r0, c - c0
     top = padded[r0, c0] * (1 - fc) + padded[r0, c0 + 1] * fc

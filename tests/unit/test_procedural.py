@@ -78,7 +78,7 @@ def test_drawn_captions_round_trip() -> None:
     ("a comic digit 7, bold red ink on a noisy light background, small",
      "typeface 'comic' is not one of handwritten, sans-serif, serif, monospace"),
     ("a handwritten digit 7, bold black ink on a noisy dark background, small",
-     "ink on a dark background 'black' is not one of white"),
+     "ink colour on a dark background 'black' is not one of white"),
     ("a handwritten digit 7, heavy red ink on a noisy light background, small",
      "weight 'heavy' is not one of thin, regular, bold"),
     ("a handwritten digit 7, bold red ink on a noisy light background, huge",
@@ -279,3 +279,15 @@ def test_generate_config_accepts_the_backend() -> None:
     with pytest.raises(ConfigError, match="generate.backend: got 'procedual', expected one of "
                                           "diffusers, tiny, procedural"):
         from_dict(Config, {"generate": {"backend": "procedual"}})
+
+
+def test_the_procedural_section_counts_only_for_the_procedural_source() -> None:
+    from stablerep.captions.stage import output_fingerprint
+
+    other = ProceduralCaptionsConfig(shapes=False)
+    synthetic = CaptionsConfig(num_captions=5)
+    assert output_fingerprint(synthetic) == output_fingerprint(
+        CaptionsConfig(num_captions=5, procedural=other))
+    procedural = CaptionsConfig(source="procedural", num_captions=5)
+    assert output_fingerprint(procedural) != output_fingerprint(
+        CaptionsConfig(source="procedural", num_captions=5, procedural=other))
