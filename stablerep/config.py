@@ -110,6 +110,8 @@ class ProceduralCaptionsConfig:
     def __post_init__(self) -> None:
         if not self.typefaces:
             raise ConfigError("captions.procedural.typefaces: expected at least one typeface")
+        for i, face in enumerate(self.typefaces):
+            _check_choice(f"captions.procedural.typefaces[{i}]", face, typing.get_args(Typeface))
         _check_range("captions.procedural.italic_prob", self.italic_prob, low=0, high=1)
         if self.num_rows is not None:
             _check_range("captions.procedural.num_rows", self.num_rows, low=1)

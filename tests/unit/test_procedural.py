@@ -148,6 +148,11 @@ def test_procedural_config_errors(section: dict, message: str) -> None:
     assert message in str(info.value)
 
 
+def test_procedural_config_checks_typefaces_when_built_directly() -> None:
+    with pytest.raises(ConfigError, match=r"captions.procedural.typefaces\[1\]: got 'comic'"):
+        ProceduralCaptionsConfig(typefaces=["serif", "comic"])  # type: ignore[list-item]
+
+
 def test_captions_stage_with_the_procedural_source(tmp_path: Path) -> None:
     cfg = CaptionsConfig(source="procedural", num_captions=60, num_shards=2, seed=1)
     manifest = make_captions(cfg, str(tmp_path / "captions"))
