@@ -57,8 +57,9 @@ _FONT_FILES = {
 SIZE_FRACTION = {"small": 0.45, "medium": 0.62, "large": 0.8}  # figure height / image height
 HAND_WIDTH = {"thin": 0.055, "regular": 0.09, "bold": 0.14}  # stroke width / mask side
 FONT_STROKE = {"thin": 0.0, "regular": 0.05, "bold": 0.06}  # outline stroke / mask side
-THRESHOLD = {"thin": 0.5, "regular": 0.45, "bold": 0.4}  # coverage cut (lower = thicker)
+THRESHOLD = {"thin": 0.45, "regular": 0.4, "bold": 0.35}  # coverage cut (lower = thicker)
 OVERSAMPLE = 1.5  # mask pixels per output pixel at the nominal figure size
+MIN_STROKE_PX = 3.5  # thinnest drawn stroke in mask pixels (about 2.3 output pixels)
 
 INK_RGB = {
     "light": {"black": (20, 20, 20), "grey": (95, 95, 95), "red": (175, 30, 30),
@@ -127,17 +128,21 @@ def _draw_strokes(strokes: list[list[tuple[float, float]]], side: int, width: fl
     image = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(image)
     shift = rng.normal(0, 0.02, size=2) if rng is not None else np.zeros(2)  # whole-stroke drift
+    line = max(MIN_STROKE_PX, width * side)  # mask pixels
     for stroke in strokes:
         pts = np.asarray(stroke, dtype=np.float64)  # (n, 2)
+        closed = len(pts) > 2 and np.allclose(pts[0], pts[-1])
         if rng is not None:
             pts = pts + rng.normal(0, 0.018, size=pts.shape) + shift
             shift = rng.normal(0, 0.02, size=2)
+            if closed:
+                pts[-1] = pts[0]  # a jittered outline still closes
         xy = _to_mask_px(pts, side)
         if fill:
             draw.polygon(xy, fill=255)
         else:
-            draw.line(xy, fill=255, width=max(1, round(width * side)), joint="curve")
-            r = width * side / 2  # round caps
+            draw.line(xy, fill=255, width=round(line), joint="curve")
+            r = line / 2  # round caps
             for x, y in (xy[0], xy[-1]):
                 draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
     return _soften(image, side)
@@ -322,7 +327,7 @@ def render_spec(spec: FigureSpec, seed: int, height: int, width: int) -> np.ndar
     mask = _coverage(spec, side, rng)  # (side, side)
     rows, cols = _source_coords(spec, side, height, width, rng)
     cover = _bilinear(mask, rows, cols)  # (H, W)
-    cut = THRESHOLD[spec.weight] + rng.uniform(-0.1, 0.1)
+    cut = THRESHOLD[spec.weight] + rng.uniform(-0.08, 0.08)
     gain = rng.uniform(3.0, 8.0)
     alpha = np.clip((cover - cut) * gain + 0.5, 0.0, 1.0)[..., None]  # (H, W, 1)
     image = _background(spec, height, width, rng) * (1 - alpha) + _ink(spec, rng) * alpha
