@@ -92,7 +92,7 @@ def main(log_level: str) -> None:
 
 @main.command()
 @_common
-@click.option("--source", type=click.Choice(["synthetic", "files"]),
+@click.option("--source", type=click.Choice(["synthetic", "files", "procedural"]),
               help="Caption source [config default: synthetic].")
 @click.option("--input", "inputs", multiple=True, metavar="URI",
               help="Caption file, folder or glob (repeatable); implies --source files.")
@@ -142,8 +142,9 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
 @click.option("--captions", "captions_uri", metavar="URI",
               help="Captions folder [default: <data-root>/captions].")
 @click.option("--out", metavar="URI", help="Images folder [default: <data-root>/images].")
-@click.option("--backend", type=click.Choice(["diffusers", "tiny"]),
-              help="diffusers (any text-to-image pipeline) or tiny (offline, random weights).")
+@click.option("--backend", type=click.Choice(["diffusers", "tiny", "procedural"]),
+              help="diffusers (any text-to-image pipeline), tiny (offline, random weights) or "
+                   "procedural (rendered digits and shapes).")
 @click.option("--model", metavar="ID|PATH|URI", help="Hub id, local folder or storage URI.")
 @click.option("--images-per-caption", "-m", type=int, help="Images drawn per caption.")
 @click.option("--guidance-scale", type=float, help="Classifier-free guidance scale.")

@@ -93,11 +93,36 @@ class SyntheticCaptionsConfig:
         _check_choice("captions.synthetic.rewriter", self.rewriter, ("none",))
 
 
+Typeface = Literal["handwritten", "sans-serif", "serif", "monospace"]
+
+
+@dataclass
+class ProceduralCaptionsConfig:
+    """Captions in the procedural grammar (stablerep.captions.procedural): digit or shape + style."""
+
+    shapes: bool = True  # classes 0-9 plus circle, square, triangle, cross (else digits only)
+    typefaces: list[Typeface] = field(
+        default_factory=lambda: ["handwritten", "sans-serif", "serif", "monospace"])  # digits
+    italic_prob: float = 0.25  # chance that a digit caption says italic
+    num_rows: int | None = None  # candidates to draw; default num_captions * oversample
+    oversample: float = 1.25  # candidates per wanted caption (duplicates are dropped later)
+
+    def __post_init__(self) -> None:
+        if not self.typefaces:
+            raise ConfigError("captions.procedural.typefaces: expected at least one typeface")
+        for i, face in enumerate(self.typefaces):
+            _check_choice(f"captions.procedural.typefaces[{i}]", face, typing.get_args(Typeface))
+        _check_range("captions.procedural.italic_prob", self.italic_prob, low=0, high=1)
+        if self.num_rows is not None:
+            _check_range("captions.procedural.num_rows", self.num_rows, low=1)
+        _check_range("captions.procedural.oversample", self.oversample, low=1)
+
+
 @dataclass
 class CaptionsConfig:
     """The caption stage: read or synthesise, clean, dedupe, sample N, split into shards."""
 
-    source: Literal["synthetic", "files"] = "synthetic"  # where captions come from
+    source: Literal["synthetic", "files", "procedural"] = "synthetic"  # where captions come from
     inputs: list[str] = field(default_factory=list)  # files source: URIs, globs or folders
     format: CaptionFormat = "auto"  # file layout; auto = from the suffix (and a sniff for .tsv)
     column: str = "caption"  # csv/tsv/parquet column or jsonl/redcaps field holding the caption
@@ -114,15 +139,16 @@ class CaptionsConfig:
     work_dir: str = ""  # local scratch folder; default a temporary folder
     overwrite: bool = False  # replace captions made with another config under `out`
     synthetic: SyntheticCaptionsConfig = field(default_factory=SyntheticCaptionsConfig)
+    procedural: ProceduralCaptionsConfig = field(default_factory=ProceduralCaptionsConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("captions.source", self.source, ("synthetic", "files"))
+        _check_choice("captions.source", self.source, ("synthetic", "files", "procedural"))
         _check_choice("captions.format", self.format, CAPTION_FORMATS)
         _check_choice("captions.compression", self.compression, COMPRESSIONS)
         if self.source == "files" and not self.inputs:
             raise ConfigError("captions.inputs: the files source needs at least one input URI")
-        if self.source == "synthetic" and self.num_captions is None:
-            raise ConfigError("captions.num_captions: the synthetic source needs a count")
+        if self.source in ("synthetic", "procedural") and self.num_captions is None:
+            raise ConfigError(f"captions.num_captions: the {self.source} source needs a count")
         if self.num_captions is not None:
             _check_range("captions.num_captions", self.num_captions, low=1)
         _check_range("captions.num_shards", self.num_shards, low=1)
@@ -145,7 +171,7 @@ class GenerateConfig:
 
     captions: str = ""  # captions folder URI; default <data_root>/captions
     out: str = ""  # output folder URI; default <data_root>/images
-    backend: Literal["diffusers", "tiny"] = "diffusers"  # tiny = offline random-weight SD
+    backend: Literal["diffusers", "tiny", "procedural"] = "diffusers"  # tiny: random SD
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local folder or URI
     images_per_caption: int = 10  # m: images drawn per caption (the paper: 10)
     guidance_scale: float = 2.0  # classifier-free guidance w (the paper: 2 for StableRep)
@@ -173,7 +199,7 @@ class GenerateConfig:
     overwrite: bool = False  # replace shards made with another config under `out`
 
     def __post_init__(self) -> None:
-        _check_choice("generate.backend", self.backend, ("diffusers", "tiny"))
+        _check_choice("generate.backend", self.backend, ("diffusers", "tiny", "procedural"))
         if not self.model:
             raise ConfigError("generate.model: expected a hub id, a local folder or a URI")
         _check_range("generate.images_per_caption", self.images_per_caption, low=1)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from stablerep import __version__, storage
 from stablerep.captions import sources
 from stablerep.captions.clean import DROP_REASONS, clean
+from stablerep.captions.procedural import procedural_rows
 from stablerep.captions.sample import BucketSampler
 from stablerep.captions.synthetic import synthetic_rows
 from stablerep.config import CaptionsConfig, dump_yaml, fingerprint, to_dict
@@ -146,6 +147,8 @@ def output_fingerprint(cfg: CaptionsConfig) -> str:
     data = to_dict(cfg)
     for key in _RUN_ONLY_FIELDS:
         data.pop(key, None)
+    if cfg.source != "procedural":  # unused: keeps the hashes made before it existed
+        data.pop("procedural", None)
     return fingerprint(data)
 
 
@@ -211,7 +214,7 @@ def _collect_into_new_sampler(rows, cfg: CaptionsConfig, work: Path
 def _gather(cfg: CaptionsConfig, work: Path) -> tuple[BucketSampler, _Counts, dict, str]:
     """Read the source into a sampler: (sampler, counts, source description, source name).
 
-    A synthetic source draws ``num_rows`` candidates when set; otherwise it draws
+    A synthetic (or procedural) source draws ``num_rows`` candidates when set; otherwise it draws
     ``num_captions * oversample`` and, while duplicates leave fewer than ``num_captions``
     unique captions, draws again from the start with more rows (the stream is a fixed
     sequence under the seed, so the result stays deterministic), up to 64x.
@@ -221,14 +224,15 @@ def _gather(cfg: CaptionsConfig, work: Path) -> tuple[BucketSampler, _Counts, di
         sampler, counts = _collect_into_new_sampler(rows, cfg, work)
         return sampler, counts, described, ", ".join(cfg.inputs)
     assert cfg.num_captions is not None
-    syn = cfg.synthetic
+    syn = cfg.procedural if cfg.source == "procedural" else cfg.synthetic
+    draw = procedural_rows if cfg.source == "procedural" else synthetic_rows
     num_rows = syn.num_rows or math.ceil(cfg.num_captions * syn.oversample)
     while True:
-        rows, described = synthetic_rows(syn, num_rows, cfg.seed)
+        rows, described = draw(syn, num_rows, cfg.seed)  # type: ignore[arg-type]
         sampler, counts = _collect_into_new_sampler(rows, cfg, work)
         unique = sampler.finish()
         if syn.num_rows or unique >= cfg.num_captions or num_rows >= 64 * cfg.num_captions:
-            return sampler, counts, described, "the synthetic source"
+            return sampler, counts, described, f"the {cfg.source} source"
         sampler.discard()
         grow = max(1.25, 1.1 * cfg.num_captions / max(unique, 1))
         num_rows = min(math.ceil(num_rows * grow), 64 * cfg.num_captions)

@@ -5,6 +5,8 @@ A backend turns a batch of :class:`WorkItem` (caption, image index, seed) into u
 storage URI (copied once to the local cache) or a hub id; ``tiny`` builds a randomly
 initialised Stable Diffusion pipeline offline (``stablerep.generation.tiny``), saves it to a
 folder and then loads it exactly like a real model, so both take the same code path.
+``procedural`` renders digits and shapes from grammar captions on the CPU
+(``stablerep.generation.procedural``), a fast stand-in whose learning signal is checkable.
 
 Stable Diffusion-style pipelines (an ``encode_prompt`` that returns prompt and negative
 embeddings) get the fast path: each distinct caption in a batch is encoded once and the
@@ -228,6 +230,10 @@ def tiny_model_folder(cfg: GenerateConfig) -> Path:
 
 def create_backend(cfg: GenerateConfig) -> Backend:
     """The backend named by ``cfg.backend``, loaded and ready to draw."""
+    if cfg.backend == "procedural":
+        from stablerep.generation.procedural import ProceduralBackend
+
+        return ProceduralBackend(cfg)
     if cfg.backend == "tiny":
         folder = tiny_model_folder(cfg)
         return DiffusersBackend.load(cfg, str(folder), model_id="stablerep/tiny-sd")
