@@ -4,7 +4,7 @@
 #   make test    create .venv, install, run the unit + integration tests
 #   make lint    ruff
 #   make bench   CPU benchmarks (tables against an in-process baseline)
-#   make k8s     re-render the Kubernetes manifests in k8s/ from configs/k8s_cc12m.yaml
+#   make k8s     re-render the Kubernetes manifests in k8s/ from configs/k8s/cc12m_4x8.yaml
 #   make lock    re-resolve every dependency on purpose and rewrite requirements.lock
 #   make clean   remove the venv and demo output
 
@@ -72,7 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py --arch tiny --captions 8 -m 4 --size 64 --steps 10
 	$(BIN)/python benchmarks/training.py --model vit_tiny --image-size 32 --captions 16 -k 2
 
-K8S_RECIPE  ?= configs/k8s_cc12m.yaml
+K8S_RECIPE  ?= configs/k8s/cc12m_4x8.yaml
 
 k8s: $(STAMP)
 	rm -rf k8s/base k8s/overlays

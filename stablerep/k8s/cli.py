@@ -20,7 +20,7 @@ def render(config: str, out: str) -> None:
 
     \b
     Examples:
-      stablerep k8s render --config configs/k8s_cc12m.yaml --out k8s
+      stablerep k8s render --config configs/k8s/cc12m_4x8.yaml --out k8s
       kubectl apply -k k8s/overlays/example
     """
     from stablerep.k8s.render import render as run_render
@@ -55,8 +55,8 @@ def launch(config, backend, job_name, run_id, task, namespace, kubeconfig, conte
 
     \b
     Examples:
-      stablerep k8s launch --config configs/k8s_cc12m.yaml --context my-gke --namespace ml
-      stablerep k8s launch --config configs/k8s_cc12m.yaml --backend trainjob
+      stablerep k8s launch --config configs/k8s/cc12m_4x8.yaml --context my-gke --namespace ml
+      stablerep k8s launch --config configs/k8s/cc12m_4x8.yaml --backend trainjob
     """
     import dataclasses
 

@@ -16,7 +16,7 @@ import yaml
 from stablerep.k8s.render import load_recipe, render_files
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = "configs/k8s_cc12m.yaml"
+RECIPE = "configs/k8s/cc12m_4x8.yaml"
 
 
 def _tree(folder: Path) -> dict[str, str]:
