@@ -10,14 +10,21 @@ A folder holds captions only when its ``manifest.json`` exists. Parts are publis
 one, each atomically; every check that can fail on user input runs before the first write, so
 bad input leaves nothing under ``out``. Rerunning with the same config finds the manifest and
 does nothing; another config needs ``overwrite``.
+
+Spill files live in a temporary folder under ``work_dir`` that is removed on every way out:
+success, an error, Ctrl-C, and SIGTERM (while the stage runs in the main thread, SIGTERM
+raises ``SystemExit(143)`` so the cleanup runs; the previous handler is restored after).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +39,7 @@ from stablerep.captions import sources
 from stablerep.captions.clean import DROP_REASONS, clean
 from stablerep.captions.procedural import procedural_rows
 from stablerep.captions.sample import BucketSampler
-from stablerep.captions.synthetic import synthetic_rows
+from stablerep.captions.synthetic import check_capacity, synthetic_rows
 from stablerep.config import CaptionsConfig, dump_yaml, fingerprint, to_dict
 from stablerep.errors import ConfigError, InputError
 from stablerep.progress import Progress
@@ -310,6 +317,31 @@ def _check_existing(out: str, cfg: CaptionsConfig, fp: str) -> CaptionsManifest 
     return None
 
 
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While inside, SIGTERM raises ``SystemExit(143)`` (once) so ``finally`` blocks run.
+
+    Outside the main thread (where Python cannot set handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, frame) -> None:
+        nonlocal fired
+        if fired:  # a second SIGTERM must not interrupt the cleanup the first one started
+            return
+        fired = True
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
     """Run the caption stage and publish the captions folder at ``out``.
 
@@ -322,7 +354,16 @@ def make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
 
     Raises:
         InputError / ConfigError: bad input; nothing is written under ``out``.
+        SystemExit: SIGTERM arrived (exit status 143); the spill files are removed.
     """
+    with sigterm_exits():
+        return _make_captions(cfg, out)
+
+
+def _make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
+    if cfg.source == "synthetic":
+        assert cfg.num_captions is not None  # the config requires it for this source
+        check_capacity(cfg.synthetic, cfg.num_captions)
     fp = output_fingerprint(cfg)
     existing = _check_existing(out, cfg, fp)
     if existing is not None:

@@ -6,6 +6,9 @@ a language model: a concept list is drawn by weight, a concept uniformly within 
 uniformly, and with probability ``background_prob`` a background phrase. Draws come from one
 seeded generator in chunks, so the stream is deterministic under the seed.
 
+The lists bound how many distinct captions can exist (:meth:`SyntheticSource.capacity`):
+asking for more fails at once, before anything is drawn.
+
 The built-in concept list is ImageNet-1k's class names as shipped by open_clip (read from its
 source file, so this stage needs no torch). A rewriter (an LLM turning a concept into a richer
 caption) plugs in through :data:`REWRITERS`; only the identity exists today.
@@ -22,11 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from stablerep import storage
+from stablerep.captions.clean import normalise
 from stablerep.config import SyntheticCaptionsConfig
 from stablerep.errors import InputError
 
 DATA_DIR = Path(__file__).parent / "data"
 CHUNK = 8192
+# Above this many texts, or (text, background) pairs, the capacity is not counted one by one:
+# the product of the list sizes (an upper bound) is used, so the check stays within seconds.
+COUNT_LIMIT = 1_000_000
 
 
 def _open_clip_constant(module: str, constant: str) -> list[str]:
@@ -115,6 +122,39 @@ class SyntheticSource:
             "background_prob": self.background_prob,
         }
 
+    def capacity(self) -> int:
+        """How many distinct captions (as dedupe sees them) the lists can produce.
+
+        Captions are ``text`` or ``text, background``, where ``text`` is a concept put into a
+        template. The distinct texts are counted one by one (two templates, or two concepts,
+        may give the same text once normalised); each can go without a background (unless
+        ``background_prob`` is 1) or with any distinct background (unless it is 0). When no
+        text contains ``", "``, the ``", "`` before a background marks where the text ends, so
+        (text, background) pairs give distinct captions and the product is exact; otherwise
+        the captions are counted one by one. Beyond :data:`COUNT_LIMIT` items to count, the
+        product of the distinct counts is returned: an upper bound, never below the truth.
+        """
+        concepts = {c for group in self.concepts for c in group}
+        backgrounds = ({normalise(b) for b in self.backgrounds} if self.background_prob > 0
+                       else set())
+        bare = self.background_prob < 1
+        if len(concepts) * len(self.templates) > COUNT_LIMIT:
+            return len(concepts) * len(self.templates) * (len(backgrounds) + bare)
+        texts = {normalise(self._caption(c, t, None)) for c in concepts for t in self.templates}
+        if not any(", " in t for t in texts) or len(texts) * len(backgrounds) > COUNT_LIMIT:
+            return len(texts) * (len(backgrounds) + bare)
+        with_bg = {f"{t}, {b}" for t in texts for b in backgrounds}
+        return len(with_bg | texts) if bare else len(with_bg)
+
+    def capacity_text(self) -> str:
+        """The capacity's factors, for messages."""
+        concepts = len({c for group in self.concepts for c in group})
+        parts = [f"{concepts:,} concepts", f"{len(self.templates):,} templates"]
+        if self.background_prob > 0:
+            parts.append(f"({len(self.backgrounds):,} backgrounds"
+                         + (" + none)" if self.background_prob < 1 else ")"))
+        return " x ".join(parts)
+
     def _caption(self, concept: str, template: str, background: str | None) -> str:
         text = template.replace("{a_concept}", with_article(concept))
         text = text.replace("{concept}", concept)
@@ -150,6 +190,31 @@ REWRITERS: dict[str, Callable[[list[tuple[str, str]]], list[tuple[str, str]]]] =
     "none": identity_rewriter,
 }
 """Caption rewriters by name: a batch of (caption, source) in, the same number out."""
+
+
+def check_capacity(cfg: SyntheticCaptionsConfig, num_captions: int) -> int:
+    """Fail at once when ``num_captions`` exceeds what the lists can produce.
+
+    Args:
+        cfg: the synthetic source's config (its lists are loaded here).
+        num_captions: the number of captions asked for.
+
+    Returns:
+        The capacity: the number of distinct captions the lists can produce.
+
+    Raises:
+        InputError: ``num_captions`` is above the capacity.
+    """
+    source = SyntheticSource.from_config(cfg)
+    capacity = source.capacity()
+    if num_captions > capacity:
+        raise InputError(
+            f"captions.num_captions: asked for {num_captions:,} captions, but the synthetic "
+            f"source can make at most {capacity:,} distinct ones ({source.capacity_text()}); "
+            "lower it, or raise the capacity with more concepts "
+            "(captions.synthetic.concepts), templates (captions.synthetic.templates_uri) or "
+            "backgrounds (captions.synthetic.backgrounds_uri)")
+    return capacity
 
 
 def synthetic_rows(cfg: SyntheticCaptionsConfig, num_rows: int, seed: int

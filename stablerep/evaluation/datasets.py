@@ -12,6 +12,8 @@ Names (``eval.datasets``):
   set has none (SUN397, Caltech101) a documented, seeded split is used (see SPLITS).
 
 An image that cannot be decoded yields ``None``; feature extraction skips and counts it.
+:func:`check_readable` runs before any feature is extracted: a split in which no image
+decodes fails there, naming the data set.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class ImageList:
 
     labels: np.ndarray  # (n,) int64
     load: Callable[[int], Image.Image | None]
+    split: str = ""  # the split's name in messages (train, test, val)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -93,12 +96,14 @@ def load_digits_data(seed: int = 0) -> EvalData:
     train_idx, test_idx = train_test_split(idx, test_size=1 / 3, random_state=seed,
                                            stratify=digits.target)
 
-    def split(rows: np.ndarray) -> ImageList:
+    def split(rows: np.ndarray, name: str) -> ImageList:
         return ImageList(digits.target[rows].astype(np.int64),
-                         lambda i: Image.fromarray(pixels[rows[i]], mode="L").convert("RGB"))
+                         lambda i: Image.fromarray(pixels[rows[i]], mode="L").convert("RGB"),
+                         name)
 
     return EvalData("sklearn:digits", [str(c) for c in digits.target_names],
-                    split(np.sort(train_idx)), split(np.sort(test_idx)), SPLITS["sklearn:digits"])
+                    split(np.sort(train_idx), "train"), split(np.sort(test_idx), "test"),
+                    SPLITS["sklearn:digits"])
 
 
 # ---------------------------------------------------------------------------- image folders
@@ -113,7 +118,10 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
 
 
 def load_imagefolder(uri: str) -> EvalData:
-    root = storage.cache_local(uri)
+    try:
+        root = storage.cache_local(uri)
+    except storage.StorageNotFound:
+        raise InputError(f"imagefolder:{uri}: no such folder") from None
     if not root.is_dir():
         raise InputError(f"imagefolder:{uri}: not a folder")
     train_dir = root / "train"
@@ -131,15 +139,20 @@ def load_imagefolder(uri: str) -> EvalData:
         raise InputError(f"imagefolder:{uri}: train and {test_dir.name} classes differ "
                          f"(only in train: {only_train[:5]}; only in {test_dir.name}: "
                          f"{only_test[:5]})")
+    empty = [f"{s}/{c}" for s, files in (("train", train), (test_dir.name, test))
+             for c, found in files.items() if not found]
+    if empty:
+        raise InputError(f"imagefolder:{uri}: class folders with no image: {empty[:5]}; every "
+                         f"class needs images in train/ and {test_dir.name}/")
     classes = sorted(train)
 
-    def split(files: dict[str, list[Path]]) -> ImageList:
+    def split(files: dict[str, list[Path]], name: str) -> ImageList:
         paths = [(p, classes.index(c)) for c in classes for p in files[c]]
         return ImageList(np.array([y for _, y in paths], dtype=np.int64),
-                         lambda i: decode(paths[i][0].read_bytes()))
+                         lambda i: decode(paths[i][0].read_bytes()), name)
 
-    return EvalData(f"imagefolder:{uri}", classes, split(train), split(test),
-                    f"train / {test_dir.name} folders")
+    return EvalData(f"imagefolder:{uri}", classes, split(train, "train"),
+                    split(test, test_dir.name), f"train / {test_dir.name} folders")
 
 
 # ---------------------------------------------------------------------------- torchvision
@@ -199,7 +212,7 @@ def load_torchvision(name: str, *, data_cache: str, download: bool, seed: int) -
                          " put it there, or set eval.download=true where there is network"
                          ) from None
 
-    def split(ds, rows) -> ImageList:
+    def split(ds, rows, name: str) -> ImageList:
         labels = np.asarray(_labels_of(ds), dtype=np.int64)
         rows = np.arange(len(labels)) if rows is None else rows
 
@@ -209,12 +222,13 @@ def load_torchvision(name: str, *, data_cache: str, download: bool, seed: int) -
             except DECODE_ERRORS:
                 return None
 
-        return ImageList(labels[rows], load)
+        return ImageList(labels[rows], load, name)
 
     classes = [str(c) for c in getattr(train, "classes", [])] or [
         str(i) for i in range(int(max(_labels_of(train))) + 1)]
-    return EvalData(f"torchvision:{name}", classes, split(train, tr_idx), split(test, te_idx),
-                    SPLITS[name])
+    test_split = "val" if name == "ImageNet" else "test"
+    return EvalData(f"torchvision:{name}", classes, split(train, tr_idx, "train"),
+                    split(test, te_idx, test_split), SPLITS[name])
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -245,3 +259,21 @@ def check_names(specs: Sequence[str]) -> None:
             known = ", ".join(KNOWN) + " (torchvision names: " + ", ".join(
                 k for k in SPLITS if k != "sklearn:digits") + ")"
             raise InputError(f"eval.datasets: unknown data set {spec!r}; known: {known}")
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_readable(data: EvalData) -> None:
+    """Fail unless each split of ``data`` holds at least one image that decodes.
+
+    Images are tried in order until one decodes, so a healthy data set costs one decode per
+    split; a split of only unreadable files is read once, here, before any model runs.
+    """
+    for images, default in ((data.train, "train"), (data.test, "test")):
+        if len(images) == 0:
+            raise InputError(f"{data.name}: its {images.split or default} split holds no image")
+        if not any(images.load(i) is not None for i in range(len(images))):
+            raise InputError(f"{data.name}: no image could be read in its "
+                             f"{images.split or default} split ({len(images)} files tried; "
+                             "none decodes as an image)")

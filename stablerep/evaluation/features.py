@@ -1,9 +1,10 @@
 """Frozen features: extracted once per (weights, data set, split, input size), then cached.
 
 Extraction runs the backbone without gradients in batches (bf16 autocast on a GPU), shows
-progress with images/s, and skips (and counts) images that cannot be decoded. The cache is a
-``.npz`` per split under ``<feature_cache>/<backbone key>/<data set>/``, read and written
-through storage.py, so a rerun — or the baseline of another run — reuses it.
+progress with images/s, and skips (and counts) images that cannot be decoded; a split in
+which none decodes is an error and is not cached. The cache is a ``.npz`` per split under
+``<feature_cache>/<backbone key>/<data set>/``, read and written through storage.py, so a
+rerun — or the baseline of another run — reuses it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from stablerep import storage
 from stablerep.data.augment import create_eval_transform
+from stablerep.errors import InputError
 from stablerep.evaluation.backbones import Backbone
 from stablerep.evaluation.datasets import ImageList
 from stablerep.progress import Progress
@@ -112,5 +114,8 @@ def features_for(backbone: Backbone, images: ImageList, *, cache_root: str, data
         return cached
     feats = extract(backbone, images, image_size=image_size,
                     desc=f"features {dataset} {split}", **kwargs)
+    if len(feats.y) == 0:  # nothing to cache: every image failed to decode
+        raise InputError(f"{dataset}: no image could be read in its {split} split "
+                         f"({feats.corrupt} files tried; none decodes as an image)")
     save_cached(uri, feats)
     return feats

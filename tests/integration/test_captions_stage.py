@@ -1,6 +1,8 @@
 """The caption stage end to end: every input layout from a local folder and from the GCS
 emulator, globs and folders, bad input leaving nothing under ``out`` (also on GCS), the CLI in a
-subprocess (success and every user error), and 100k+ rows streamed in bounded memory.
+subprocess (success and every user error), 100k+ rows streamed in bounded memory, and the
+bounds: more captions than the synthetic lists can make fails at once, and spill files are
+removed when the stage fails, is interrupted (SIGINT) or terminated (SIGTERM).
 
 The unit tests of the parts (cleaning, sampler, readers, synthetic source) and the local stage
 checks (determinism, rerun, overwrite) live in tests/unit/test_captions.py.
@@ -12,8 +14,10 @@ import gzip
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +32,7 @@ from stablerep.captions import load_manifest, make_captions
 from stablerep.captions import stage as stage_module
 from stablerep.captions.clean import normalise
 from stablerep.captions.sample import BucketSampler
-from stablerep.captions.synthetic import synthetic_rows
+from stablerep.captions.synthetic import SyntheticSource, synthetic_rows
 from stablerep.config import CaptionsConfig, SyntheticCaptionsConfig
 from stablerep.errors import StablerepError
 
@@ -474,3 +478,72 @@ def test_synthetic_source_spills_100k_rows(tmp_path: Path, monkeypatch) -> None:
     assert sampler.spilled_files == ROWS // SPILL_ROWS
     assert sampler.peak_rows_in_memory <= SPILL_ROWS
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("stablerep-captions-")]
+
+
+# ---------------------------------------------------------------------------- bounded by what exists
+
+
+def test_cli_more_captions_than_can_exist_fails_at_once(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    capacity = SyntheticSource.from_config(SyntheticCaptionsConfig()).capacity()
+    start = time.monotonic()
+    result = _cli("--num-captions", str(10**23), "--work-dir", str(work), "--out",
+                  str(tmp_path / "out"))
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"asked for 100,000,000,000,000,000,000,000 captions, but the synthetic source can "
+            f"make at most {capacity:,} distinct ones") in errors[0]
+    assert "templates (captions.synthetic.templates_uri)" in errors[0]
+    assert elapsed < 20, f"took {elapsed:.1f}s"  # interpreter start included; no drawing
+    assert list(work.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def _spills(work: Path) -> list[Path]:
+    return [p for p in work.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 1)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_cli_stopped_by_a_signal_leaves_no_spill(tmp_path: Path, signum: int,
+                                                 status: int) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "stablerep.cli", "captions", "--num-captions", "300000",
+           "--set", "captions.spill_rows=1000", "--work-dir", str(work), "--out",
+           str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith("spill-") for p in _spills(work)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no spill file appeared"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert _spills(work) == [] and list(work.iterdir()) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_after_spilling_removes_the_spill(tmp_path: Path, monkeypatch) -> None:
+    rows, _ = synthetic_rows(SyntheticCaptionsConfig(num_rows=5000), 5000, seed=3)
+    _write_cc3m_gz(tmp_path / "a.tsv.gz", rows)
+    (tmp_path / "b.txt.zst").write_bytes(_zst(_txt(RAW * 50))[:-9])  # fails at its end
+    work = tmp_path / "work"
+    _RecordingSampler.made.clear()
+    monkeypatch.setattr(stage_module, "BucketSampler", _RecordingSampler)
+    cfg = _files_cfg([str(tmp_path / "a.tsv.gz"), str(tmp_path / "b.txt.zst")],
+                     spill_rows=1000, work_dir=str(work))
+    with pytest.raises(StablerepError, match="b.txt.zst: cannot read this zstd-compressed"):
+        make_captions(cfg, str(tmp_path / "out"))
+    assert _RecordingSampler.made[-1].spilled_files >= 4  # a.tsv.gz was spilled before b failed
+    assert list(work.iterdir()) == [] and not (tmp_path / "out").exists()

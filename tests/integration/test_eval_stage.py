@@ -8,11 +8,13 @@
   forward hook on the model counts them);
 - ``imagefolder:gs://...`` on the GCS emulator, outputs written back to the bucket;
 - the report of a real run opened in headless Chromium;
-- bad input: exit status 2, one ``error:`` line, no metrics.json / report.html; a corrupt
-  image inside an image folder is skipped, counted, and the run succeeds.
+- bad input: exit status 2, one ``error:`` line, nothing under ``--out`` (a bad baseline is
+  found before any feature is cached there); data set errors (no readable image, a missing
+  split, one class) name the data set; a corrupt image inside an image folder is skipped,
+  counted, and the run succeeds.
 
-The two good CLI runs and two bad-input commands start together as subprocesses when the
-module starts, while the in-process tests run; the other bad-input commands run through
+The two good CLI runs and the bad-input commands of SUBPROCESS start together as
+subprocesses when the module starts, while the in-process tests run; the other bad-input commands run through
 click's test runner in this process (same command, exit status and stderr) to spare an
 import of torch & co. per case on the 2-core CI machine.
 """
@@ -23,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -156,7 +159,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "no-classes" / "test").mkdir(parents=True)
     (root / "weights.pt").write_bytes(os.urandom(4096))
     (root / "weights.json").write_text(json.dumps({"model": "vit_tiny", "step": 3}))
-    return {"train": write_train_folder(root / "train"), "corrupt": corrupt,
+    for split, name in (("train", "cat"), ("train", "dog"), ("test", "cat"), ("test", "dog")):
+        (root / "unreadable" / split / name).mkdir(parents=True)
+        (root / "unreadable" / split / name / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+        (root / "unreadable" / split / name / "b.jpg").write_bytes(os.urandom(500))
+    no_test = Path(write_digit_folder(str(root / "no-test"), train=4, test=4))
+    shutil.rmtree(no_test / "test")
+    return {"unreadable": root / "unreadable", "no_test": no_test,
+            "one_class": Path(write_digit_folder(str(root / "one-class"), train=8, test=8,
+                                                 classes={"zero": 0})),
+            "train": write_train_folder(root / "train"), "corrupt": corrupt,
             "small": Path(write_digit_folder(str(root / "small"), train=8, test=8)),
             "differ": Path(write_digit_folder(
                 str(root / "differ"), train=3, test=3,
@@ -177,8 +189,8 @@ def runs(inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
                f"sklearn:digits,imagefolder:{inputs['corrupt']}", "--baseline", "none",
                "--episodes", "20", "--set", "eval.few_shot_way=3", "--set",
                "eval.few_shot_query=10", *FAST)
-    runs.start("unknown_dataset", "--checkpoint", TIMM, "--datasets", "sklearn:digits,mnist")
-    runs.start("random_bytes", "--checkpoint", str(inputs["bytes"]))
+    for case, (make_args, _) in SUBPROCESS.items():
+        runs.start(case, *make_args(inputs))
     yield runs
     runs.stop()
 
@@ -253,10 +265,39 @@ IN_PROCESS = {
                     ["eval.few_shot_shot: 6 support + 15 query", "need 21",
                      "smallest class: 8"]),
 }
+
+def _small(i: dict[str, Path], *args: str) -> list[str]:
+    """A valid run on the small folder (a bad case adds one wrong argument)."""
+    return ["--checkpoint", TIMM, "--datasets", f"imagefolder:{i['small']}", "--episodes", "0",
+            "--set", "eval.image_size=32", "--set", "eval.num_workers=0", *args]
+
+
+def _folder(i: dict[str, Path], key: str) -> list[str]:
+    return ["--checkpoint", TIMM, "--datasets", f"imagefolder:{i[key]}", "--set",
+            "eval.image_size=32", "--set", "eval.num_workers=0"]
+
+
+# Cases run as `stablerep eval` subprocesses: (arguments, expected texts in the error line).
 SUBPROCESS = {
-    "unknown_dataset": ["unknown data set 'mnist'", "sklearn:digits", "imagefolder:<URI>",
-                        "torchvision", "CIFAR10"],
-    "random_bytes": ["weights.pt: not a stablerep checkpoint or timm backbone"],
+    "unknown_dataset": (lambda i: ["--checkpoint", TIMM, "--datasets", "sklearn:digits,mnist"],
+                        lambda i: ["unknown data set 'mnist'", "sklearn:digits",
+                                   "imagefolder:<URI>", "torchvision", "CIFAR10"]),
+    "random_bytes": (lambda i: ["--checkpoint", str(i["bytes"])],
+                     lambda i: ["weights.pt: not a stablerep checkpoint or timm backbone"]),
+    "baseline_missing": (lambda i: _small(i, "--baseline", str(i["small"] / "no-such.pt")),
+                         lambda i: [f"{i['small'] / 'no-such.pt'}: no such checkpoint"]),
+    "baseline_not_a_checkpoint": (
+        lambda i: _small(i, "--baseline", str(i["json"])),
+        lambda i: [f"{i['json']}: not a stablerep checkpoint or timm backbone"]),
+    "unreadable_images": (lambda i: _folder(i, "unreadable"),
+                          lambda i: [f"imagefolder:{i['unreadable']}: no image could be read",
+                                     "train split", "4 files tried"]),
+    "missing_split": (lambda i: _folder(i, "no_test"),
+                      lambda i: [f"imagefolder:{i['no_test']}: expected train/<class>/* and "
+                                 "test/<class>/*"]),
+    "one_class": (lambda i: _folder(i, "one_class"),
+                  lambda i: [f"imagefolder:{i['one_class']}: expected at least 2 classes",
+                             "got 1 (['zero'])"]),
 }
 
 
@@ -294,8 +335,8 @@ def test_bad_input_in_process(case: str, inputs: dict[str, Path], tmp_path: Path
 
 
 @pytest.mark.parametrize("case", sorted(SUBPROCESS))
-def test_bad_input_subprocess(case: str, runs: Runs):
-    _check_refused(runs.result(case), runs.outs[case], SUBPROCESS[case])
+def test_bad_input_subprocess(case: str, runs: Runs, inputs: dict[str, Path]):
+    _check_refused(runs.result(case), runs.outs[case], SUBPROCESS[case][1](inputs))
 
 
 def _good(runs: Runs, name: str) -> tuple[dict, Path, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -25,13 +26,13 @@ from stablerep.evaluation.backbones import load_backbone, random_like
 from stablerep.evaluation.datasets import (
     ImageList,
     check_names,
+    check_readable,
     decode,
     load_dataset,
     load_digits_data,
 )
 from stablerep.evaluation.features import Features, cache_uri, features_for, load_cached
 from stablerep.models import create_model
-from stablerep.storage import StorageError
 from stablerep.training.checkpoint import export_backbone, save_checkpoint
 from stablerep.training.trainer import model_info
 
@@ -107,6 +108,8 @@ def test_imagefolder_local_with_test_or_val(tmp_path: Path):
     ({"train": {"x": 2, "y": 1}, "test": {"x": 1, "z": 1}},
      "train and test classes differ (only in train: ['y']; only in test: ['z'])"),
     ({"train": {"x": 2, "y": 1}, "val": {"x": 0, "y": 0}}, "val/ holds no class folder"),
+    ({"train": {"x": 2, "y": 0}, "test": {"x": 1, "y": 1}},
+     "class folders with no image: ['train/y']; every class needs images in train/ and test/"),
 ])
 def test_imagefolder_errors(tmp_path: Path, layout: dict, expected: str):
     root = tmp_path / "f"
@@ -118,8 +121,23 @@ def test_imagefolder_errors(tmp_path: Path, layout: dict, expected: str):
     assert expected in str(err.value) and str(root) in str(err.value)
 
 
+def test_check_readable_needs_one_decodable_image_per_split(tmp_path: Path):
+    root = _folder(tmp_path / "f", {"train": {"x": 2, "y": 2}, "val": {"x": 1, "y": 1}})
+    data = load_dataset(f"imagefolder:{root}")
+    for image in (root / "train" / "x").iterdir():  # the first images of train/ are bad
+        image.write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    check_readable(data)
+    for image in (root / "val").rglob("*.png"):
+        image.write_bytes(os.urandom(200))
+    with pytest.raises(InputError) as err:
+        check_readable(data)
+    assert str(err.value) == (f"imagefolder:{root}: no image could be read in its val split "
+                              "(2 files tried; none decodes as an image)")
+
+
 def test_imagefolder_missing(tmp_path: Path):
-    with pytest.raises(StorageError, match="no such file or folder"):
+    where = re.escape(str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match=f"^imagefolder:{where}: no such folder$"):
         load_dataset(f"imagefolder:{tmp_path / 'nowhere'}")
 
 
@@ -239,6 +257,18 @@ def test_bad_checkpoints(tmp_path: Path, trained):
 
 
 # ---------------------------------------------------------------------------- features
+
+
+def test_a_split_with_no_decodable_image_is_an_error_and_not_cached(tmp_path: Path):
+    backbone = load_backbone(TIMM, image_size=32)
+    images = ImageList(np.array([0, 1, 1]), lambda i: None, "test")
+    with pytest.raises(InputError) as err:
+        features_for(backbone, images, cache_root=str(tmp_path), dataset="imagefolder:/x",
+                     split="test", image_size=32, batch_size=2, device="cpu", amp_dtype=None,
+                     num_workers=0)
+    assert str(err.value) == ("imagefolder:/x: no image could be read in its test split "
+                              "(3 files tried; none decodes as an image)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_feature_cache_round_trip(tmp_path: Path):
