@@ -227,6 +227,30 @@ def draw_captions(cfg: ProceduralCaptionsConfig, num_rows: int, seed: int
         done += n
 
 
+def capacity(cfg: ProceduralCaptionsConfig) -> int:
+    """How many distinct captions the grammar can produce under ``cfg``.
+
+    Every class takes each weight, ink (per background tone), texture and size; a digit also
+    each configured typeface, italic or not (only one of the two at italic_prob 0 or 1); a
+    shape each of its drawing styles.
+    """
+    rest = len(WEIGHTS) * sum(len(v) for v in INKS.values()) * len(TEXTURES) * len(SIZES)
+    italic = 1 if cfg.italic_prob in (0.0, 1.0) else 2
+    digits = len(DIGITS) * len(set(cfg.typefaces)) * italic * rest
+    return digits + (len(SHAPES) * len(SHAPE_STYLES) * rest if cfg.shapes else 0)
+
+
+def check_capacity(cfg: ProceduralCaptionsConfig, num_captions: int) -> int:
+    """Fail at once when ``num_captions`` exceeds :func:`capacity`; returns the capacity."""
+    most = capacity(cfg)
+    if num_captions > most:
+        raise InputError(f"captions.num_captions: asked for {num_captions:,} captions, but the "
+                         f"procedural grammar can make at most {most:,} distinct ones with these "
+                         "settings (captions.procedural: shapes, typefaces, italic_prob); lower "
+                         "it, or draw several images per caption instead")
+    return most
+
+
 def procedural_rows(cfg: ProceduralCaptionsConfig, num_rows: int, seed: int
                     ) -> tuple[Iterator[tuple[str, str]], dict]:
     """The first ``num_rows`` candidates of the seeded stream, and the source's description."""

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stablerep import __version__, storage
-from stablerep.captions import sources
+from stablerep.captions import procedural, sources
 from stablerep.captions.clean import DROP_REASONS, clean
 from stablerep.captions.procedural import procedural_rows
 from stablerep.captions.sample import BucketSampler
@@ -364,6 +364,9 @@ def _make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
     if cfg.source == "synthetic":
         assert cfg.num_captions is not None  # the config requires it for this source
         check_capacity(cfg.synthetic, cfg.num_captions)
+    elif cfg.source == "procedural":
+        assert cfg.num_captions is not None
+        procedural.check_capacity(cfg.procedural, cfg.num_captions)
     fp = output_fingerprint(cfg)
     existing = _check_existing(out, cfg, fp)
     if existing is not None:

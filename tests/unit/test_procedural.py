@@ -296,3 +296,25 @@ def test_the_procedural_section_counts_only_for_the_procedural_source() -> None:
     procedural = CaptionsConfig(source="procedural", num_captions=5)
     assert output_fingerprint(procedural) != output_fingerprint(
         CaptionsConfig(source="procedural", num_captions=5, procedural=other))
+
+
+def test_capacity_is_the_number_of_distinct_captions():
+    """Brute force: a long seeded stream reaches exactly the computed capacity, no more."""
+    from stablerep.captions.procedural import capacity, draw_captions
+    from stablerep.config import ProceduralCaptionsConfig
+
+    cfg = ProceduralCaptionsConfig(shapes=False, typefaces=["serif"], italic_prob=0.0)
+    seen = {caption for caption, _ in draw_captions(cfg, 60_000, seed=0)}
+    assert len(seen) == capacity(cfg) == 10 * 504
+    full = ProceduralCaptionsConfig()
+    assert capacity(full) == 10 * 4 * 2 * 504 + 4 * 3 * 504
+
+
+def test_more_captions_than_the_grammar_has_fail_at_once(tmp_path):
+    from stablerep.captions import make_captions
+    from stablerep.config import CaptionsConfig
+
+    cfg = CaptionsConfig(source="procedural", num_captions=10**23, work_dir=str(tmp_path / "w"))
+    with pytest.raises(InputError, match=r"at most 46,368 distinct ones"):
+        make_captions(cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
