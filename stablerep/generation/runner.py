@@ -274,7 +274,7 @@ class GenerationRun:
         uri = self.json_uri(index)
         if not storage.exists(uri):
             return False
-        doc = storage.read_json(uri)
+        doc = read_doc(uri, "shard json")
         if doc.get("config_fingerprint") == self.fingerprint:
             return True
         if self.cfg.overwrite:
@@ -305,7 +305,30 @@ class GenerationRun:
                  self.tar_uri(job.index), job.result.samples, job.result.captions,
                  job.result.images_per_s)
 
+    def check_captions(self, indices: list[int]) -> None:
+        """Check the captions parts before anything is written (a bad part names itself).
+
+        The parts this process draws are read in full (sha256, Parquet schema, row count);
+        every other listed part must exist with the size the manifest records, so a missing
+        or truncated part fails every pod of an Indexed Job, not only the one that owns it.
+        """
+        selected = set(indices)
+        for i, info in enumerate(self.manifest.shards):
+            if i in selected:
+                self.manifest.read_shard(i)
+                continue
+            uri = self.manifest.shard_uri(i)
+            try:
+                got = storage.size(uri)
+            except storage.StorageNotFound:
+                raise InputError(f"{uri}: the captions part listed in {self.captions_uri} "
+                                 "does not exist") from None
+            if got != info.bytes:
+                raise InputError(f"{uri}: {got} bytes; the captions manifest says "
+                                 f"{info.bytes} (the part was changed or truncated)")
+
     def run(self, indices: list[int]) -> list[ShardResult]:
+        self.check_captions(indices)
         results: dict[int, ShardResult] = {}
         todo = []
         for i in indices:
@@ -335,7 +358,7 @@ class GenerationRun:
         """Write ``manifest.json`` (and ``config.yaml``) once every shard's json exists."""
         manifest_uri = storage.join(self.out, "manifest.json")
         if storage.exists(manifest_uri):
-            current = storage.read_json(manifest_uri)
+            current = read_doc(manifest_uri, "images manifest")
             if current.get("config_fingerprint") == self.fingerprint:
                 return True  # already complete with this config
         docs = []
@@ -343,7 +366,7 @@ class GenerationRun:
             uri = self.json_uri(i)
             if not storage.exists(uri):
                 return False
-            docs.append(storage.read_json(uri))
+            docs.append(read_doc(uri, "shard json"))
         if any(d.get("config_fingerprint") != self.fingerprint for d in docs):
             log.warning("generate: %s holds shards of another config; no manifest written",
                         self.out)
@@ -360,6 +383,23 @@ class GenerationRun:
                         "num_captions": d["num_captions"], "sha256": d["sha256"]} for d in docs],
         })
         return True
+
+
+def read_doc(uri: str, what: str) -> dict[str, Any]:
+    """A JSON object this stage wrote earlier (``what`` names it in errors).
+
+    Raises:
+        InputError: naming ``uri``, when it is not UTF-8, not JSON or not a JSON object.
+    """
+    try:
+        doc = storage.read_json(uri)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{uri}: not UTF-8 text (byte {e.start}); expected the JSON {what} "
+                         "that `stablerep generate` writes") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{uri}: a JSON {type(doc).__name__}; expected the {what} object "
+                         "that `stablerep generate` writes")
+    return doc
 
 
 def _gpu_memory() -> dict[str, float]:

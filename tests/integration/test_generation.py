@@ -578,3 +578,76 @@ def test_cli_refuses_a_shard_made_with_another_config(local_run: str, captions3:
                         r"\(fingerprint \w+, now \w+\); pass --overwrite to replace it, or "
                         r"choose another --out", result.stderr.strip().splitlines()[-1])
     assert _listing(Path(local_run)) == before
+
+
+def _corrupt_captions(case: str, folder: Path) -> Path:
+    """Spoil a copy of a 3-part captions folder; returns the file the error must name."""
+    manifest_path = folder / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    last = folder / doc["shards"][-1]["path"]  # the last part: earlier shards would be drawn
+    if case == "missing-part":
+        last.unlink()
+        return last
+    if case == "wrong-sha256":
+        data = bytearray(last.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        last.write_bytes(bytes(data))
+        return last
+    if case == "other-schema":  # a valid Parquet file (and manifest entry) with other columns
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": [1, 2, 3], "text": ["a", "b", "c"]}), last)
+        data = last.read_bytes()
+        doc["shards"][-1].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        manifest_path.write_text(json.dumps(doc))
+        return last
+    if case == "manifest-missing-key":
+        del doc["shards"][1]["sha256"]
+        manifest_path.write_text(json.dumps(doc))
+        return manifest_path
+    if case == "manifest-not-utf8":
+        manifest_path.write_bytes(manifest_path.read_bytes().replace(b'"seed"', b'"se\xff\xfed"'))
+        return manifest_path
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing-part", "wrong-sha256", "other-schema",
+                                  "manifest-missing-key", "manifest-not-utf8"])
+def test_cli_bad_captions_fail_before_any_shard_is_published(case: str, captions3: str,
+                                                             work: Path) -> None:
+    import shutil
+
+    captions = work / f"captions-{case}"
+    shutil.copytree(captions3, captions)
+    named = _corrupt_captions(case, captions)
+    out = work / f"images-{case}"
+    out.mkdir()
+    result = _cli(*_tiny_args(str(captions), str(out)))
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1, result.stderr
+    assert lines[-1].startswith(f"error: {named}: "), lines[-1]
+    expected = {"missing-part": "does not exist", "wrong-sha256": "does not match the manifest",
+                "other-schema": r"no column 'caption_id'; expected columns caption_id int64",
+                "manifest-missing-key": r"missing key 'shards\[1\]\.sha256'",
+                "manifest-not-utf8": "not UTF-8 text"}[case]
+    assert re.search(expected, lines[-1]), lines[-1]
+    assert "Traceback" not in result.stderr
+    assert _listing(out) == {}  # no shard, no json, no staged file
+
+
+def test_cli_non_utf8_shard_json_is_named(captions3: str, local_run: str, work: Path) -> None:
+    import shutil
+
+    out = work / "images-bad-shard-json"
+    shutil.copytree(local_run, out)
+    (out / "manifest.json").unlink()
+    (out / "shard-000001.json").write_bytes(b'{"kind": "\xff\xfe"}')
+    before = _listing(out)
+    result = _cli(*_tiny_args(captions3, str(out)))
+    assert result.returncode == 2, result
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out / 'shard-000001.json'}: not UTF-8 text"), last
+    assert "Traceback" not in result.stderr
+    assert _listing(out) == before
