@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -408,13 +409,18 @@ class AtomicWrite:
         if is_local(self.uri):
             final = local_path(self.uri)
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._staged = final.parent / f"{TEMP_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
+            self._staged = final.parent / f"{TEMP_PREFIX}{final.name}.{staging_owner()}"
         else:
             fd, staged = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=_staging_dir())
             os.close(fd)
             self._staged = Path(staged)
         self._raw = open(self._staged, "wb")  # noqa: SIM115 - closed in publish/discard
         self.file = _HashingFile(self._raw)
+
+    @property
+    def staged_path(self) -> Path:
+        """The private file the bytes go to until :meth:`publish`."""
+        return self._staged
 
     def publish(self) -> None:
         self._raw.flush()
@@ -441,6 +447,24 @@ class AtomicWrite:
             self._raw.close()
             self.file.close()
         self._staged.unlink(missing_ok=True)
+
+
+def staging_owner() -> str:
+    """``{host}.{pid}.{token}``: the suffix that makes a staged local name unique per writer.
+
+    Writers on other machines may share a local volume; the host and pid let a cleanup tell
+    whether the writer of a staged file is provably dead (see :func:`parse_staging_owner`).
+    """
+    host = socket.gethostname().replace("/", "_") or "unknown-host"
+    return f"{host}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def parse_staging_owner(suffix: str) -> tuple[str, int] | None:
+    """(host, pid) from a :func:`staging_owner` suffix; None for any other form."""
+    parts = suffix.rsplit(".", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 def _staging_dir() -> str:

@@ -154,7 +154,7 @@ def _check_images_folder(out: str, urls: list[str], captions_uri: str, cfg: Gene
     k, m = len(shard_ids), cfg.images_per_caption
     names = [storage.name(u) for u in storage.list_dir(out)]
     assert names == ["config.yaml", "manifest.json"] + [
-        f"shard-{i:06d}.{ext}" for i in range(k) for ext in ("json", "tar")]
+        f"shard-{i:06d}.{ext}" for i in range(k) for ext in ("json", "tar")] + ["sizes.json"]
     docs = []
     for i in range(k):
         doc = storage.read_json(storage.join(out, f"shard-{i:06d}.json"))
@@ -165,7 +165,14 @@ def _check_images_folder(out: str, urls: list[str], captions_uri: str, cfg: Gene
         assert doc["num_samples"] == m * len(shard_ids[i])
         assert doc["caption_ids"] == [min(shard_ids[i]), max(shard_ids[i])]
         assert doc["model"] == MODEL_ID and doc["images_per_caption"] == m
+        assert doc["runtime"]["device"] == "cpu" and doc["runtime"]["dtype"] == "torch.float32"
+        assert doc["runtime"]["batch_sizes"] == sorted({min(cfg.batch_size, doc["num_samples"]),
+                                                        doc["num_samples"] % cfg.batch_size or
+                                                        cfg.batch_size})
+        assert doc["runtime"]["torch"] == torch.__version__
         docs.append(doc)
+    sizes = storage.read_json(storage.join(out, "sizes.json"))
+    assert sizes == {f"shard-{i:06d}.tar": d["num_samples"] for i, d in enumerate(docs)}
     manifest = storage.read_json(storage.join(out, "manifest.json"))
     assert manifest["num_shards"] == k and manifest["failed_captions"] == 0
     assert manifest["num_samples"] == m * len(texts) and manifest["num_captions"] == len(texts)
@@ -187,7 +194,9 @@ def _check_images_folder(out: str, urls: list[str], captions_uri: str, cfg: Gene
             "caption_id": cid, "j": j, "seed": image_seed(cfg.seed, cid, j),
             "guidance_scale": cfg.guidance_scale, "steps": cfg.num_inference_steps,
             "scheduler": cfg.scheduler, "model": MODEL_ID,
-            "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size}
+            "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size,
+            "key": s["__key__"], "caption": texts[cid], "width": stored, "height": stored,
+            "original_width": cfg.width, "original_height": cfg.height, "status": "success"}
     pixels = [np.asarray(s["jpg"]) for s in samples]
     assert len({p.tobytes() for p in pixels}) == len(pixels)  # m different images per caption
     return samples
@@ -223,10 +232,13 @@ def _check_open_clip(urls: list[str], samples: list[dict]) -> None:
     """open_clip's WebDataset loader (its validation pipeline) and its key grouping."""
     import open_clip
     import webdataset as wds
-    from open_clip_train.data import group_by_keys_nothrow
+    from open_clip_train.data import get_dataset_size, group_by_keys_nothrow
 
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     n = len(samples)
+    if not urls[0].startswith("http"):  # open_clip reads sizes.json from a local folder only
+        assert get_dataset_size("::".join(urls)) == (n, len(urls))
+        assert get_dataset_size("::".join(urls[1:])) == (n - n // len(urls), len(urls) - 1)
     batches, num_samples = _open_clip_eval(urls, n)
     assert num_samples == n
     images = torch.cat([b[0] for b in batches])  # (n, 3, H, W) in [0, 1]
