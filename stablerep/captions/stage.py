@@ -193,7 +193,9 @@ def _check_keys(doc: dict[str, Any], keys: dict[str, Any], uri: str, where: str)
 def _check_part(uri: str, data: bytes, info: ShardInfo) -> pa.Table:
     """Parse one part's bytes and check them against the captions contract."""
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # One thread, no read-ahead: the part is in memory, and pyarrow's pools can abort
+        # the process at exit (apache/arrow#34314) when a user error ends the run right after.
+        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{uri}: not a readable Parquet file ({str(e).splitlines()[0]}); "
                          "expected a captions part") from None

@@ -16,6 +16,7 @@ Staging: a shard's tar is staged beside its final name under a name unique per w
 pid, random token) and touched every minute; before drawing a shard, staged files of that shard
 are removed only when their writer is provably dead (:func:`staged_is_dead`), so a replacement
 pod on a shared volume never deletes the file of a pod that is still shutting down.
+
 Robustness: a CUDA out-of-memory halves the batch and goes on; a batch that fails otherwise is
 retried image by image, and a caption whose images cannot be drawn is left out of the shard
 and recorded in its json (``failed``).

@@ -101,3 +101,21 @@ def test_files_of_other_hosts_go_only_when_old(tmp_path: Path) -> None:
     later = time.time() + runner.STALE_STAGED_S + 1
     assert runner.staged_is_dead(fresh, f"{STEM}.tar", now=later)
     assert not runner.staged_is_dead(fresh, f"{STEM}.tar")
+
+
+def test_a_live_writer_keeps_its_staged_file_fresh(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.05)
+    staged = tmp_path / f"{storage.TEMP_PREFIX}{STEM}.tar.other-host.5.0123456789ab"
+    staged.write_bytes(b"x")
+    hours = time.time() - runner.STALE_STAGED_S - 60
+    os.utime(staged, (hours, hours))
+    assert runner.staged_is_dead(staged, f"{STEM}.tar")
+    beat = runner._Heartbeat(staged)
+    try:
+        deadline = time.monotonic() + 10
+        while runner.staged_is_dead(staged, f"{STEM}.tar"):
+            assert time.monotonic() < deadline, "the heartbeat never touched the file"
+            time.sleep(0.02)
+    finally:
+        beat.stop()
+    assert runner.remove_stale_staged(str(tmp_path), STEM) == []
