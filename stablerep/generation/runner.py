@@ -383,7 +383,7 @@ class GenerationRun:
         uri = self.json_uri(index)
         if not storage.exists(uri):
             return False
-        doc = read_doc(uri, "shard json")
+        doc = read_doc(uri, "JSON shard record")
         if doc.get("config_fingerprint") == self.fingerprint:
             return True
         if self.cfg.overwrite:
@@ -468,7 +468,7 @@ class GenerationRun:
         """Write ``manifest.json`` (and ``config.yaml``) once every shard's json exists."""
         manifest_uri = storage.join(self.out, "manifest.json")
         if storage.exists(manifest_uri):
-            current = read_doc(manifest_uri, "images manifest")
+            current = read_doc(manifest_uri, "JSON images manifest")
             if current.get("config_fingerprint") == self.fingerprint:
                 return True  # already complete with this config
         docs = []
@@ -476,7 +476,7 @@ class GenerationRun:
             uri = self.json_uri(i)
             if not storage.exists(uri):
                 return False
-            docs.append(read_doc(uri, "shard json"))
+            docs.append(read_doc(uri, "JSON shard record"))
         if any(d.get("config_fingerprint") != self.fingerprint for d in docs):
             log.warning("generate: %s holds shards of another config; no manifest written",
                         self.out)
@@ -507,10 +507,10 @@ def read_doc(uri: str, what: str) -> dict[str, Any]:
     try:
         doc = storage.read_json(uri)
     except UnicodeDecodeError as e:
-        raise InputError(f"{uri}: not UTF-8 text (byte {e.start}); expected the JSON {what} "
+        raise InputError(f"{uri}: not UTF-8 text (byte {e.start}); expected the {what} "
                          "that `stablerep generate` writes") from None
     if not isinstance(doc, dict):
-        raise InputError(f"{uri}: a JSON {type(doc).__name__}; expected the {what} object "
+        raise InputError(f"{uri}: a JSON {type(doc).__name__}; expected the {what} (an object) "
                          "that `stablerep generate` writes")
     return doc
 
