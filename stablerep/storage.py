@@ -8,10 +8,11 @@ for S3; ``STORAGE_EMULATOR_HOST`` / ``AWS_ENDPOINT_URL`` for emulators), never f
 Writes are *atomic*: :func:`atomic_write` hands out a file that is staged privately (a hidden
 temporary file beside a local target; a local temporary file uploaded in one request for an
 object store) and published under its final name only when the ``with`` block ends cleanly.
-A writer that raises or is killed leaves nothing under the final name. Reads and listings
-retry transient failures (5xx, 429, connection resets, timeouts) with exponential backoff;
-permanent failures (missing object or bucket, denied credentials) raise
-:class:`StorageError` at once, naming the URI.
+A writer that raises or is killed leaves nothing under the final name. Every call
+retries transient failures (5xx, 408, 429, connection resets, timeouts) with exponential
+backoff in one layer, :func:`with_retries` (the client libraries' own retries are off), within
+the bound :class:`RetryPolicy` states; permanent failures (missing object or bucket, denied
+credentials) raise :class:`StorageError` at once, naming the URI.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -55,12 +57,25 @@ class StorageNotFound(StorageError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently transient storage failures are retried."""
+    """How often and how patiently transient storage failures are retried.
 
-    attempts: int = 6  # total tries, the first included
-    initial_delay_s: float = 0.5  # delay before the second try
-    max_delay_s: float = 16.0  # cap on one delay
-    multiplier: float = 2.0  # growth of the delay per try
+    The one retry policy of every storage call (client libraries do not retry underneath
+    it). The defaults give up on a persistent failure after 5 tries and at most 7.5 s of
+    sleeping (0.5 + 1 + 2 + 4 s, each drawn from [half, all] of that), and never start a try
+    more than ``deadline_s`` after the first.
+    """
+
+    attempts: int = 5  # total tries, the first included
+    initial_delay_s: float = 0.5  # cap on the delay before the second try
+    max_delay_s: float = 8.0  # cap on one delay
+    multiplier: float = 2.0  # growth of the delay cap per try
+    deadline_s: float = 30.0  # no try starts later than this after the first
+
+    @property
+    def max_sleep_s(self) -> float:
+        """The most time spent sleeping between tries."""
+        return sum(min(self.initial_delay_s * self.multiplier ** i, self.max_delay_s)
+                   for i in range(self.attempts - 1))
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -115,6 +130,9 @@ def _storage_options(proto: str) -> dict[str, Any]:
     if proto in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
         # gcsfs reads the emulator endpoint itself; an emulator needs no credentials.
         options["token"] = "anon"
+    if proto in ("s3", "s3a"):
+        # with_retries is the one retry layer: botocore tries each request once.
+        options["config_kwargs"] = {"retries": {"total_max_attempts": 1, "mode": "standard"}}
     return options
 
 
@@ -125,9 +143,14 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.filesystem("file"), str(local_path(uri).absolute())
     proto = protocol(uri)
     try:
+        if proto in ("gs", "gcs"):
+            cls = _single_try_gcs_class(fsspec.get_filesystem_class(proto))
+            options = {**cls._get_kwargs_from_urls(uri), **_storage_options(proto)}
+            return cls(**options), cls._strip_protocol(uri)
         fs, path = fsspec.core.url_to_fs(uri, **_storage_options(proto))
     except (ImportError, ValueError) as e:
         raise StorageError(f"{uri}: unsupported storage URI ({e})") from None
+    _client_single_try(proto, fs)
     return fs, path
 
 
@@ -140,12 +163,20 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
 
 
 # ---------------------------------------------------------------------------- retries
+#
+# One layer retries: this one. The client libraries' own retries are switched off where the
+# filesystems are made (:func:`_client_single_try`): botocore gets ``total_max_attempts=1``,
+# s3fs ``retries=1``, and gcsfs's request methods run without their retry decorator.
+
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                               errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                               errno.ENETUNREACH, errno.ENETDOWN})
 
 
 def _own_http_status(exc: BaseException) -> int | None:
-    for attr in ("code", "status", "status_code"):
+    for attr in ("status", "code", "status_code"):  # gcsfs HttpError.code, aiohttp .status
         value = getattr(exc, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
             return value
     response = getattr(exc, "response", None)  # botocore ClientError
     if isinstance(response, dict):
@@ -155,60 +186,76 @@ def _own_http_status(exc: BaseException) -> int | None:
     return None
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its explicit causes (``raise ... from``), outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__
+
+
 def _http_status(exc: BaseException) -> int | None:
     """The HTTP status behind ``exc``, also when a client library wrapped it.
 
     s3fs turns botocore's ``ClientError`` into a bare ``OSError`` (e.g. ``EBUSY`` for 503)
     and keeps the original as ``__cause__``; the status is found there.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _causes(exc):
         status = _own_http_status(current)
         if status is not None:
             return status
-        current = current.__cause__
     return None
 
 
-def _is_forbidden(exc: BaseException) -> bool:
-    """gcsfs reports HTTP 403 as a plain ``OSError("Forbidden: <path> ...")``."""
-    return type(exc) is OSError and str(exc).startswith("Forbidden")
+def _no_response_types() -> tuple[type[BaseException], ...]:
+    """Transport failures before any HTTP status arrived (connection lost, refused, timed out).
+
+    The standard library's own kinds plus the base classes aiohttp and botocore raise them
+    under; none of these carries a status or (always) an errno.
+    """
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        kinds += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    with contextlib.suppress(ImportError):
+        from botocore import exceptions as boto
+
+        kinds += [boto.ConnectionError, boto.HTTPClientError]
+    return tuple(kinds)
+
+
+def _never_transient_types() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [FileNotFoundError, PermissionError, IsADirectoryError,
+                                         NotADirectoryError, FileExistsError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        kinds.append(aiohttp.ClientSSLError)  # a bad certificate stays bad
+    return tuple(kinds)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the operation that raised ``exc`` may succeed."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return False
-    if _is_forbidden(exc):
-        return False
+    """Whether retrying the operation that raised ``exc`` may succeed.
+
+    By HTTP status when one is known anywhere in the cause chain (5xx, 408 and 429 are
+    transient; every other status is not); otherwise by errno (connection reset, refused,
+    aborted, timed out, broken pipe, unreachable) or a transport failure that got no response
+    at all. Anything else -- a missing object, denied access, a bad request -- is permanent.
+    """
     status = _http_status(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in (
-        errno.ECONNRESET,
-        errno.ECONNREFUSED,
-        errno.ECONNABORTED,
-        errno.EPIPE,
-        errno.ETIMEDOUT,
-    ):
-        return True
-    kind = type(exc).__name__
-    # aiohttp / botocore connection failures, without importing either here.
-    return kind in (
-        "ClientConnectionError",
-        "ClientOSError",
-        "ServerDisconnectedError",
-        "ClientPayloadError",
-        "ServerTimeoutError",
-        "EndpointConnectionError",
-        "ConnectionClosedError",
-        "ReadTimeoutError",
-        "IncompleteReadError",
-    )
+    for current in _causes(exc):
+        if isinstance(current, _never_transient_types()):
+            return False
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        if isinstance(current, _no_response_types()):
+            return True
+    return False
 
 
 def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:
@@ -218,7 +265,7 @@ def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, FileNotFoundError) or status == 404:
         return StorageNotFound(f"cannot {action} {uri}: no such object, folder or bucket")
-    if isinstance(exc, PermissionError) or status in (401, 403) or _is_forbidden(exc):
+    if isinstance(exc, PermissionError) or status in (401, 403):
         return StorageError(
             f"cannot {action} {uri}: permission denied ({detail}); credentials come from the "
             "environment (GOOGLE_APPLICATION_CREDENTIALS / ADC for gs://, AWS_* or IRSA for s3://)"
@@ -226,10 +273,18 @@ def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:
     return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {detail}")
 
 
+def _backoff_s(policy: RetryPolicy, failures: int) -> float:
+    """The cap on the sleep after the ``failures``-th failed try."""
+    return min(policy.initial_delay_s * policy.multiplier ** (failures - 1), policy.max_delay_s)
+
+
 def with_retries(
     fn: Callable[[], T], *, uri: str, action: str, policy: RetryPolicy | None = None
 ) -> T:
     """Run ``fn``, retrying transient failures; raise :class:`StorageError` otherwise.
+
+    The only retry loop around storage calls (the client libraries' own are off), bounded
+    by ``policy``: at most ``attempts`` tries, and no try starts after ``deadline_s``.
 
     Args:
         fn: the operation, without arguments; it must be safe to repeat.
@@ -238,26 +293,83 @@ def with_retries(
         policy: attempts and backoff; ``None`` means :data:`DEFAULT_RETRY` at call time.
     """
     policy = policy or DEFAULT_RETRY
-    delay = policy.initial_delay_s
+    start = time.monotonic()
     for attempt in range(1, policy.attempts + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or attempt == policy.attempts:
-                if is_transient(exc):
-                    raise StorageError(
-                        f"cannot {action} {uri}: still failing after {attempt} tries "
-                        f"({type(exc).__name__}: {exc})"
-                    ) from exc
+            if not is_transient(exc):
                 raise _permanent_error(exc, uri, action) from exc
-            sleep = min(delay, policy.max_delay_s) * (0.5 + random.random() / 2)
+            sleep = _backoff_s(policy, attempt) * (0.5 + random.random() / 2)
+            elapsed = time.monotonic() - start
+            if attempt == policy.attempts or elapsed + sleep > policy.deadline_s:
+                raise StorageError(
+                    f"cannot {action} {uri}: still failing after {attempt} tries in "
+                    f"{elapsed:.1f}s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from exc
             log.warning(
                 "transient error on %s %s (%s: %s); try %d/%d in %.1fs",
                 action, uri, type(exc).__name__, exc, attempt + 1, policy.attempts, sleep,
             )
             time.sleep(sleep)
-            delay *= policy.multiplier
     raise AssertionError("unreachable")
+
+
+def _client_single_try(proto: str, fs: fsspec.AbstractFileSystem) -> None:
+    """Turn off a filesystem's own retry loop (s3fs; gcsfs is handled by its class)."""
+    if proto in ("s3", "s3a") and getattr(fs, "retries", 1) != 1:
+        fs.retries = 1  # s3fs's _error_wrapper: one call, no sleep-and-retry
+
+
+_GCS_CLASSES: dict[type, type] = {}
+
+
+def _single_try_gcs_class(base: type) -> type:
+    """``base`` (gcsfs's filesystem) with its request methods undecorated: one try each.
+
+    gcsfs wraps its HTTP requests in a fixed retry decorator (6 tries, 1..32 s apart) that
+    no option turns off; the subclass calls the undecorated methods instead. gcsfs also
+    drops the status of two answers (403 becomes a bare ``OSError``, 502 requests'
+    ``ProxyError``); the subclass gives them back, so :func:`is_transient` can read it.
+    """
+    if base in _GCS_CLASSES:
+        return _GCS_CLASSES[base]
+    import requests.exceptions
+
+    def single_try(raw):
+        async def call(self, *args, **kwargs):
+            try:
+                return await raw(self, *args, **kwargs)
+            except requests.exceptions.ProxyError as e:  # gcsfs: HTTP 502
+                raise HttpStatusError(502, f"Bad Gateway: {e}") from e
+            except OSError as e:
+                if type(e) is OSError and e.errno is None:  # gcsfs: HTTP 403
+                    raise HttpStatusError(403, str(e).splitlines()[0]) from e
+                raise
+        call.__name__ = raw.__name__
+        return call
+
+    namespace: dict[str, Any] = {}
+    for method in ("_request", "_get_file_request", "_get_file_concurrent"):
+        decorated = getattr(base, method, None)
+        raw = getattr(decorated, "__wrapped__", None)
+        if raw is not None:
+            namespace[method] = single_try(raw)
+    if "_request" not in namespace:
+        log.warning("%s.%s has no undecorated _request: gcsfs's own retries stay on under "
+                    "stablerep's", base.__module__, base.__name__)
+    sub = type(f"SingleTry{base.__name__}", (base,), namespace)
+    sub._cache = base._cache  # one instance cache: clear_instance_cache() on gcsfs clears ours
+    _GCS_CLASSES[base] = sub
+    return sub
+
+
+class HttpStatusError(OSError):
+    """An HTTP error answer whose status a client library did not keep (see above)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 # ---------------------------------------------------------------------------- reads
@@ -408,13 +520,18 @@ class AtomicWrite:
         if is_local(self.uri):
             final = local_path(self.uri)
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._staged = final.parent / f"{TEMP_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
+            self._staged = final.parent / f"{TEMP_PREFIX}{final.name}.{staging_owner()}"
         else:
             fd, staged = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=_staging_dir())
             os.close(fd)
             self._staged = Path(staged)
         self._raw = open(self._staged, "wb")  # noqa: SIM115 - closed in publish/discard
         self.file = _HashingFile(self._raw)
+
+    @property
+    def staged_path(self) -> Path:
+        """The private file the bytes go to until :meth:`publish`."""
+        return self._staged
 
     def publish(self) -> None:
         self._raw.flush()
@@ -441,6 +558,24 @@ class AtomicWrite:
             self._raw.close()
             self.file.close()
         self._staged.unlink(missing_ok=True)
+
+
+def staging_owner() -> str:
+    """``{host}.{pid}.{token}``: the suffix that makes a staged local name unique per writer.
+
+    Writers on other machines may share a local volume; the host and pid let a cleanup tell
+    whether the writer of a staged file is provably dead (see :func:`parse_staging_owner`).
+    """
+    host = socket.gethostname().replace("/", "_") or "unknown-host"
+    return f"{host}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def parse_staging_owner(suffix: str) -> tuple[str, int] | None:
+    """(host, pid) from a :func:`staging_owner` suffix; None for any other form."""
+    parts = suffix.rsplit(".", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 def _staging_dir() -> str:

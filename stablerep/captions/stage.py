@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import math
 import signal
@@ -92,22 +93,34 @@ class CaptionsManifest:
         return storage.join(self.uri, self.shards[index].path)
 
     def read_shard(self, index: int, *, verify: bool = True) -> pa.Table:
-        """Read part ``index`` (checking its sha256 unless ``verify`` is False)."""
+        """Read part ``index``: its sha256 (unless ``verify`` is False), then its schema.
+
+        Raises:
+            InputError: naming the part, when it is missing, changed, not Parquet, or has
+                other columns or row count than the manifest and the captions contract say.
+        """
         if not 0 <= index < self.num_shards:
             raise InputError(
                 f"shard index {index} is out of range: {self.uri} has {self.num_shards} shards "
                 f"(0..{self.num_shards - 1})"
             )
-        info = self.shards[index]
-        data = storage.read_bytes(self.shard_uri(index))
+        info, uri = self.shards[index], self.shard_uri(index)
+        try:
+            data = storage.read_bytes(uri)
+        except storage.StorageNotFound:
+            raise InputError(f"{uri}: the captions part listed in {self.uri}/{MANIFEST} "
+                             "does not exist") from None
         if verify:
-            import hashlib
-
             got = hashlib.sha256(data).hexdigest()
             if got != info.sha256:
-                raise InputError(f"{self.shard_uri(index)}: sha256 {got} does not match the "
+                raise InputError(f"{uri}: sha256 {got} does not match the "
                                  f"manifest ({info.sha256}); the part was changed or truncated")
-        return pq.read_table(pa.BufferReader(data))
+        return _check_part(uri, data, info)
+
+    def check_parts(self) -> None:
+        """Read and check every part the manifest lists (exists, sha256, schema, rows)."""
+        for index in range(self.num_shards):
+            self.read_shard(index)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,7 +138,12 @@ class CaptionsManifest:
 
 
 def load_manifest(uri: str) -> CaptionsManifest:
-    """Read a captions folder's manifest (``uri`` is the folder or the manifest itself)."""
+    """Read a captions folder's manifest (``uri`` is the folder or the manifest itself).
+
+    Raises:
+        InputError: naming the manifest, when it is missing, not UTF-8 JSON, or lacks a key
+            (or has one of the wrong type) that the captions contract requires.
+    """
     folder = uri[: -len(MANIFEST) - 1] if uri.rstrip("/").endswith(MANIFEST) else uri
     manifest_uri = storage.join(folder, MANIFEST)
     try:
@@ -133,20 +151,79 @@ def load_manifest(uri: str) -> CaptionsManifest:
     except storage.StorageNotFound:
         raise InputError(f"{manifest_uri}: no captions manifest (run `stablerep captions` "
                          "first, or check the URI)") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{manifest_uri}: not UTF-8 text (byte {e.start}); expected the JSON "
+                         "captions manifest that `stablerep captions` writes") from None
     if not isinstance(doc, dict) or doc.get("kind") != MANIFEST_KIND:
-        raise InputError(f"{manifest_uri}: not a stablerep captions manifest")
-    known = {"kind", "version", "count", "num_shards", "shards", "seed", "source", "summary",
-             "config_fingerprint"}
+        raise InputError(f"{manifest_uri}: not a stablerep captions manifest (expected a JSON "
+                         f"object with kind {MANIFEST_KIND!r})")
+    _check_keys(doc, _MANIFEST_KEYS, manifest_uri, "")
+    if not doc["shards"]:
+        raise InputError(f"{manifest_uri}: 'shards' is empty; expected at least one part")
+    for i, shard in enumerate(doc["shards"]):
+        if not isinstance(shard, dict):
+            raise InputError(f"{manifest_uri}: shards[{i}] is {type(shard).__name__}; "
+                             "expected an object")
+        _check_keys(shard, _SHARD_KEYS, manifest_uri, f"shards[{i}].")
+    known = set(_MANIFEST_KEYS) | {"version", "num_shards"}
     return CaptionsManifest(
         uri=folder.rstrip("/"),
         count=doc["count"],
-        shards=[ShardInfo(**s) for s in doc["shards"]],
+        shards=[ShardInfo(**{k: s[k] for k in _SHARD_KEYS}) for s in doc["shards"]],
         seed=doc["seed"],
         source=doc["source"],
         summary=doc["summary"],
         config_fingerprint=doc["config_fingerprint"],
         extra={k: v for k, v in doc.items() if k not in known},
     )
+
+
+# Required keys of manifest.json and of each of its shards, with the JSON types they take.
+_MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "count": int, "shards": list, "seed": int, "source": dict, "summary": dict,
+    "config_fingerprint": str}
+_SHARD_KEYS: dict[str, type | tuple[type, ...]] = {
+    "index": int, "path": str, "first_caption_id": int, "num_captions": int, "sha256": str,
+    "bytes": int}
+
+
+def _check_keys(doc: dict[str, Any], keys: dict[str, Any], uri: str, where: str) -> None:
+    for key, kind in keys.items():
+        if key not in doc:
+            raise InputError(f"{uri}: missing key '{where}{key}'; expected a captions manifest "
+                             "as `stablerep captions` writes it")
+        value = doc[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InputError(f"{uri}: '{where}{key}' is {type(value).__name__}; expected "
+                             f"{kind.__name__}")
+
+
+def _check_part(uri: str, data: bytes, info: ShardInfo) -> pa.Table:
+    """Parse one part's bytes and check them against the captions contract."""
+    try:
+        # One thread, no read-ahead: the part is in memory, and pyarrow's pools can abort
+        # the process at exit (apache/arrow#34314) when a user error ends the run right after.
+        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{uri}: not a readable Parquet file ({str(e).splitlines()[0]}); "
+                         "expected a captions part") from None
+    for name in ("caption_id", "caption"):
+        expected = PART_SCHEMA.field(name).type
+        if name not in table.column_names:
+            raise InputError(f"{uri}: no column '{name}'; expected columns "
+                             f"{_schema_text()} (got {_schema_text(table.schema)})")
+        got = table.schema.field(name).type
+        if got not in (expected, pa.large_string() if expected == pa.string() else expected):
+            raise InputError(f"{uri}: column '{name}' is {got}; expected columns "
+                             f"{_schema_text()} (got {_schema_text(table.schema)})")
+    if table.num_rows != info.num_captions:
+        raise InputError(f"{uri}: {table.num_rows} rows; the manifest says "
+                         f"{info.num_captions}")
+    return table
+
+
+def _schema_text(schema: pa.Schema = PART_SCHEMA) -> str:
+    return ", ".join(f"{f.name} {f.type}" for f in schema)
 
 
 def output_fingerprint(cfg: CaptionsConfig) -> str:

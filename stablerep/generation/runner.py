@@ -6,8 +6,17 @@ thread pool while the next batch denoises, writes complete captions in order int
 and publishes the tar and then its json on a background thread while the next shard starts.
 
 Resume: a shard whose json exists (made with the same config) is skipped, so a restarted pod
-or Job picks up where it stopped; a killed writer leaves nothing under a final name, and the
-output is a pure function of the config (per-image seeds), so redone work gives the same bytes.
+or Job picks up where it stopped; a killed writer leaves nothing under a final name. What is
+drawn is a function of the config's output fields (per-image seeds); its bytes also depend on
+the run settings each shard json records under ``runtime`` (batch sizes, device, dtype,
+compile, channels_last, torch and diffusers versions): redone work is byte-identical when
+those match and pixel-close otherwise.
+
+Staging: a shard's tar is staged beside its final name under a name unique per writer (host,
+pid, random token) and touched every minute; before drawing a shard, staged files of that shard
+are removed only when their writer is provably dead (:func:`staged_is_dead`), so a replacement
+pod on a shared volume never deletes the file of a pod that is still shutting down.
+
 Robustness: a CUDA out-of-memory halves the batch and goes on; a batch that fails otherwise is
 retried image by image, and a caption whose images cannot be drawn is left out of the shard
 and recorded in its json (``failed``).
@@ -16,11 +25,15 @@ and recorded in its json (``failed``).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stablerep import storage
@@ -37,10 +50,14 @@ from stablerep.generation.shards import (
     sample_key,
     sample_members,
     shard_stem,
+    stored_dims,
 )
 from stablerep.progress import Progress
 
 log = logging.getLogger(__name__)
+
+SIZES = "sizes.json"
+"""Shard name -> sample count, beside the shards (the file open_clip's loader reads)."""
 
 # Fields that change how generation runs, never what it writes.
 _RUN_ONLY_FIELDS = ("captions", "out", "batch_size", "shard", "all_shards", "shard_from_env",
@@ -103,16 +120,81 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, oom)
 
 
-def _remove_stale_staged(folder: str, stem: str) -> None:
-    """Delete the staged tar/json of shard ``stem`` that a killed writer left in ``folder``.
+STALE_STAGED_S = 2 * 3600
+"""A staged file untouched this long is dead whoever wrote it (live writers touch theirs
+every :data:`HEARTBEAT_S`)."""
+HEARTBEAT_S = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def staged_is_dead(path: Path, final_name: str, *, now: float | None = None) -> bool:
+    """Whether the writer of ``path``, staged for ``final_name``, is provably gone.
+
+    Dead means: written on this host by a process that no longer exists, or (from any
+    host, or a name that does not say who wrote it) untouched for :data:`STALE_STAGED_S`.
+    A writer on another machine that shares the volume is never judged by its pid.
+    """
+    prefix = f"{storage.TEMP_PREFIX}{final_name}."
+    rest = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+    owner = storage.parse_staging_owner(rest)
+    if owner is not None and owner[0] == socket.gethostname() and owner[1] != os.getpid() \
+            and not _pid_alive(owner[1]):
+        return True
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False  # published or discarded meanwhile
+    return age > STALE_STAGED_S
+
+
+def remove_stale_staged(folder: str, stem: str) -> list[str]:
+    """Delete the staged tar/json files of shard ``stem`` whose writers are provably dead.
 
     Only local folders stage next to the final name (object stores stage in the writer's own
-    temporary folder); the process redoing a shard owns that shard, so its leftovers go.
+    temporary folder). Files of live writers -- this process, another process on this host,
+    or any host within :data:`STALE_STAGED_S` -- are left alone.
+
+    Returns:
+        The names removed.
     """
     if not storage.is_local(folder) or not storage.local_path(folder).is_dir():
-        return
-    for stale in storage.local_path(folder).glob(f"{storage.TEMP_PREFIX}{stem}.*"):
-        stale.unlink(missing_ok=True)
+        return []
+    removed = []
+    for final_name in (f"{stem}.tar", f"{stem}.json"):
+        pattern = f"{storage.TEMP_PREFIX}{final_name}.*"
+        for staged in sorted(storage.local_path(folder).glob(pattern)):
+            if staged_is_dead(staged, final_name):
+                staged.unlink(missing_ok=True)
+                removed.append(staged.name)
+                log.info("generate: removed %s, left by a writer that is gone", staged.name)
+    return removed
+
+
+class _Heartbeat:
+    """Touches a staged local file every :data:`HEARTBEAT_S` so cleanups see it is alive."""
+
+    def __init__(self, path: Path):
+        self.path, self._stop = path, threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="staged-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class ShardJob:
@@ -130,6 +212,7 @@ class ShardJob:
                                                           for cid, _ in self.captions}
         self.failed: dict[int, str] = {}
         self.next_write = 0
+        self.batch_sizes: set[int] = set()  # sizes of the backend calls that succeeded
         self.result = ShardResult(index)
 
     def draw(self) -> storage.AtomicWrite:
@@ -138,8 +221,9 @@ class ShardJob:
         # is not counted in the shard's rate.
         self.run.backend  # noqa: B018
         start = time.perf_counter()
-        _remove_stale_staged(self.run.out, shard_stem(self.index))
+        remove_stale_staged(self.run.out, shard_stem(self.index))
         staged = storage.AtomicWrite(self.run.tar_uri(self.index), storage.DEFAULT_RETRY)
+        heartbeat = _Heartbeat(staged.staged_path)
         try:
             self.writer = TarShardWriter(staged.file)
             with Progress(f"generate shard {self.index}", unit="img",
@@ -164,6 +248,8 @@ class ShardJob:
         except BaseException:
             staged.discard()
             raise
+        finally:
+            heartbeat.stop()
         return staged
 
     def _draw_batch(self, batch: list[WorkItem]) -> bool | None:
@@ -196,6 +282,7 @@ class ShardJob:
         self._submit([item], pixels)
 
     def _submit(self, batch: list[WorkItem], pixels) -> None:
+        self.batch_sizes.add(len(batch))
         for item, image in zip(batch, pixels, strict=True):
             self.slots[item.caption_id][item.j] = self.run.encoder.submit(
                 encode_image, image, stored_size=self.cfg.stored_size,
@@ -222,7 +309,7 @@ class ShardJob:
                 for j, future in enumerate(slots):
                     image = future.result()
                     self.writer.write(sample_key(cid, j), sample_members(
-                        image, self.cfg.image_format, text, self.run.sample_meta(cid, j)))
+                        image, self.cfg.image_format, text, self.run.sample_meta(cid, j, text)))
             del self.slots[cid]
             self.next_write += 1
 
@@ -262,19 +349,41 @@ class GenerationRun:
     def json_uri(self, index: int) -> str:
         return storage.join(self.out, f"{shard_stem(index)}.json")
 
-    def sample_meta(self, caption_id: int, j: int) -> dict[str, Any]:
+    def sample_meta(self, caption_id: int, j: int, caption: str) -> dict[str, Any]:
+        """The json member of one sample: generation settings plus img2dataset's fields."""
         cfg = self.cfg
+        width, height = stored_dims(cfg.width, cfg.height, cfg.stored_size)
         return {"caption_id": caption_id, "j": j, "seed": image_seed(cfg.seed, caption_id, j),
                 "guidance_scale": cfg.guidance_scale, "steps": cfg.num_inference_steps,
                 "scheduler": cfg.scheduler, "model": self.backend.model_id,
-                "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size}
+                "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size,
+                # the per-sample fields img2dataset writes, so its readers take these shards
+                "key": sample_key(caption_id, j), "caption": caption, "width": width,
+                "height": height, "original_width": cfg.width, "original_height": cfg.height,
+                "status": "success"}
+
+    def runtime(self, job: ShardJob) -> dict[str, Any]:
+        """The run settings that do not change what is drawn but can change its bytes.
+
+        Outputs are byte-identical only when all of these match; otherwise the pixels are
+        close (floating-point rounding of batched, compiled or other-device kernels).
+        """
+        import diffusers
+        import torch
+
+        backend = self.backend
+        return {"batch_sizes": sorted(job.batch_sizes),
+                "device": str(getattr(backend, "device", self.cfg.device)),
+                "dtype": str(getattr(backend, "dtype", self.cfg.dtype)),
+                "compile": self.cfg.compile, "channels_last": self.cfg.channels_last,
+                "torch": torch.__version__, "diffusers": diffusers.__version__}
 
     def is_done(self, index: int) -> bool:
         """Whether shard ``index`` is finished with this config (error if with another)."""
         uri = self.json_uri(index)
         if not storage.exists(uri):
             return False
-        doc = storage.read_json(uri)
+        doc = read_doc(uri, "JSON shard record")
         if doc.get("config_fingerprint") == self.fingerprint:
             return True
         if self.cfg.overwrite:
@@ -294,6 +403,7 @@ class GenerationRun:
             "caption_ids": [min(ids), max(ids)] if ids else [], "failed": r.failed,
             "config_fingerprint": self.fingerprint, "model": self.backend.model_id,
             "image_format": cfg.image_format, "captions": self.captions_uri,
+            "runtime": self.runtime(job),
             "stats": {"seconds": round(r.seconds, 3), "images_per_s": round(r.images_per_s, 3),
                       "batch_size": self.batch_size, **_gpu_memory()},
         }
@@ -305,7 +415,30 @@ class GenerationRun:
                  self.tar_uri(job.index), job.result.samples, job.result.captions,
                  job.result.images_per_s)
 
+    def check_captions(self, indices: list[int]) -> None:
+        """Check the captions parts before anything is written (a bad part names itself).
+
+        The parts this process draws are read in full (sha256, Parquet schema, row count);
+        every other listed part must exist with the size the manifest records, so a missing
+        or truncated part fails every pod of an Indexed Job, not only the one that owns it.
+        """
+        selected = set(indices)
+        for i, info in enumerate(self.manifest.shards):
+            if i in selected:
+                self.manifest.read_shard(i)
+                continue
+            uri = self.manifest.shard_uri(i)
+            try:
+                got = storage.size(uri)
+            except storage.StorageNotFound:
+                raise InputError(f"{uri}: the captions part listed in {self.captions_uri} "
+                                 "does not exist") from None
+            if got != info.bytes:
+                raise InputError(f"{uri}: {got} bytes; the captions manifest says "
+                                 f"{info.bytes} (the part was changed or truncated)")
+
     def run(self, indices: list[int]) -> list[ShardResult]:
+        self.check_captions(indices)
         results: dict[int, ShardResult] = {}
         todo = []
         for i in indices:
@@ -335,7 +468,7 @@ class GenerationRun:
         """Write ``manifest.json`` (and ``config.yaml``) once every shard's json exists."""
         manifest_uri = storage.join(self.out, "manifest.json")
         if storage.exists(manifest_uri):
-            current = storage.read_json(manifest_uri)
+            current = read_doc(manifest_uri, "JSON images manifest")
             if current.get("config_fingerprint") == self.fingerprint:
                 return True  # already complete with this config
         docs = []
@@ -343,12 +476,15 @@ class GenerationRun:
             uri = self.json_uri(i)
             if not storage.exists(uri):
                 return False
-            docs.append(storage.read_json(uri))
+            docs.append(read_doc(uri, "JSON shard record"))
         if any(d.get("config_fingerprint") != self.fingerprint for d in docs):
             log.warning("generate: %s holds shards of another config; no manifest written",
                         self.out)
             return False
         storage.write_text(storage.join(self.out, "config.yaml"), dump_yaml(self.cfg))
+        # WebDataset readers (open_clip's get_dataset_size) take the size from here.
+        storage.write_json(storage.join(self.out, SIZES), {d["tar"]: d["num_samples"]
+                                                           for d in docs})
         storage.write_json(storage.join(self.out, "manifest.json"), {
             "kind": MANIFEST_KIND, "version": 1, "num_shards": len(docs),
             "num_samples": sum(d["num_samples"] for d in docs),
@@ -360,6 +496,23 @@ class GenerationRun:
                         "num_captions": d["num_captions"], "sha256": d["sha256"]} for d in docs],
         })
         return True
+
+
+def read_doc(uri: str, what: str) -> dict[str, Any]:
+    """A JSON object this stage wrote earlier (``what`` names it in errors).
+
+    Raises:
+        InputError: naming ``uri``, when it is not UTF-8, not JSON or not a JSON object.
+    """
+    try:
+        doc = storage.read_json(uri)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{uri}: not UTF-8 text (byte {e.start}); expected the {what} "
+                         "that `stablerep generate` writes") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{uri}: a JSON {type(doc).__name__}; expected the {what} (an object) "
+                         "that `stablerep generate` writes")
+    return doc
 
 
 def _gpu_memory() -> dict[str, float]:

@@ -46,13 +46,20 @@ def image_seed(global_seed: int, caption_id: int, j: int) -> int:
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
+def stored_dims(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to ``size`` (0 keeps the size)."""
+    if size <= 0 or min(width, height) == size:
+        return width, height
+    scale = size / min(width, height)
+    return round(width * scale), round(height * scale)
+
+
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is ``size`` (bicubic, antialiased); 0 keeps the size."""
-    w, h = image.size
-    if size <= 0 or min(w, h) == size:
+    dims = stored_dims(*image.size, size)
+    if dims == image.size:
         return image
-    scale = size / min(w, h)
-    return image.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
+    return image.resize(dims, Image.Resampling.BICUBIC)
 
 
 def encode_image(pixels: np.ndarray, *, stored_size: int, fmt: str, quality: int) -> bytes:

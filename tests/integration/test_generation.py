@@ -154,7 +154,7 @@ def _check_images_folder(out: str, urls: list[str], captions_uri: str, cfg: Gene
     k, m = len(shard_ids), cfg.images_per_caption
     names = [storage.name(u) for u in storage.list_dir(out)]
     assert names == ["config.yaml", "manifest.json"] + [
-        f"shard-{i:06d}.{ext}" for i in range(k) for ext in ("json", "tar")]
+        f"shard-{i:06d}.{ext}" for i in range(k) for ext in ("json", "tar")] + ["sizes.json"]
     docs = []
     for i in range(k):
         doc = storage.read_json(storage.join(out, f"shard-{i:06d}.json"))
@@ -165,7 +165,14 @@ def _check_images_folder(out: str, urls: list[str], captions_uri: str, cfg: Gene
         assert doc["num_samples"] == m * len(shard_ids[i])
         assert doc["caption_ids"] == [min(shard_ids[i]), max(shard_ids[i])]
         assert doc["model"] == MODEL_ID and doc["images_per_caption"] == m
+        assert doc["runtime"]["device"] == "cpu" and doc["runtime"]["dtype"] == "torch.float32"
+        assert doc["runtime"]["batch_sizes"] == sorted({min(cfg.batch_size, doc["num_samples"]),
+                                                        doc["num_samples"] % cfg.batch_size or
+                                                        cfg.batch_size})
+        assert doc["runtime"]["torch"] == torch.__version__
         docs.append(doc)
+    sizes = storage.read_json(storage.join(out, "sizes.json"))
+    assert sizes == {f"shard-{i:06d}.tar": d["num_samples"] for i, d in enumerate(docs)}
     manifest = storage.read_json(storage.join(out, "manifest.json"))
     assert manifest["num_shards"] == k and manifest["failed_captions"] == 0
     assert manifest["num_samples"] == m * len(texts) and manifest["num_captions"] == len(texts)
@@ -187,7 +194,9 @@ def _check_images_folder(out: str, urls: list[str], captions_uri: str, cfg: Gene
             "caption_id": cid, "j": j, "seed": image_seed(cfg.seed, cid, j),
             "guidance_scale": cfg.guidance_scale, "steps": cfg.num_inference_steps,
             "scheduler": cfg.scheduler, "model": MODEL_ID,
-            "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size}
+            "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size,
+            "key": s["__key__"], "caption": texts[cid], "width": stored, "height": stored,
+            "original_width": cfg.width, "original_height": cfg.height, "status": "success"}
     pixels = [np.asarray(s["jpg"]) for s in samples]
     assert len({p.tobytes() for p in pixels}) == len(pixels)  # m different images per caption
     return samples
@@ -223,10 +232,13 @@ def _check_open_clip(urls: list[str], samples: list[dict]) -> None:
     """open_clip's WebDataset loader (its validation pipeline) and its key grouping."""
     import open_clip
     import webdataset as wds
-    from open_clip_train.data import group_by_keys_nothrow
+    from open_clip_train.data import get_dataset_size, group_by_keys_nothrow
 
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     n = len(samples)
+    if not urls[0].startswith("http"):  # open_clip reads sizes.json from a local folder only
+        assert get_dataset_size("::".join(urls)) == (n, len(urls))
+        assert get_dataset_size("::".join(urls[1:])) == (n - n // len(urls), len(urls) - 1)
     batches, num_samples = _open_clip_eval(urls, n)
     assert num_samples == n
     images = torch.cat([b[0] for b in batches])  # (n, 3, H, W) in [0, 1]
@@ -578,3 +590,76 @@ def test_cli_refuses_a_shard_made_with_another_config(local_run: str, captions3:
                         r"\(fingerprint \w+, now \w+\); pass --overwrite to replace it, or "
                         r"choose another --out", result.stderr.strip().splitlines()[-1])
     assert _listing(Path(local_run)) == before
+
+
+def _corrupt_captions(case: str, folder: Path) -> Path:
+    """Spoil a copy of a 3-part captions folder; returns the file the error must name."""
+    manifest_path = folder / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    last = folder / doc["shards"][-1]["path"]  # the last part: earlier shards would be drawn
+    if case == "missing-part":
+        last.unlink()
+        return last
+    if case == "wrong-sha256":
+        data = bytearray(last.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        last.write_bytes(bytes(data))
+        return last
+    if case == "other-schema":  # a valid Parquet file (and manifest entry) with other columns
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": [1, 2, 3], "text": ["a", "b", "c"]}), last)
+        data = last.read_bytes()
+        doc["shards"][-1].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        manifest_path.write_text(json.dumps(doc))
+        return last
+    if case == "manifest-missing-key":
+        del doc["shards"][1]["sha256"]
+        manifest_path.write_text(json.dumps(doc))
+        return manifest_path
+    if case == "manifest-not-utf8":
+        manifest_path.write_bytes(manifest_path.read_bytes().replace(b'"seed"', b'"se\xff\xfed"'))
+        return manifest_path
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing-part", "wrong-sha256", "other-schema",
+                                  "manifest-missing-key", "manifest-not-utf8"])
+def test_cli_bad_captions_fail_before_any_shard_is_published(case: str, captions3: str,
+                                                             work: Path) -> None:
+    import shutil
+
+    captions = work / f"captions-{case}"
+    shutil.copytree(captions3, captions)
+    named = _corrupt_captions(case, captions)
+    out = work / f"images-{case}"
+    out.mkdir()
+    result = _cli(*_tiny_args(str(captions), str(out)))
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1, result.stderr
+    assert lines[-1].startswith(f"error: {named}: "), lines[-1]
+    expected = {"missing-part": "does not exist", "wrong-sha256": "does not match the manifest",
+                "other-schema": r"no column 'caption_id'; expected columns caption_id int64",
+                "manifest-missing-key": r"missing key 'shards\[1\]\.sha256'",
+                "manifest-not-utf8": "not UTF-8 text"}[case]
+    assert re.search(expected, lines[-1]), lines[-1]
+    assert "Traceback" not in result.stderr
+    assert _listing(out) == {}  # no shard, no json, no staged file
+
+
+def test_cli_non_utf8_shard_json_is_named(captions3: str, local_run: str, work: Path) -> None:
+    import shutil
+
+    out = work / "images-bad-shard-json"
+    shutil.copytree(local_run, out)
+    (out / "manifest.json").unlink()
+    (out / "shard-000001.json").write_bytes(b'{"kind": "\xff\xfe"}')
+    before = _listing(out)
+    result = _cli(*_tiny_args(captions3, str(out)))
+    assert result.returncode == 2, result
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out / 'shard-000001.json'}: not UTF-8 text"), last
+    assert "Traceback" not in result.stderr
+    assert _listing(out) == before

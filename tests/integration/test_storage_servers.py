@@ -6,10 +6,9 @@
   under the final name, and an existing object keeps its old content.
 - Retries: a loopback proxy (tests/integration/_storage_proxy.py) in front of the S3 or GCS
   server answers the first requests with 503, resets the connection, or denies everything.
-  For S3 the tests set AWS_MAX_ATTEMPTS=1 so botocore does not retry and stablerep's own
-  ``with_retries`` has to. gcsfs cannot be told not to retry (its fixed backoff is 1-2 s,
-  2-3 s, 4-5 s, ... over 6 tries, ~30 s to exhaust), so on GCS the tests inject one failure
-  and check that the call survives; exhausting stablerep's retries is tested on S3 only.
+  stablerep's ``with_retries`` is the only retry layer (botocore, s3fs and gcsfs try each
+  request once), so the proxy sees exactly one request per stablerep try, and a persistent
+  503 gives up within the bound ``RetryPolicy`` states.
 - The local cache of remote files and folders; missing buckets.
 """
 
@@ -374,6 +373,26 @@ def test_s3_persistent_503_gives_up_naming_uri_and_tries(s3_bucket, flaky, monke
     with pytest.raises(StorageError, match=re.escape(f"cannot read {uri}: still failing after 4 tries")):
         storage.read_bytes(uri)
     assert proxy.requests == 4, proxy.log  # one request per stablerep try
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["gs", "s3"])
+def test_persistent_503_gives_up_within_the_stated_bound(request, flaky, monkeypatch, backend):
+    """The real default policy, no client-side retry settings: one layer, bounded total."""
+    monkeypatch.setattr(storage, "DEFAULT_RETRY", RetryPolicy())
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    policy = storage.DEFAULT_RETRY
+    uri = storage.join(_bucket(request, backend), "x.bin")
+    storage.write_bytes(uri, b"payload")
+    proxy = flaky(backend, fail_first=None, mode="503")
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=re.escape(
+            f"cannot read {uri}: still failing after {policy.attempts} tries")):
+        storage.read_bytes(uri)
+    elapsed = time.monotonic() - start
+    assert proxy.requests == policy.attempts, proxy.log  # nobody retries underneath
+    assert elapsed < policy.max_sleep_s + 5, elapsed  # 7.5 s of backoff + 5 quick requests
+    assert elapsed >= policy.max_sleep_s / 2  # the backoff really happened
 
 
 @pytest.mark.integration

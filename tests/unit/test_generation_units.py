@@ -270,3 +270,71 @@ def test_generate_config_defaults_follow_the_paper() -> None:
     assert (cfg.scheduler, cfg.stored_size, cfg.image_format, cfg.jpeg_quality) == (
         "ddim", 256, "jpg", 95)
     assert cfg.max_failures == 0  # a failed caption fails the shard unless allowed
+
+
+# ---------------------------------------------------------------------------- captions manifest
+
+
+def _write_captions(folder, rows: int = 3) -> dict:
+    """A one-part captions folder written by hand; returns its manifest document."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from stablerep.captions.stage import PART_SCHEMA
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"caption_id": list(range(rows)), "caption": [f"c{i}" for i in range(rows)],
+                      "source": ["s"] * rows}, schema=PART_SCHEMA)
+    pq.write_table(table, folder / "part-000000.parquet")
+    data = (folder / "part-000000.parquet").read_bytes()
+    doc = {"kind": "stablerep.captions", "version": 1, "count": rows, "num_shards": 1,
+           "shards": [{"index": 0, "path": "part-000000.parquet", "first_caption_id": 0,
+                       "num_captions": rows, "sha256": hashlib.sha256(data).hexdigest(),
+                       "bytes": len(data)}],
+           "seed": 0, "source": {}, "summary": {}, "config_fingerprint": "f"}
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    return doc
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.pop("count"), "missing key 'count'"),
+    (lambda d: d.update(count="3"), "'count' is str; expected int"),
+    (lambda d: d.update(seed=True), "'seed' is bool; expected int"),
+    (lambda d: d.update(shards=[]), "'shards' is empty"),
+    (lambda d: d.update(shards=[3]), r"shards\[0\] is int; expected an object"),
+    (lambda d: d["shards"][0].pop("path"), r"missing key 'shards\[0\]\.path'"),
+    (lambda d: d.update(kind="other"), "not a stablerep captions manifest"),
+])
+def test_captions_manifest_errors_name_the_file_and_key(tmp_path, change, message) -> None:
+    from stablerep.captions import load_manifest
+    from stablerep.errors import InputError
+
+    doc = _write_captions(tmp_path / "c")
+    change(doc)
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=message) as info:
+        load_manifest(str(tmp_path / "c"))
+    assert str(info.value).startswith(f"{tmp_path / 'c' / 'manifest.json'}: ")
+
+
+def test_captions_part_row_count_and_types_are_checked(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from stablerep.captions import load_manifest
+    from stablerep.errors import InputError
+
+    _write_captions(tmp_path / "c")
+    manifest = load_manifest(str(tmp_path / "c"))
+    assert manifest.read_shard(0).num_rows == 3
+    manifest.check_parts()
+    part = tmp_path / "c" / "part-000000.parquet"
+    pq.write_table(pa.table({"caption_id": ["0", "1", "2"], "caption": ["a", "b", "c"]}), part)
+    with pytest.raises(InputError, match=r"part-000000\.parquet: column 'caption_id' is string"):
+        manifest.read_shard(0, verify=False)
+    pq.write_table(pa.table({"caption_id": [0, 1], "caption": ["a", "b"]}), part)
+    with pytest.raises(InputError, match="2 rows; the manifest says 3"):
+        manifest.read_shard(0, verify=False)
+    part.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        manifest.read_shard(0, verify=False)

@@ -123,8 +123,11 @@ def test_s3fs_style_wrapped_503_is_transient():
      (PermissionError("denied"), StorageError, "permission denied"),
      (HttpLike(403), StorageError, "permission denied"),
      (HttpLike(401), StorageError, "permission denied"),
+     (storage.HttpStatusError(403, "Forbidden: https://storage.googleapis.com/b/x"),
+      StorageError, "permission denied"),
+     # no status, no errno: permanent, and nothing is read into the message's words
      (OSError("Forbidden: https://storage.googleapis.com/b/x"), StorageError,
-      "permission denied"),
+      "OSError: Forbidden"),
      (ValueError("bad"), StorageError, "ValueError: bad")],
     ids=lambda v: repr(v)[:30],
 )
@@ -145,6 +148,52 @@ def test_exhausted_transient_errors_name_the_uri_and_the_tries():
         storage.with_retries(fn, uri="s3://b/k", action="list", policy=FAST)
     assert fn.calls == 4
     assert isinstance(info.value.__cause__, ConnectionResetError)
+
+
+def test_classified_by_status_and_errno_not_by_class_name():
+    class ServerDisconnectedError(Exception):  # a transport error's name, but no status
+        pass
+
+    class Wrapped503(Exception):
+        pass
+
+    cause = HttpLike(503)
+    wrapped = Wrapped503("wrapped")
+    wrapped.__cause__ = cause
+    assert storage.is_transient(wrapped)  # the status is found on the cause
+    assert not storage.is_transient(ServerDisconnectedError("gone"))
+    assert not storage.is_transient(HttpLike(400))
+    assert storage.is_transient(OSError(errno.ETIMEDOUT, "timed out"))
+    assert not storage.is_transient(OSError(errno.EBUSY, "busy"))  # s3fs's 503 needs its cause
+    assert not storage.is_transient(storage.HttpStatusError(403, "Forbidden"))
+    assert storage.is_transient(storage.HttpStatusError(502, "Bad Gateway"))
+
+
+def test_transport_failures_without_a_response_are_transient():
+    import aiohttp
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    assert storage.is_transient(ConnectionClosedError(endpoint_url="http://127.0.0.1:1/b"))
+    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b"))
+    assert storage.is_transient(aiohttp.ServerDisconnectedError())
+    assert storage.is_transient(aiohttp.ClientOSError(errno.ECONNRESET, "reset by peer"))
+
+
+def test_default_policy_bound_is_stated():
+    policy = RetryPolicy()
+    assert (policy.attempts, policy.max_sleep_s, policy.deadline_s) == (5, 7.5, 30.0)
+    assert RetryPolicy(attempts=6, initial_delay_s=1.0, max_delay_s=4.0).max_sleep_s == 15.0
+
+
+def test_no_try_starts_after_the_deadline(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(storage.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    policy = RetryPolicy(attempts=100, initial_delay_s=1.0, max_delay_s=4.0, deadline_s=10.0)
+    fn = Flaky([TimeoutError("slow")] * 100)
+    with pytest.raises(StorageError, match=r"still failing after \d+ tries in \d"):
+        storage.with_retries(fn, uri="gs://b/x", action="read", policy=policy)
+    assert clock[0] <= 10.0 and 3 <= fn.calls < 100
 
 
 def test_default_policy_is_read_at_call_time(monkeypatch):
