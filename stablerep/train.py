@@ -9,4 +9,4 @@ import sys
 from stablerep.cli import main
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]], prog_name="stablerep train")
+    main(["train", *sys.argv[1:]], prog_name="stablerep")

@@ -31,6 +31,7 @@ from stablerep.errors import InputError
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NO_STACKTRACE = re.compile(r"\s*Please check out the root cause in the stacktrace above\.?")
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,10 @@ def load_pipeline(model_path: str, *, dtype, label: str):
         reason = _hub_error(model_path, e) if from_hub else None
         if reason is not None:
             raise InputError(f"generate.model: cannot load {label}: {reason}") from None
+        detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = _NO_STACKTRACE.sub("", detail)  # the traceback is not shown for user errors
         raise InputError(f"generate.model: cannot load {label} as a diffusers pipeline "
-                         f"({str(e).splitlines()[0]})") from None
+                         f"({detail})") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
 

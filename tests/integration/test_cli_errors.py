@@ -230,6 +230,14 @@ def test_help_and_version_still_work(work: Path) -> None:
     assert "captions" in bare.stderr and "Commands:" in bare.stderr
 
 
+def test_the_torchrun_entry_point_reports_like_the_cli(work: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "stablerep.train", "--bogus"], cwd=work,
+                            env=_env(), capture_output=True, text=True, timeout=120)
+    line = _one_error_line(result)
+    assert line.startswith("error: no such option '--bogus'"), line
+    assert "(see 'stablerep train --help')" in line, line
+
+
 def test_choices_on_the_command_line_are_the_config_literals(work: Path) -> None:
     result = _cli("generate", "--help", cwd=work)
     assert result.returncode == 0
