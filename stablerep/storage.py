@@ -384,7 +384,7 @@ def read_json(uri: str, *, expect: type | tuple[type, ...] | None = None) -> Any
     Raises:
         ContentError: the bytes are not UTF-8, not JSON, or not of the ``expect`` type.
     """
-    text = read_text(uri)
+    text = read_text(uri).removeprefix("\ufeff")  # a byte order mark is allowed, as before
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:

@@ -100,6 +100,8 @@ def test_read_text_and_json_name_the_uri(tmp_path):
         storage.read_text(str(tmp_path / "latin1.txt"))
     with pytest.raises(InputError, match=r"latin1\.txt: not UTF-8"):
         storage.read_json(str(tmp_path / "latin1.txt"))
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"a": 1}')
+    assert storage.read_json(str(tmp_path / "bom.json"), expect=dict) == {"a": 1}
     (tmp_path / "list.json").write_text("[]")
     assert storage.read_json(str(tmp_path / "list.json")) == []
     with pytest.raises(InputError, match=r"list\.json: expected a JSON file holding an object, "
