@@ -1,35 +1,108 @@
 """The `stablerep` command line: parse -> config -> one library call per command.
 
 Every command takes ``--config RECIPE.yaml`` and any number of ``--set key.path=value``
-overrides; its own flags are shortcuts for the most used fields and win over both. A user
-error prints one line (``error: ...``) on stderr and exits with status 2.
+overrides; its own flags are shortcuts for the most used fields and win over both. Flags with a
+fixed set of values offer exactly the values of their config field (:func:`config.choices`).
+
+Every failure ends in one line on stderr: a user error (a bad value, file or path, or a
+command line click cannot parse) prints ``error: ...`` and exits with status 2; an unexpected
+exception is a bug and keeps its traceback, followed by ``error: internal error: ...``, exit
+status 1.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import traceback
+from typing import Any, NoReturn
 
 import click
 
 from stablerep import __version__
-from stablerep.config import Config, apply_overrides, dump_yaml, from_dict, load_yaml
-from stablerep.errors import StablerepError
+from stablerep.config import (
+    CAPTION_FORMATS,
+    CaptionsConfig,
+    Config,
+    GenerateConfig,
+    TrainConfig,
+    apply_overrides,
+    choices,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+)
+from stablerep.devices import device_help
+from stablerep.errors import ConfigError, StablerepError
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit with ``status``."""
+    sys.stdout.flush()
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(status)
+
+
+def _usage_message(e: click.ClickException) -> str:
+    """Click's message for a command line it cannot parse, as one line with a help hint."""
+    text = " ".join(e.format_message().split())
+    first = text.split(" ", 1)[0]
+    if first[:1].isupper() and first[1:].islower():  # "Invalid value ..." -> "invalid ..."
+        text = text[0].lower() + text[1:]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        text += f" (see '{ctx.command_path} --help')"
+    return text
+
+
+def _internal_error(e: Exception) -> NoReturn:
+    """A bug: the full traceback, then a one-line summary; exit status 1."""
+    sys.stdout.flush()
+    traceback.print_exc()
+    lines = str(e).strip().splitlines()
+    detail = f": {lines[0][:300]}" if lines else ""
+    _fail(f"internal error: {type(e).__name__}{detail} (this is a bug; please report it "
+          "with the traceback above)", EXIT_BUG)
 
 
 class _Group(click.Group):
-    """A click group that turns user errors into one line and exit status 2."""
+    """A click group whose every failure ends in one ``error:`` line on stderr.
 
-    def invoke(self, ctx: click.Context) -> Any:
+    Click's usage errors (an unknown option, a bad choice, a missing value), the project's
+    user errors (:class:`StablerepError`) and a local path that is a regular file where a
+    folder is expected (or the reverse) exit with status 2; ``--help`` and ``--version``
+    work as usual; anything else is a bug (see :func:`_internal_error`).
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:  # the caller handles exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            return super().invoke(ctx)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `stablerep`: the help text
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            _fail(_usage_message(e), EXIT_USER_ERROR)
+        except click.Abort:  # Ctrl-C or end of input
+            _fail("interrupted", EXIT_INTERRUPTED)
         except StablerepError as e:
-            message = str(e).replace("\n", " ")
-            click.echo(f"error: {message}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            _fail(str(e), EXIT_USER_ERROR)
+        except Exception as e:  # noqa: BLE001 - sorted into user path errors and bugs
+            from stablerep.storage import describe_path_error
+
+            problem = describe_path_error(e)
+            if problem is not None:
+                named = str(e.filename)  # type: ignore[attr-defined] - an OSError here
+                _fail(problem if named in problem else f"{named}: {problem}", EXIT_USER_ERROR)
+            _internal_error(e)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
 
 def _setup_logging(level: str) -> None:
@@ -47,6 +120,9 @@ def build_config(recipe: str | None, overrides: tuple[str, ...], section: str,
     apply_overrides(data, list(overrides))
     if data[section] is None:
         data[section] = {}
+    if not isinstance(data[section], dict):
+        raise ConfigError(f"{section}: got {data[section]!r}, expected a mapping of {section} "
+                          "fields")
     for key, value in flags.items():
         if value is not None and value != ():
             data[section][key] = list(value) if isinstance(value, tuple) else value
@@ -64,6 +140,24 @@ def stage_config(recipe: str | None, overrides: tuple[str, ...], section: str,
         click.echo(dump_yaml(cfg), nl=False)
         return None
     return cfg, getattr(cfg, section)
+
+
+def check_outputs(*targets: tuple[str, str | None]) -> None:
+    """Fail before any work when an output folder is a regular file or runs through one.
+
+    Args:
+        targets: (field, URI) pairs; empty URIs are skipped.
+    """
+    from stablerep.storage import check_output_folder
+
+    for field, uri in targets:
+        if uri:
+            check_output_folder(uri, field=field)
+
+
+def _where(value: str, field: str) -> str:
+    """The field an output URI came from: its own, or ``data_root`` for a default."""
+    return field if value else "data_root"
 
 
 def _common(fn):
@@ -92,12 +186,11 @@ def main(log_level: str) -> None:
 
 @main.command()
 @_common
-@click.option("--source", type=click.Choice(["synthetic", "files", "procedural"]),
+@click.option("--source", type=click.Choice(choices(CaptionsConfig, "source")),
               help="Caption source [config default: synthetic].")
 @click.option("--input", "inputs", multiple=True, metavar="URI",
               help="Caption file, folder or glob (repeatable); implies --source files.")
-@click.option("--format", "fmt", help="File layout: auto, cc3m, cc12m, tsv, csv, jsonl, "
-                                      "parquet, txt, redcaps.")
+@click.option("--format", "fmt", help=f"File layout: {', '.join(CAPTION_FORMATS)}.")
 @click.option("--column", help="Column / field holding the caption.")
 @click.option("--num-captions", type=int, help="How many captions to sample.")
 @click.option("--num-shards", type=int, help="Number of Parquet parts to write.")
@@ -132,6 +225,8 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
         return
     cfg, _ = built
     target = cfg.captions.out or join(cfg.data_root, "captions")
+    check_outputs((_where(cfg.captions.out, "captions.out"), target),
+                  ("captions.work_dir", cfg.captions.work_dir))
     manifest = make_captions(cfg.captions, target)
     click.echo(format_summary(manifest))
     click.echo(f"captions: {manifest.count:,} captions written to {manifest.uri}")
@@ -142,25 +237,25 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
 @click.option("--captions", "captions_uri", metavar="URI",
               help="Captions folder [default: <data-root>/captions].")
 @click.option("--out", metavar="URI", help="Images folder [default: <data-root>/images].")
-@click.option("--backend", type=click.Choice(["diffusers", "tiny", "procedural"]),
+@click.option("--backend", type=click.Choice(choices(GenerateConfig, "backend")),
               help="diffusers (any text-to-image pipeline), tiny (offline, random weights) or "
                    "procedural (rendered digits and shapes).")
 @click.option("--model", metavar="ID|PATH|URI", help="Hub id, local folder or storage URI.")
 @click.option("--images-per-caption", "-m", type=int, help="Images drawn per caption.")
 @click.option("--guidance-scale", type=float, help="Classifier-free guidance scale.")
 @click.option("--steps", "num_inference_steps", type=int, help="Denoising steps.")
-@click.option("--scheduler", type=click.Choice(["ddim", "dpmsolver++", "default"]))
+@click.option("--scheduler", type=click.Choice(choices(GenerateConfig, "scheduler")))
 @click.option("--size", type=int, help="Generation height and width (multiple of 8).")
 @click.option("--stored-size", type=int, help="Stored shorter side (0 = as generated).")
-@click.option("--image-format", type=click.Choice(["jpg", "webp", "png"]))
+@click.option("--image-format", type=click.Choice(choices(GenerateConfig, "image_format")))
 @click.option("--seed", type=int, help="Global seed.")
 @click.option("--batch-size", type=int, help="Images per denoising call.")
 @click.option("--shard", type=int, help="Process only this captions shard.")
 @click.option("--all-shards", is_flag=True, default=None, help="Process every shard.")
 @click.option("--shard-from-env", is_flag=True, default=None,
               help="Take the shard from JOB_COMPLETION_INDEX (Kubernetes Indexed Job).")
-@click.option("--device", help="auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]))
+@click.option("--device", help=f"{device_help()}.")
+@click.option("--dtype", type=click.Choice(choices(GenerateConfig, "dtype")))
 @click.option("--compile", "compile_unet", is_flag=True, default=None,
               help="torch.compile the UNet.")
 @click.option("--overwrite", is_flag=True, default=None,
@@ -195,6 +290,8 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
     cfg, gen = built
     captions = gen.captions or join(cfg.data_root, "captions")
     target = gen.out or join(cfg.data_root, "images")
+    check_outputs((_where(gen.out, "generate.out"), target),
+                  ("generate.tiny_cache", gen.tiny_cache))
     results = run_generate(gen, captions=captions, out=target)
     made = [r for r in results if not r.skipped]
     images = sum(r.samples for r in made)
@@ -212,7 +309,7 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
 @click.option("--data", "data", multiple=True, metavar="URI",
               help="Images folder (repeatable) [default: <data-root>/images].")
 @click.option("--out", metavar="URI", help="Output folder [default: <data-root>/train].")
-@click.option("--method", type=click.Choice(["stablerep", "stablerep_plus", "simclr", "clip"]))
+@click.option("--method", type=click.Choice(choices(TrainConfig, "method")))
 @click.option("--model", help="timm ViT name, e.g. vit_base_patch16_224 or vit_tiny.")
 @click.option("--image-size", type=int, help="Training resolution.")
 @click.option("--captions-per-batch", type=int, help="Captions per step over all ranks.")
@@ -221,7 +318,7 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
 @click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option("--num-workers", type=int, help="Data loader processes per rank.")
 @click.option("--seed", type=int)
-@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--device", help=f"{device_help(indexed=False)} (rank i uses GPU i of its node).")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 def train(recipe, overrides, data_root, data, out, method, model, image_size,
           captions_per_batch, images_per_caption, epochs, max_steps, num_workers, seed, device,
@@ -234,7 +331,7 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
     \b
     Examples:
       stablerep train --data-root ./data --model vit_tiny --image-size 32 --max-steps 50
-      torchrun --nproc_per_node 8 -m stablerep.train --config configs/train_cc12m.yaml
+      torchrun --nproc_per_node 8 -m stablerep.train --config configs/cc12m.yaml
     """
     from stablerep.storage import join
 
@@ -248,13 +345,15 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
     if built is None:
         return
     cfg, tc = built
+    out = tc.out or join(cfg.data_root, "train")
+    check_outputs((_where(tc.out, "train.out"), out))
     from stablerep import distributed  # torch & co. only once the config is valid
     from stablerep.training.trainer import Trainer
 
     env = distributed.setup(tc.device, timeout_s=tc.dist_timeout_s)
     try:
         trainer = Trainer(tc, data=tc.data or [join(cfg.data_root, "images")],
-                          out=tc.out or join(cfg.data_root, "train"), env=env)
+                          out=out, env=env)
         trainer.resume()  # a checkpoint of another model fails here, before config.yaml
         if env.is_main:
             from stablerep import storage
@@ -281,7 +380,7 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
 @click.option("--baseline", metavar="random|none|URI",
               help="Backbone to compare with [default: random init of the same model].")
 @click.option("--episodes", "few_shot_episodes", type=int, help="Few-shot episodes.")
-@click.option("--device", help="auto, cpu or cuda.")
+@click.option("--device", help=f"{device_help()}.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
              few_shot_episodes, device, print_config) -> None:
@@ -290,8 +389,8 @@ def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
     \b
     Examples:
       stablerep eval --data-root ./data                       # the run's own checkpoint
-      stablerep eval --checkpoint gs://b/run1/train --datasets sklearn:digits,\\
-          imagefolder:gs://b/pets --out gs://b/run1/eval
+      stablerep eval --checkpoint gs://b/run1/train \\
+          --datasets sklearn:digits,imagefolder:gs://b/pets --out gs://b/run1/eval
     """
     from stablerep.evaluation.stage import run_eval
     from stablerep.storage import join, write_text
@@ -307,6 +406,8 @@ def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
     cfg, ec = built
     ckpt = ec.checkpoint or join(cfg.data_root, "train")
     target = ec.out or join(cfg.data_root, "eval")
+    check_outputs((_where(ec.out, "eval.out"), target),
+                  ("eval.feature_cache", ec.feature_cache), ("eval.data_cache", ec.data_cache))
     images = ec.images or join(cfg.data_root, "images")
     metrics_uri = ec.train_metrics or (join(ckpt, "metrics.jsonl")
                                        if not ckpt.startswith("timm") else "")

@@ -11,8 +11,10 @@ A recipe is a YAML mapping whose top-level keys are the fields of :class:`Config
 
 Command lines override any field with ``--set captions.num_captions=1000`` (the value is read
 as YAML, so ``[a, b]``, ``true`` and ``null`` work). Every field has a default and a comment;
-``__post_init__`` validates and names the offending field and the allowed values. The
-resolved config is written beside a stage's outputs (:func:`dump_yaml`).
+``__post_init__`` validates and names the offending field and the allowed values. A field with
+a fixed set of values is typed as a ``Literal``; :func:`choices` reads that set back, so the
+command line offers exactly what the config accepts. The resolved config is written beside a
+stage's outputs (:func:`dump_yaml`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,37 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from stablerep.devices import check_device
 from stablerep.errors import ConfigError
 
 C = TypeVar("C")
 
+# The fixed sets of values of config fields; each tuple below is read from its Literal.
+CaptionSource = Literal["synthetic", "files", "procedural"]
 CaptionFormat = Literal["auto", "cc3m", "cc12m", "tsv", "csv", "jsonl", "parquet", "txt", "redcaps"]
+Compression = Literal["infer", "none", "gzip", "zstd", "bz2", "xz"]
+Rewriter = Literal["none"]
+GenerateBackend = Literal["diffusers", "tiny", "procedural"]
+Scheduler = Literal["ddim", "dpmsolver++", "default"]
+ImageFormat = Literal["jpg", "webp", "png"]
+GenerateDtype = Literal["auto", "fp32", "fp16", "bf16"]
+Method = Literal["stablerep", "stablerep_plus", "simclr", "clip"]
+Augmentation = Literal["stablerep", "weak", "none"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+EvalPrecision = Literal["auto", "fp32", "bf16"]
+
+CAPTION_SOURCES: tuple[str, ...] = typing.get_args(CaptionSource)
 CAPTION_FORMATS: tuple[str, ...] = typing.get_args(CaptionFormat)
-COMPRESSIONS = ("infer", "none", "gzip", "zstd", "bz2", "xz")
+COMPRESSIONS: tuple[str, ...] = typing.get_args(Compression)
+REWRITERS: tuple[str, ...] = typing.get_args(Rewriter)
+BACKENDS: tuple[str, ...] = typing.get_args(GenerateBackend)
+SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
+IMAGE_FORMATS: tuple[str, ...] = typing.get_args(ImageFormat)
+GENERATE_DTYPES: tuple[str, ...] = typing.get_args(GenerateDtype)
+METHODS: tuple[str, ...] = typing.get_args(Method)
+AUGMENTATIONS: tuple[str, ...] = typing.get_args(Augmentation)
+TRAIN_PRECISIONS: tuple[str, ...] = typing.get_args(TrainPrecision)
+EVAL_PRECISIONS: tuple[str, ...] = typing.get_args(EvalPrecision)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -46,6 +72,19 @@ def _check_range(name: str, value: float, *, low: float | None = None, high: flo
         raise ConfigError(f"{name}: got {value!r}, expected a value {bound}")
     if high is not None and value > high:
         raise ConfigError(f"{name}: got {value!r}, expected a value <= {high}")
+
+
+def choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The values the ``Literal``-typed field ``name`` of the config dataclass ``cls`` takes.
+
+    Args:
+        cls: a config dataclass, e.g. :class:`TrainConfig`.
+        name: one of its fields, e.g. ``"method"``.
+    """
+    tp = typing.get_type_hints(cls).get(name)
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{cls.__name__}.{name} is not a Literal-typed field")
+    return typing.get_args(tp)
 
 
 # ---------------------------------------------------------------------------- captions
@@ -78,7 +117,7 @@ class SyntheticCaptionsConfig:
     background_prob: float = 0.5  # chance that a caption gets a background phrase
     num_rows: int | None = None  # candidates to draw; default num_captions * oversample
     oversample: float = 1.25  # candidates per wanted caption (duplicates are dropped later)
-    rewriter: Literal["none"] = "none"  # caption rewriter (an LLM plugs in here later)
+    rewriter: Rewriter = "none"  # caption rewriter (an LLM plugs in here later)
 
     def __post_init__(self) -> None:
         if not self.concepts:
@@ -90,7 +129,7 @@ class SyntheticCaptionsConfig:
         if self.num_rows is not None:
             _check_range("captions.synthetic.num_rows", self.num_rows, low=1)
         _check_range("captions.synthetic.oversample", self.oversample, low=1)
-        _check_choice("captions.synthetic.rewriter", self.rewriter, ("none",))
+        _check_choice("captions.synthetic.rewriter", self.rewriter, REWRITERS)
 
 
 Typeface = Literal["handwritten", "sans-serif", "serif", "monospace"]
@@ -122,11 +161,11 @@ class ProceduralCaptionsConfig:
 class CaptionsConfig:
     """The caption stage: read or synthesise, clean, dedupe, sample N, split into shards."""
 
-    source: Literal["synthetic", "files", "procedural"] = "synthetic"  # where captions come from
+    source: CaptionSource = "synthetic"  # where captions come from
     inputs: list[str] = field(default_factory=list)  # files source: URIs, globs or folders
     format: CaptionFormat = "auto"  # file layout; auto = from the suffix (and a sniff for .tsv)
     column: str = "caption"  # csv/tsv/parquet column or jsonl/redcaps field holding the caption
-    compression: str = "infer"  # infer (from .gz/.zst/...), none, gzip, zstd, bz2, xz
+    compression: Compression = "infer"  # infer (from .gz/.zst/...), none, gzip, zstd, bz2, xz
     out: str = ""  # output folder URI; default <data_root>/captions
     num_captions: int | None = None  # captions to sample; None = all (files source)
     allow_fewer: bool = False  # accept fewer than num_captions when the source has fewer
@@ -142,7 +181,7 @@ class CaptionsConfig:
     procedural: ProceduralCaptionsConfig = field(default_factory=ProceduralCaptionsConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("captions.source", self.source, ("synthetic", "files", "procedural"))
+        _check_choice("captions.source", self.source, CAPTION_SOURCES)
         _check_choice("captions.format", self.format, CAPTION_FORMATS)
         _check_choice("captions.compression", self.compression, COMPRESSIONS)
         if self.source == "files" and not self.inputs:
@@ -161,28 +200,24 @@ class CaptionsConfig:
 
 # ---------------------------------------------------------------------------- generation
 
-SCHEDULERS = ("ddim", "dpmsolver++", "default")
-IMAGE_FORMATS = ("jpg", "webp", "png")
-
-
 @dataclass
 class GenerateConfig:
     """Sharded text-to-image generation: m images per caption into WebDataset shards."""
 
     captions: str = ""  # captions folder URI; default <data_root>/captions
     out: str = ""  # output folder URI; default <data_root>/images
-    backend: Literal["diffusers", "tiny", "procedural"] = "diffusers"  # tiny: random SD
+    backend: GenerateBackend = "diffusers"  # tiny: random-weight SD; procedural: digits
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, local folder or URI
     images_per_caption: int = 10  # m: images drawn per caption (the paper: 10)
     guidance_scale: float = 2.0  # classifier-free guidance w (the paper: 2 for StableRep)
     num_inference_steps: int = 50  # denoising steps (the paper: DDIM 50)
-    scheduler: str = "ddim"  # ddim (the paper), dpmsolver++ (multistep), default (the model's)
+    scheduler: Scheduler = "ddim"  # ddim (the paper), dpmsolver++ (multistep), default (the model's)
     eta: float = 0.0  # DDIM eta (0 = deterministic DDIM)
     negative_prompt: str = ""  # unconditional prompt for guidance (the paper: empty)
     height: int = 512  # generation height in pixels (multiple of 8)
     width: int = 512  # generation width in pixels (multiple of 8)
     stored_size: int = 256  # stored image size (shorter side resized to it; 0 = as generated)
-    image_format: str = "jpg"  # jpg, webp or png
+    image_format: ImageFormat = "jpg"  # jpg, webp or png
     jpeg_quality: int = 95  # JPEG / WebP quality
     seed: int = 0  # global seed; image j of caption c uses hash(seed, caption_id, j)
     batch_size: int = 16  # images per denoising call (captions x images, flattened)
@@ -190,7 +225,7 @@ class GenerateConfig:
     all_shards: bool = False  # process every shard (skipping finished ones) in one process
     shard_from_env: bool = False  # take the shard from JOB_COMPLETION_INDEX (Indexed Job)
     device: str = "auto"  # auto (cuda if present), cpu, cuda, cuda:1 ...
-    dtype: str = "auto"  # auto (fp16 on cuda, fp32 on cpu), fp32, fp16, bf16
+    dtype: GenerateDtype = "auto"  # auto (fp16 on cuda, fp32 on cpu), fp32, fp16, bf16
     compile: bool = False  # torch.compile the UNet (pays off for long runs)
     channels_last: bool = True  # channels_last memory format for UNet and VAE on cuda
     encode_workers: int = 4  # threads resizing/encoding images beside the GPU
@@ -199,7 +234,7 @@ class GenerateConfig:
     overwrite: bool = False  # replace shards made with another config under `out`
 
     def __post_init__(self) -> None:
-        _check_choice("generate.backend", self.backend, ("diffusers", "tiny", "procedural"))
+        _check_choice("generate.backend", self.backend, BACKENDS)
         if not self.model:
             raise ConfigError("generate.model: expected a hub id, a local folder or a URI")
         _check_range("generate.images_per_caption", self.images_per_caption, low=1)
@@ -221,15 +256,13 @@ class GenerateConfig:
         modes = sum([self.shard is not None, self.all_shards, self.shard_from_env])
         if modes > 1:
             raise ConfigError("generate.shard / all_shards / shard_from_env: choose one of them")
-        _check_choice("generate.dtype", self.dtype, ("auto", "fp32", "fp16", "bf16"))
+        _check_choice("generate.dtype", self.dtype, GENERATE_DTYPES)
+        check_device(self.device, field="generate.device")
         _check_range("generate.encode_workers", self.encode_workers, low=1)
         _check_range("generate.max_failures", self.max_failures, low=-1)
 
 
 # ---------------------------------------------------------------------------- training
-
-METHODS = ("stablerep", "stablerep_plus", "simclr", "clip")
-
 
 @dataclass
 class TrainConfig:
@@ -237,7 +270,7 @@ class TrainConfig:
 
     data: list[str] = field(default_factory=list)  # images folders; default [<data_root>/images]
     out: str = ""  # checkpoints, metrics, TensorBoard; default <data_root>/train
-    method: str = "stablerep"  # stablerep, stablerep_plus, simclr or clip
+    method: Method = "stablerep"  # stablerep, stablerep_plus, simclr or clip
     model: str = "vit_base_patch16_224"  # timm ViT name (vit_tiny/small/base/large_patch16_*)
     image_size: int = 224  # training resolution (small values for CPU runs)
     head_hidden_dim: int = 4096  # projection MLP hidden width
@@ -251,7 +284,7 @@ class TrainConfig:
     captions_per_batch: int = 1376  # n captions per optimizer step, over all ranks
     temperature: float = 0.1  # multi-positive loss temperature (SynCLR: 0.08)
     clip_loss_weight: float = 1.0  # weight of the CLIP loss, itself (L_i2t + L_t2i) / 2
-    augmentation: str = "stablerep"  # stablerep (the paper's), weak, or none
+    augmentation: Augmentation = "stablerep"  # stablerep (the paper's), weak, or none
     downsample_prob: float = 0.0  # chance of a 64/128px down-and-up resize (paper: 0.05)
     epochs: float = 15.0  # passes over the captions (the paper's 1x schedule on CC12M: 15)
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -262,7 +295,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.98  # AdamW beta2
     grad_accum_steps: int = 1  # micro-batches per optimizer step (loss within each)
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16
+    precision: TrainPrecision = "auto"  # auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16
     compile: bool = False  # torch.compile the model
     sync_bn: bool = True  # SyncBatchNorm in the projection head when distributed
     num_workers: int = 4  # data loader processes per rank
@@ -273,7 +306,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # most recent checkpoints kept
     resume: bool = True  # continue from <out>/latest.json when it exists
-    device: str = "auto"  # auto (cuda when present), cpu, cuda
+    device: str = "auto"  # auto (cuda when present), cpu, cuda (rank i uses GPU i of its node)
     dist_timeout_s: float = 600.0  # collective timeout: a dead peer fails the job after it
     tensorboard: bool = True  # write TensorBoard event files under <out>/tb
     knn_every: int = 0  # steps between kNN checks of the backbone (0 = never)
@@ -299,7 +332,7 @@ class TrainConfig:
                               f"train.text_width {self.text_width}")
         _check_range("train.temperature", self.temperature, low=0, low_open=True)
         _check_range("train.clip_loss_weight", self.clip_loss_weight, low=0)
-        _check_choice("train.augmentation", self.augmentation, ("stablerep", "weak", "none"))
+        _check_choice("train.augmentation", self.augmentation, AUGMENTATIONS)
         _check_range("train.downsample_prob", self.downsample_prob, low=0, high=1)
         _check_range("train.epochs", self.epochs, low=0, low_open=True)
         if self.max_steps is not None:
@@ -311,7 +344,8 @@ class TrainConfig:
         _check_range("train.weight_decay", self.weight_decay, low=0)
         _check_range("train.beta1", self.beta1, low=0, high=0.999999)
         _check_range("train.beta2", self.beta2, low=0, high=0.999999)
-        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("train.precision", self.precision, TRAIN_PRECISIONS)
+        check_device(self.device, field="train.device", indexed=False)
         _check_range("train.num_workers", self.num_workers, low=0)
         _check_range("train.max_sample_errors", self.max_sample_errors, low=0)
         _check_range("train.dist_timeout_s", self.dist_timeout_s, low=1)
@@ -346,8 +380,8 @@ class EvalConfig:
     image_size: int | None = None  # input size; default the backbone's training size
     batch_size: int = 256  # images per forward pass
     num_workers: int = 2  # image decoding processes
-    device: str = "auto"  # auto (cuda when present), cpu, cuda
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), fp32, bf16
+    device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1 ...
+    precision: EvalPrecision = "auto"  # auto (bf16 on cuda, fp32 on cpu), fp32, bf16
     feature_cache: str = ""  # feature cache URI; default <out>/features
     data_cache: str = ""  # local folder for torchvision data sets; default the stablerep cache
     download: bool = False  # let torchvision download missing data sets (needs network)
@@ -376,7 +410,8 @@ class EvalConfig:
             _check_range(f"eval.{name}", getattr(self, name), low=0)
         if self.few_shot_episodes and self.few_shot_way < 2:
             raise ConfigError(f"eval.few_shot_way: got {self.few_shot_way}, expected >= 2")
-        _check_choice("eval.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("eval.precision", self.precision, EVAL_PRECISIONS)
+        check_device(self.device, field="eval.device")
         _check_range("eval.probe_c_min", self.probe_c_min, low=0, low_open=True)
         _check_range("eval.probe_c_max", self.probe_c_max, low=self.probe_c_min)
         _check_range("eval.probe_val_fraction", self.probe_val_fraction, low=0.01, high=0.9)
@@ -475,7 +510,7 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
         raise ConfigError(f"{where or 'config'}: got {data!r}, expected a mapping")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(

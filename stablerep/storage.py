@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from stablerep.errors import StablerepError
+from stablerep.errors import InputError, StablerepError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +53,10 @@ class StorageError(StablerepError):
 
 class StorageNotFound(StorageError, FileNotFoundError):
     """The object, folder or bucket does not exist."""
+
+
+class ContentError(StorageError, InputError):
+    """The object exists but its bytes are not what was expected (encoding, JSON, shape)."""
 
 
 @dataclass(frozen=True)
@@ -258,9 +262,72 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+# errno values of an OSError that a wrong local path (not a bug) causes
+_PATH_ERRNOS = {errno.ENOTDIR: "", errno.EEXIST: "", errno.EISDIR: "",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.ENOSPC: "no space left on the device",
+                errno.EROFS: "the file system is read-only",
+                errno.ENAMETOOLONG: "the name is too long",
+                errno.ELOOP: "too many levels of symbolic links"}
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first component of ``path`` that exists and is not a folder, if any."""
+    for part in reversed([path, *path.parents]):
+        if part.exists() and not part.is_dir():
+            return part
+    return None
+
+
+def describe_path_error(exc: BaseException, *, path: str | os.PathLike | None = None
+                        ) -> str | None:
+    """One line saying what is wrong with the local path behind ``exc``, or None.
+
+    Covers the errors a user's path causes: a path that is a regular file or runs through
+    one, a folder where a file is expected, missing permissions, a full or read-only disk.
+
+    Args:
+        exc: any exception; only an ``OSError`` with a file name is described.
+        path: the path to name instead of the one in ``exc`` (e.g. a relative one).
+    """
+    if not isinstance(exc, OSError) or exc.errno not in _PATH_ERRNOS or not exc.filename:
+        return None
+    where = Path(path) if path is not None else Path(os.fsdecode(exc.filename))
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _blocking_file(where)
+        if blocker is not None:
+            return f"{blocker} is a regular file, expected a folder"
+        return f"{where}: {exc.strerror or 'already exists'}"
+    if exc.errno == errno.EISDIR:
+        return f"{where} is a folder, expected a file"
+    return f"{where}: {_PATH_ERRNOS[exc.errno]}"
+
+
+def check_output_folder(uri: str, *, field: str) -> None:
+    """Refuse, before any work, a local output folder that a regular file stands in for.
+
+    Nothing is created; remote URIs have no such problem (a prefix is never a file).
+
+    Args:
+        uri: the folder a stage will write under.
+        field: the config field (or flag) it came from, named in the error.
+    """
+    if not is_local(uri):
+        return
+    path = local_path(uri)
+    blocker = _blocking_file(path)
+    if blocker == path:
+        raise StorageError(f"{field}: {uri} is a regular file, expected a folder")
+    if blocker is not None:
+        raise StorageError(f"{field}: {uri} runs through {blocker}, a regular file, expected "
+                           "a folder")
+
+
 def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:
     if isinstance(exc, StorageError):
         return exc
+    if is_local(uri) and (problem := describe_path_error(exc, path=local_path(uri))):
+        return StorageError(f"cannot {action} {uri}: {problem}")
     status = _http_status(exc)
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, FileNotFoundError) or status == 404:
@@ -394,16 +461,54 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
-    """The object at ``uri`` decoded as text."""
-    return read_bytes(uri).decode(encoding)
+    """The object at ``uri`` decoded as text.
 
-
-def read_json(uri: str) -> Any:
-    """The object at ``uri`` parsed as JSON."""
+    Args:
+        uri: the object.
+        encoding: its text encoding; bytes that are not valid in it raise
+            :class:`ContentError` naming the URI and the first bad byte.
+    """
+    data = read_bytes(uri)
     try:
-        return json.loads(read_bytes(uri))
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        bad = data[e.start:e.start + 1].hex()
+        raise ContentError(f"{uri}: not {encoding.upper()} text (byte 0x{bad} at offset "
+                           f"{e.start}); expected a {encoding.upper()} text file") from None
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _json_kind(tp: type) -> str:
+    return _JSON_KINDS.get(tp, tp.__name__)
+
+
+def read_json(uri: str, *, expect: type | tuple[type, ...] | None = None) -> Any:
+    """The object at ``uri`` parsed as JSON (UTF-8).
+
+    Args:
+        uri: the object.
+        expect: the type(s) the top-level value must have, e.g. ``dict``; any other raises
+            :class:`ContentError` naming the URI and what was found.
+
+    Raises:
+        ContentError: the bytes are not UTF-8, not JSON, or not of the ``expect`` type.
+    """
+    text = read_text(uri).removeprefix("\ufeff")  # a byte order mark is allowed, as before
+    try:
+        doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise StorageError(f"{uri}: not valid JSON ({e})") from None
+        raise ContentError(f"{uri}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ContentError(f"{uri}: not valid JSON (nested too deeply)") from None
+    if expect is not None and not isinstance(doc, expect):
+        wanted = " or ".join(dict.fromkeys(
+            _json_kind(t) for t in (expect if isinstance(expect, tuple) else (expect,))))
+        raise ContentError(f"{uri}: expected a JSON file holding {wanted}, got "
+                           f"{_json_kind(type(doc))}")
+    return doc
 
 
 def size(uri: str) -> int:
@@ -517,21 +622,33 @@ class AtomicWrite:
         self.policy = policy
         self.sha256: str | None = None
         self.size: int | None = None
-        if is_local(self.uri):
-            final = local_path(self.uri)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self._staged = final.parent / f"{TEMP_PREFIX}{final.name}.{staging_owner()}"
-        else:
-            fd, staged = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=_staging_dir())
-            os.close(fd)
-            self._staged = Path(staged)
-        self._raw = open(self._staged, "wb")  # noqa: SIM115 - closed in publish/discard
+        try:
+            if is_local(self.uri):
+                final = local_path(self.uri)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._staged = final.parent / f"{TEMP_PREFIX}{final.name}.{staging_owner()}"
+            else:
+                fd, staged = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=_staging_dir())
+                os.close(fd)
+                self._staged = Path(staged)
+            self._raw = open(self._staged, "wb")  # noqa: SIM115 - closed in publish/discard
+        except OSError as e:
+            if (error := self._path_error(e)) is None:
+                raise
+            raise error from None
         self.file = _HashingFile(self._raw)
 
     @property
     def staged_path(self) -> Path:
         """The private file the bytes go to until :meth:`publish`."""
         return self._staged
+
+    def _path_error(self, exc: OSError) -> StorageError | None:
+        """A wrong local path as one :class:`StorageError`; None for other errors."""
+        if is_local(self.uri) and local_path(self.uri).is_dir():
+            return StorageError(f"cannot write {self.uri}: it is a folder, expected a file")
+        problem = describe_path_error(exc)
+        return StorageError(f"cannot write {self.uri}: {problem}") if problem else None
 
     def publish(self) -> None:
         self._raw.flush()
@@ -540,7 +657,12 @@ class AtomicWrite:
         self.file.close()
         self.sha256, self.size = self.file.sha256, self.file.size
         if is_local(self.uri):
-            os.replace(self._staged, local_path(self.uri))
+            try:
+                os.replace(self._staged, local_path(self.uri))
+            except OSError as e:
+                if (error := self._path_error(e)) is None:
+                    raise
+                raise error from None
             return
         fs, path = filesystem(self.uri)
         try:

@@ -33,6 +33,7 @@ from stablerep.errors import InputError
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NO_STACKTRACE = re.compile(r"\s*Please check out the root cause in the stacktrace above\.?")
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,11 @@ def check_pipeline_folder(folder: Path, label: str) -> dict[str, Any]:
     if not index.is_file():
         raise InputError(f"{label}: not a diffusers pipeline (no model_index.json in {folder})")
     try:
-        spec = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
+        spec = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8 or not JSON
         raise InputError(f"{label}: model_index.json is not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise InputError(f"{label}: model_index.json holds no JSON object")
     components = [k for k, v in spec.items()
                   if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
     missing = [c for c in components if not (folder / c).is_dir()]
@@ -126,11 +129,63 @@ def load_pipeline(model_path: str, *, dtype, label: str):
         spec = json.loads((Path(model_path) / "model_index.json").read_text())
         if "safety_checker" in spec:  # the paper's images are unfiltered
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+    from_hub = not Path(model_path).is_dir()
+    verbosity = diffusers_logging.get_verbosity()
+    if from_hub:  # its warnings repeat what the one error line below says
+        diffusers_logging.set_verbosity_error()
     try:
         return DiffusionPipeline.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as e:
+        reason = _hub_error(model_path, e) if from_hub else None
+        if reason is not None:
+            raise InputError(f"generate.model: cannot load {label}: {reason}") from None
+        detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = _NO_STACKTRACE.sub("", detail)  # the traceback is not shown for user errors
         raise InputError(f"generate.model: cannot load {label} as a diffusers pipeline "
-                         f"({str(e).splitlines()[0]})") from None
+                         f"({detail})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception it was raised from or while handling."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or any(current is s for s in seen):
+            continue
+        seen.append(current)
+        todo += [current.__cause__, current.__context__]
+    return seen
+
+
+def _hub_error(model_id: str, exc: BaseException) -> str | None:
+    """Why the hub id ``model_id`` did not load, as a phrase; None if not a hub problem."""
+    from huggingface_hub import constants, errors
+
+    chain = _causes(exc)
+
+    def found(*kinds: type) -> bool:
+        return any(isinstance(e, kinds) for e in chain)
+
+    if found(errors.GatedRepoError):
+        return ("a gated model on the Hugging Face Hub; accept its terms there and give a "
+                "token (HF_TOKEN)")
+    if found(errors.RepositoryNotFoundError):
+        return ("no such model on the Hugging Face Hub (or a private one: give a token, "
+                "HF_TOKEN), expected a hub id (org/name), a local folder or a storage URI")
+    if found(errors.RevisionNotFoundError):
+        return "the Hugging Face Hub has no such revision of it"
+    offline = found(errors.OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE
+    if offline or found(errors.LocalEntryNotFoundError):
+        why = ("HF_HUB_OFFLINE is set" if offline
+               else "the Hugging Face Hub cannot be reached")
+        return (f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+                "expected a cached hub id, a local folder or a storage URI")
+    if found(errors.EntryNotFoundError):
+        return "not a diffusers pipeline on the Hugging Face Hub (no model_index.json)"
+    return None
 
 
 class DiffusersBackend:
