@@ -49,8 +49,8 @@ CLI_TINY = ["--model", "vit_tiny", "--image-size", "32", "--set", "train.head_hi
             "--set", "train.head_out_dim=32"]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
              "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-# A `stablerep train` subprocess (imports, shards, a few steps) takes 20-60 s on the idle
-# 2-core machine; twice that at half the CPU. Hang guards, not expectations.
+# Hang guards, not expectations: a torchrun job of 2 ranks showed its second step 31-38 s
+# after its start with a CPU hog on one of the 2 busy cores; these leave room for far worse.
 RUN_TIMEOUT_S = 600
 START_TIMEOUT_S = 300  # until a started run shows its first steps or checkpoint
 
