@@ -24,7 +24,8 @@ matters). The default size finishes in a few minutes on 2 CPU cores; ``--n 50000
 speed ratio = baseline seconds / stablerep seconds, both accuracies) and writes JSON to
 benchmarks/results/evaluation-<device>.json. Absolute times are noisy; the ratios are the point.
 
-    python benchmarks/evaluation.py
+    python benchmarks/evaluation.py                  # about a minute on 2 CPU cores
+    python benchmarks/evaluation.py --threads 1      # cores shared with other jobs
     python benchmarks/evaluation.py --n 50000 --dim 768 --classes 100 --episodes 600
 """
 
