@@ -92,7 +92,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    env = distributed.setup("cpu", timeout_s=120)
+    # collectives wait this long for a rank that lags (both import and build on busy cores)
+    env = distributed.setup("cpu", timeout_s=300)
     try:
         for method in METHODS:
             one_step(method, env, out)

@@ -50,6 +50,8 @@ pytestmark = pytest.mark.integration
 TIMM = "timm:vit_tiny_patch16_224"
 FAST = ["--set", "eval.probe_num_c=5", "--set", "eval.num_workers=0", "--set",
         "eval.batch_size=128"]
+# The module's CLI runs start together (four imports of torch on 2 busy cores); a hang guard.
+RUN_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -137,7 +139,7 @@ class Runs:
     def result(self, name: str) -> subprocess.CompletedProcess:
         if name not in self.done:
             proc = self.procs[name]
-            stdout, stderr = proc.communicate(timeout=300)
+            stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
             self.done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout,
                                                           stderr)
         return self.done[name]

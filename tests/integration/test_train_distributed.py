@@ -27,6 +27,8 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).with_name("_train_equiv.py")
 METHODS = ("stablerep", "stablerep_plus")
+# Both runs (three processes importing torch at once) on 2 busy cores; a hang guard.
+RUN_TIMEOUT_S = 600
 
 
 def _free_port() -> int:
@@ -52,7 +54,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
              for name, cmd in runs.items()}
     for name, proc in procs.items():
         try:
-            output, _ = proc.communicate(timeout=240)
+            output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             output, _ = proc.communicate()
