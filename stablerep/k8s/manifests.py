@@ -36,7 +36,7 @@ _SHM = "dshm"
 _SCRATCH = "tmp"
 SCRATCH_PATH = "/tmp"
 SCRATCH_HOME = "/tmp/home"
-#: The image's user (the Dockerfiles in images/); checkov wants UIDs from this one up.
+#: The lowest runAsUser checkov's CKV_K8S_40 accepts (the images' user is UID 1000).
 _HIGH_UID = 10_000
 
 
@@ -69,10 +69,10 @@ def _env(recipe: str, data_root: str, pod: PodConfig) -> list[dict[str, str]]:
 
 
 def checkov_skips(namespace: str, pod: PodConfig | None = None) -> dict[str, str]:
-    """``checkov.io/skipN`` annotations: each check a manifest fails on purpose, with why.
+    """``checkov.io/skipN`` annotations: each check an object fails on purpose, with why.
 
-    Only checks the manifest really fails are listed, so a config that meets one (a
-    namespace, a digest, ``Always``, a high UID) drops its skip.
+    Only checks the config really fails are listed, so a config that meets one (a namespace,
+    a digest, ``Always``, a high UID) drops its skip.
 
     Args:
         namespace: the object's namespace ("" in the kustomize bases).

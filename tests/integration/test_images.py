@@ -58,6 +58,7 @@ def _checkov(folder: str, framework: str) -> dict:
     run = subprocess.run([str(checkov), "-d", folder, "--framework", framework, "-o", "json",
                           "--skip-download"], capture_output=True, text=True, timeout=300,
                          check=False, cwd=ROOT)
+    assert run.stdout.strip(), f"checkov printed no report: {run.stderr[-2000:]}"
     report = json.loads(run.stdout)
     assert isinstance(report, dict) and "results" in report, f"nothing scanned: {run.stdout}"
     return report
