@@ -5,6 +5,8 @@
 #   make lint    ruff
 #   make bench   CPU benchmarks (tables against an in-process baseline)
 #   make k8s     re-render the Kubernetes manifests in k8s/ from configs/k8s/cc12m_4x8.yaml
+#   make images  build and tag the CUDA and CPU images (docker or podman; CONTAINER_ENGINE)
+#   make tools   create .venv-tools with checkov (.ci/tools.lock), which make test uses
 #   make lock    re-resolve every dependency on purpose and rewrite requirements.lock
 #   make clean   remove the venv and demo output
 
@@ -19,7 +21,7 @@ LOCK        := requirements.lock
 PIP_LOCKED  = $(BIN)/python -m pip install -q -c $(LOCK)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration lint bench lock k8s clean
+.PHONY: venv tools tools-lock demo test test-unit test-integration lint bench lock k8s images clean
 
 venv: $(STAMP)
 
@@ -47,6 +49,29 @@ lock:
 	rm -rf $(LOCK_VENV)
 	@echo "lock: $$(grep -vc '^#' $(LOCK)) pins written to $(LOCK)"
 
+# checkov lives in a venv of its own: installed beside the project it downgrades botocore
+# and packaging. .ci/tools.lock pins it and everything it pulls in (`make tools-lock`).
+TOOLS_VENV  := .venv-tools
+TOOLS_LOCK  := .ci/tools.lock
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): $(TOOLS_LOCK)
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q -r $(TOOLS_LOCK)
+	@touch $(TOOLS_STAMP)
+
+tools-lock:
+	rm -rf $(TOOLS_VENV)
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q checkov
+	{ echo "# checkov and its dependencies for $(TOOLS_VENV) (make tools). Written by 'make tools-lock'"; \
+	  echo "# on $$(date -u +%Y-%m-%d) with $$($(TOOLS_VENV)/bin/python --version); do not edit by hand."; \
+	  $(TOOLS_VENV)/bin/python -m pip freeze; } > $(TOOLS_LOCK).tmp
+	mv $(TOOLS_LOCK).tmp $(TOOLS_LOCK)
+	@touch $(TOOLS_STAMP)
+
 DEMO        ?= configs/demo.yaml
 
 demo: $(STAMP)
@@ -55,13 +80,13 @@ demo: $(STAMP)
 	$(BIN)/stablerep train --config $(DEMO)
 	$(BIN)/stablerep eval --config $(DEMO)
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) $(TOOLS_STAMP)
 	GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false $(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -79,5 +104,11 @@ k8s: $(STAMP)
 	rm -rf k8s/base k8s/overlays
 	$(BIN)/stablerep k8s render --config $(K8S_RECIPE) --out k8s
 
+# The tags are the constants the manifests and the components' base_image use
+# (stablerep.k8s.config), read from this checkout; the package's imports there are stdlib only,
+# so no venv is needed to build the images.
+images:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) images/build.sh
+
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) data/demo .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) $(TOOLS_VENV) data/demo .pytest_cache

@@ -6,7 +6,8 @@ kustomize base per workload and an example overlay::
 
     <out>/base/training-pytorchjob/   PyTorchJob (Training Operator v1)
     <out>/base/training-trainjob/     TrainJob (Kubeflow Trainer v2, torch-distributed)
-    <out>/base/generation/            Indexed Job, one completion per captions shard
+    <out>/base/generation/            Indexed Job, one completion per captions shard (and a
+                                      NetworkPolicy admitting no ingress to its pods)
     <out>/base/rbac/                  the launcher's ServiceAccount, Role, RoleBinding
     <out>/overlays/example/           namespace, image, bucket and size set without editing a base
 
@@ -28,6 +29,7 @@ from stablerep.k8s.config import IMAGE_REPOSITORY, ClusterConfig, GenerationJobC
 from stablerep.k8s.manifests import (
     DATA_ROOT_ENV,
     generation_job,
+    generation_network_policy,
     launcher_rbac,
     pytorchjob,
     trainjob,
@@ -117,7 +119,8 @@ def render_files(recipe: K8sRecipe, *, config: str) -> dict[str, str]:
     check_world_size(recipe.cluster)
     jobs = {"training-pytorchjob": ("pytorchjob.yaml", [pytorchjob(recipe.cluster)]),
             "training-trainjob": ("trainjob.yaml", [trainjob(recipe.cluster)]),
-            "generation": ("job.yaml", [generation_job(recipe.generation)]),
+            "generation": ("job.yaml", [generation_job(recipe.generation),
+                                        generation_network_policy(recipe.generation)]),
             "rbac": ("launcher-rbac.yaml", launcher_rbac())}
     files = {}
     for folder, (name, docs) in jobs.items():
