@@ -313,11 +313,17 @@ def test_two_processes_under_torchrun_train_end_to_end(data: Path, tmp_path: Pat
     proc = _run(_torchrun("--data-root", str(data), "--out", str(out), *CLI_TINY,
                           "--captions-per-batch", "8", "-k", "2", "--max-steps", "4",
                           "--num-workers", "0", "--set", "train.checkpoint_every=2",
-                          "--set", "train.log_every=1"), timeout=240)
+                          "--set", "train.log_every=1", "--set", "train.knn_every=2"),
+                timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "distributed: rank 1/2" in proc.stderr
     assert proc.stdout.count("train: 4 steps") == 1  # the summary comes from rank 0 alone
-    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    lines = _metrics(out)
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+    # the kNN check ran on both ranks' halves of digits: one line per check, from rank 0
+    knn = [r for r in lines if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [2, 4] and all(0.3 < r["knn_top1"] <= 1 for r in knn)
+    assert proc.stderr.count("kNN top-1 on sklearn:digits") == 2
     assert json.loads((out / "latest.json").read_text())["step"] == 4
     state = torch.load(out / "ckpt-00000004.pt", map_location="cpu", weights_only=True)
     # 32 captions / 8 per step: the 4 steps were one epoch, finished
