@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import pickle
 import random
 from pathlib import Path
 
@@ -81,10 +82,25 @@ def test_read_torch_refuses_a_pickled_callable_without_running_it(tmp_path: Path
     assert not marker.exists()
 
 
+def test_read_torch_refuses_a_legacy_pickle_with_a_callable(tmp_path: Path) -> None:
+    marker, path = tmp_path / "marker", tmp_path / "old.pt"
+    path.write_bytes(pickle.dumps({"hook": _Touch(marker)}, protocol=2))
+    with pytest.raises(InputError) as info:
+        ckpt.read_torch(str(path))
+    assert str(info.value).startswith(f"{path}: refused to load: it holds objects other than "
+                                      "tensors and plain types (")
+    assert "Unsupported global: GLOBAL getattr was not an allowed global" in str(info.value)
+    assert not marker.exists()
+
+
 def test_read_torch_names_an_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "ckpt-00000001.pt"
     path.write_bytes(b"PK\x03\x04" + b"x" * 64)
     with pytest.raises(InputError, match=r"ckpt-00000001\.pt: not a checkpoint \(unreadable: "):
+        ckpt.read_torch(str(path))
+    path.write_bytes(b"\x00not a pickle" * 50)
+    with pytest.raises(InputError, match=r"ckpt-00000001\.pt: not a checkpoint \(unreadable: "
+                                         r"neither a torch zip archive nor a pickle\)"):
         ckpt.read_torch(str(path))
 
 
