@@ -127,28 +127,21 @@ def _verified(uri: str, sha256: str | None) -> Iterator[io.BufferedIOBase]:
         with storage.open_read(uri) as raw:
             yield raw
         return
-    if storage.is_local(uri):
-        with storage.open_read(uri) as raw:
-            got = _hash_copy(raw, None)
-        spool = None
-    else:  # one download: spooled locally while hashing, read from the spool
-        spool = tempfile.TemporaryFile(prefix="stablerep-shard-")  # noqa: SIM115
+    with contextlib.ExitStack() as stack:
+        # a remote shard is downloaded once: spooled locally while hashing, read from there
+        spool = (None if storage.is_local(uri)
+                 else stack.enter_context(tempfile.TemporaryFile(prefix="stablerep-shard-")))
         with storage.open_read(uri) as raw:
             got = _hash_copy(raw, spool)
-        spool.seek(0)
-    try:
         if got != sha256:
             raise ShardError(f"{uri}: sha256 {got[:16]}... does not match {sha256[:16]}... "
                              "recorded in its json: the shard is corrupt or was replaced; "
                              "generate it again (or train with --no-verify)")
-        if spool is not None:
-            yield spool
+        if spool is None:
+            yield stack.enter_context(storage.open_read(uri))
         else:
-            with storage.open_read(uri) as raw:
-                yield raw
-    finally:
-        if spool is not None:
-            spool.close()
+            spool.seek(0)
+            yield spool
 
 
 def _samples(uri: str, stats: ShardStats, sha256: str | None, log_skips: bool

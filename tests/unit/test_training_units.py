@@ -419,3 +419,25 @@ def test_a_foreign_dataset_worker_error_is_dataloaders_own() -> None:
                         multiprocessing_context="fork")
     with pytest.raises(InputError, match="Caught InputError in DataLoader worker"):
         list(iterate(loader))
+
+
+def test_a_remote_shard_is_verified_then_read_from_its_spool(tmp_path: Path) -> None:
+    """memory:// stands for object storage: the tar is hashed while spooled, then parsed."""
+    from stablerep import storage
+    from stablerep.data.shards import iter_caption_groups
+
+    write_shards(tmp_path / "images", [4])
+    folder = f"memory://verify-{tmp_path.name}/images"
+    for name in ("shard-000000.tar", "shard-000000.json"):
+        storage.write_bytes(f"{folder}/{name}", (tmp_path / "images" / name).read_bytes())
+    (ref,) = discover([folder])
+    groups = list(iter_caption_groups(ref.uri, sha256=ref.sha256))
+    assert [g.caption_id for g in groups] == [0, 1, 2, 3]
+    assert groups[0].keys == [sample_key(0, j) for j in range(3)] and groups[0].shard == ref.uri
+    data = bytearray((tmp_path / "images" / "shard-000000.tar").read_bytes())
+    data[-1] ^= 0x01  # the tar's zero padding: parsing alone would not notice
+    storage.write_bytes(ref.uri, bytes(data))
+    with pytest.raises(ShardError, match=rf"^{ref.uri}: sha256 [0-9a-f]{{16}}\.\.\. does not "
+                                         rf"match {ref.sha256[:16]}\.\.\. recorded in its json"):
+        list(iter_caption_groups(ref.uri, sha256=ref.sha256))
+    assert len(list(iter_caption_groups(ref.uri))) == 4  # unverified: read as it is
