@@ -324,6 +324,19 @@ def test_two_processes_under_torchrun_train_end_to_end(data: Path, tmp_path: Pat
     knn = [r for r in lines if "knn_top1" in r]
     assert [r["step"] for r in knn] == [2, 4] and all(0.3 < r["knn_top1"] <= 1 for r in knn)
     assert proc.stderr.count("kNN top-1 on sklearn:digits") == 2
+    # the halves make up the whole: step 4's weights (the final checkpoint) scored on all of
+    # digits in one process agree, up to a vote or two flipped by float rounding
+    from stablerep.evaluation.backbones import load_backbone
+    from stablerep.evaluation.classifiers import knn_accuracy
+    from stablerep.evaluation.datasets import load_dataset
+    from stablerep.evaluation.features import extract
+
+    backbone, digits = load_backbone(str(out)), load_dataset("sklearn:digits", seed=0)
+    kwargs = dict(image_size=32, batch_size=256, device="cpu", amp_dtype=None, num_workers=0)
+    train, test = (extract(backbone, split, desc=name, **kwargs)
+                   for name, split in (("train", digits.train), ("test", digits.test)))
+    whole = knn_accuracy(train.x, train.y, test.x, test.y, k=20)
+    assert knn[-1]["knn_top1"] == pytest.approx(whole, abs=2.5 / len(test.y))
     assert json.loads((out / "latest.json").read_text())["step"] == 4
     state = torch.load(out / "ckpt-00000004.pt", map_location="cpu", weights_only=True)
     # 32 captions / 8 per step: the 4 steps were one epoch, finished
