@@ -319,10 +319,12 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
 @click.option("--num-workers", type=int, help="Data loader processes per rank.")
 @click.option("--seed", type=int)
 @click.option("--device", help=f"{device_help(indexed=False)} (rank i uses GPU i of its node).")
+@click.option("--no-verify", "no_verify", is_flag=True, default=None,
+              help="Skip the sha256 check of each shard (huge shards on trusted storage).")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")
 def train(recipe, overrides, data_root, data, out, method, model, image_size,
           captions_per_batch, images_per_caption, epochs, max_steps, num_workers, seed, device,
-          print_config) -> None:
+          no_verify, print_config) -> None:
     """Train a ViT with StableRep (or StableRep+, SimCLR, CLIP) on generated shards.
 
     Runs as one process, or under torchrun on many (it reads RANK/WORLD_SIZE/LOCAL_RANK and
@@ -339,7 +341,7 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
              "image_size": image_size, "captions_per_batch": captions_per_batch,
              "images_per_caption": images_per_caption, "epochs": epochs,
              "max_steps": max_steps, "num_workers": num_workers, "seed": seed,
-             "device": device}
+             "device": device, "verify_shards": False if no_verify else None}
     built = stage_config(recipe, overrides, "train", flags, data_root=data_root,
                          print_config=print_config)
     if built is None:
@@ -435,21 +437,26 @@ def _summary(result: dict, base: dict) -> str:
 
 
 def _run_training(trainer):
-    """Run the trainer, turning a lost peer into one clear error."""
+    """Run the trainer, turning a lost peer into one clear error.
+
+    A lost peer is told by the exception's type: the trainer raises CollectiveError for a
+    failed collective (gloo's plain RuntimeError included), NCCL and the store raise
+    torch.distributed.DistError subclasses.
+    """
+    import torch.distributed as dist
+
+    from stablerep.distributed import CollectiveError
     from stablerep.training.trainer import TrainingError
 
     try:
         return trainer.fit()
-    except RuntimeError as e:
-        text = str(e)
-        markers = ("gloo", "NCCL", "nccl", "Connection closed", "Connection reset",
-                   "timed out", "Timeout", "ProcessGroup", "Broken pipe")
-        if trainer.env.distributed and any(m in text for m in markers):
-            raise TrainingError(
-                f"rank {trainer.env.rank}: a peer process failed or stopped responding "
-                f"({text.splitlines()[0][:200]}); restart the job: it resumes from the last "
-                "checkpoint") from None
-        raise
+    except (CollectiveError, dist.DistError) as e:
+        if not trainer.env.distributed:
+            raise
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise TrainingError(
+            f"rank {trainer.env.rank}: a peer process failed or stopped responding "
+            f"({text}); restart the job: it resumes from the last checkpoint") from None
 
 
 def _add_groups() -> None:

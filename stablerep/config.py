@@ -301,6 +301,7 @@ class TrainConfig:
     num_workers: int = 4  # data loader processes per rank
     shuffle_buffer: int = 256  # captions held for shuffling per worker
     max_sample_errors: int = 10  # corrupt samples tolerated per shard before failing
+    verify_shards: bool = True  # check each shard's sha256 against its json before reading
     seed: int = 0  # seed for init, data order and augmentation
     log_every: int = 10  # steps between metric lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)

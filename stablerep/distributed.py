@@ -5,13 +5,21 @@ sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. :func:`setup` re
 initialises the process group when the world has more than one process (NCCL on CUDA, gloo on
 CPU) with a configurable timeout, and returns a :class:`DistEnv`. Everything else receives that
 object; code runs unchanged as a single plain process without a process group.
+
+A lost peer surfaces in the next collective. NCCL and the c10d store raise
+``torch.distributed.DistError`` subclasses; gloo (torch 2.14) raises a plain ``RuntimeError``
+both when a peer's connection closes and when a collective times out. :func:`collectives`
+marks a region of collective calls so that either becomes a :class:`CollectiveError`, which
+callers catch by type.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +48,33 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer died, stopped responding past the timeout, or the
+    connection between ranks broke."""
+
+
+@contextlib.contextmanager
+def collectives(env: DistEnv) -> Iterator[None]:
+    """A region of collective calls (forward/backward under DDP, gathers, reductions).
+
+    In a distributed job a backend failure raised inside it (a ``DistError``, or gloo's plain
+    ``RuntimeError``) is raised as :class:`CollectiveError` from it; out-of-memory errors and
+    single-process runs pass through unchanged.
+    """
+    if not env.distributed:
+        yield
+        return
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # DistError and friends are RuntimeErrors too
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CollectiveError(f"{type(e).__name__}: {first}") from e
 
 
 def _env_int(name: str, default: int) -> int:
@@ -117,3 +152,31 @@ def all_reduce_mean(value: float, device: str = "cpu") -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def all_reduce_sum(value: float, device: str = "cpu") -> float:
+    """The sum of a number over ranks (exact for integers below 2**53)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (rows may differ in number between ranks) from every rank, rank-major.
+
+    Args:
+        x: (n_r, ...) on this rank; the trailing shape and dtype must agree over ranks.
+
+    Returns:
+        (sum of n_r, ...), no gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    counts = all_gather(torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device))
+    most = int(counts.max())
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = all_gather(padded).view(len(counts), most, *x.shape[1:])  # (world, most, ...)
+    return torch.cat([parts[r, : int(n)] for r, n in enumerate(counts)], dim=0)

@@ -14,6 +14,10 @@ Everything random is seeded from (seed, epoch, rank, stream) or (seed, epoch, ra
 the batches depend on those alone. That makes resuming exact: the *data position* is (epoch,
 micro-batches done), and on restart each worker replays the stream it must continue, skipping
 the batches already used without decoding their images.
+
+A user error met in a DataLoader worker (a corrupt shard, too few images ...) travels to the
+main process as a :class:`WorkerFailure` item holding the exception itself, which
+:func:`iterate` raises there: its type and one-line message arrive unchanged.
 """
 
 from __future__ import annotations
@@ -45,10 +49,21 @@ class Batch:
     texts: list[str]  # (n,) captions
     caption_ids: torch.Tensor  # (n,)
     index: int  # micro-batch index within the epoch
-    bad_samples: int = 0  # unusable samples/captions skipped so far by this stream
+    bad_samples: int = 0  # unusable samples/images skipped so far this epoch by this stream
+    stream: int = 0  # the stream (of this rank) that made it; bad_samples is its own total
 
     def pin_memory(self) -> Batch:
         self.images = self.images.pin_memory()
+        return self
+
+
+@dataclass
+class WorkerFailure:
+    """A user error raised in a loader worker, sent to the main process as a data item."""
+
+    error: StablerepError
+
+    def pin_memory(self) -> WorkerFailure:
         return self
 
 
@@ -97,28 +112,37 @@ class CaptionBatches(IterableDataset):
 
     # -- streams ------------------------------------------------------------------------
     def _pass(self, stream: int, num_streams: int, wrap: int,
-              stats: dict[str, ShardStats]) -> Iterator[CaptionGroup]:
-        """One pass of this stream over its captions (the shard order depends on ``wrap``)."""
+              stats: list[ShardStats]) -> Iterator[CaptionGroup]:
+        """One pass of this stream over its captions (the shard order depends on ``wrap``).
+
+        Each read of a shard appends its :class:`ShardStats` to ``stats``; when every stream
+        reads every shard (fewer shards than streams) only stream 0 counts and logs what the
+        shards skip, so a sum over streams counts each skipped sample once.
+        """
         cfg, n_shards = self.cfg, len(self.shards)
         order = np.random.default_rng(_seed(cfg.seed, self.epoch, wrap, 7)).permutation(n_shards)
         by_shard = n_shards >= num_streams
         mine = order[stream::num_streams] if by_shard else order
+        reports = by_shard or stream == 0
         position = 0
         for i in mine:
             ref = self.shards[i]
-            st = stats.setdefault(ref.uri, ShardStats(ref.uri))
+            st = ShardStats(ref.uri)
+            if reports:
+                stats.append(st)
+            sha256 = ref.sha256 if cfg.verify_shards else None
             for group in iter_caption_groups(ref.uri, max_errors=cfg.max_sample_errors,
-                                             stats=st):
+                                             stats=st, sha256=sha256, log_skips=reports):
                 position += 1
                 if not by_shard and (position - 1) % num_streams != stream:
                     continue
-                self.shard_bad_samples = sum(s.bad_samples for s in stats.values())
                 yield group
 
     def _shuffled(self, stream: int, num_streams: int) -> Iterator[CaptionGroup]:
         """This stream's captions, shuffled within each pass, endlessly (passes wrap around)."""
         rng = np.random.default_rng(_seed(self.cfg.seed, self.epoch, stream, 11))
-        stats: dict[str, ShardStats] = {}
+        stats: list[ShardStats] = []
+        self.shard_stats = stats  # what this stream skipped in the shards, read by _make_batch
         for wrap in range(1 << 30):
             buffer: list[CaptionGroup] = []
             yielded = 0
@@ -137,9 +161,16 @@ class CaptionBatches(IterableDataset):
                 yield buffer[int(i)]
 
     # -- batches ------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | WorkerFailure]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        try:
+            yield from self._batches(*((info.id, info.num_workers) if info else (0, 1)))
+        except StablerepError as e:
+            if info is None:
+                raise
+            yield WorkerFailure(e)  # raised again, as it is, by iterate() in the main process
+
+    def _batches(self, worker: int, workers: int) -> Iterator[Batch]:
         layout = self.layout
         # Worker `worker` continues original stream o: it makes batches skip + worker + i*W.
         first = self.skip + worker
@@ -148,13 +179,15 @@ class CaptionBatches(IterableDataset):
         original = first % workers
         stream = self.rank * workers + original
         groups = self._shuffled(stream, self.world_size * workers)
-        self.shard_bad_samples = self.decode_bad_samples = 0
+        self.decode_bad_samples = 0
         need = self.cfg.images_read_per_caption
         for b in range(original, layout.micro_batches_per_epoch, workers):
             chosen = self._take(groups, need)
             if b < self.skip:
                 continue  # already used before the restart: no decoding
-            yield self._make_batch(b, chosen)
+            batch = self._make_batch(b, chosen)
+            batch.stream = original
+            yield batch
 
     def _take(self, groups: Iterator[CaptionGroup], need: int) -> list[CaptionGroup]:
         chosen = []
@@ -162,9 +195,9 @@ class CaptionBatches(IterableDataset):
             group = next(groups)
             if len(group.images) < need:
                 raise InputError(
-                    f"caption {group.caption_id} has {len(group.images)} stored images, fewer "
-                    f"than the {need} per caption train.images_per_caption asks for; generate "
-                    "more images per caption or lower images_per_caption")
+                    f"{group.shard}: caption {group.caption_id} has {len(group.images)} stored "
+                    f"images, fewer than the {need} per caption train.images_per_caption asks "
+                    "for; generate more images per caption or lower images_per_caption")
             chosen.append(group)
         return chosen
 
@@ -189,39 +222,37 @@ class CaptionBatches(IterableDataset):
         return Batch(images=images, labels=torch.arange(n).repeat_interleave(c),
                      texts=[g.caption for g in groups],
                      caption_ids=torch.tensor([g.caption_id for g in groups]), index=b,
-                     bad_samples=self.shard_bad_samples + self.decode_bad_samples)
+                     bad_samples=sum(s.bad_samples for s in self.shard_stats)
+                     + self.decode_bad_samples)
 
     def _decode(self, group: CaptionGroup, j: int) -> Image.Image:
-        """Image ``j`` of the caption; a corrupt one is counted and the next one used."""
+        """Image ``j`` of the caption; a corrupt one is counted, logged, and the next one used."""
         count = len(group.images)
         for attempt in range(count):
-            data = group.images[(j + attempt) % count]
+            i = (j + attempt) % count
             try:
-                with Image.open(io.BytesIO(data)) as im:
+                with Image.open(io.BytesIO(group.images[i])) as im:
                     return im.convert("RGB")
-            except (UnidentifiedImageError, OSError, ValueError):
+            except (UnidentifiedImageError, OSError, ValueError) as e:
                 self.decode_bad_samples += 1
-                log.warning("caption %d: stored image %d cannot be decoded; using another",
-                            group.caption_id, (j + attempt) % count)
-        raise InputError(f"caption {group.caption_id}: none of its {count} images can be "
-                         "decoded")
+                log.warning("%s: skipped sample %r: its image cannot be decoded (%s); using "
+                            "another image of caption %d", group.shard, group.keys[i],
+                            type(e).__name__, group.caption_id)
+        raise InputError(f"{group.shard}: caption {group.caption_id}: none of its {count} "
+                         f"images can be decoded (samples {', '.join(group.keys)})")
 
 
 def iterate(loader: DataLoader) -> Iterator[Batch]:
-    """Iterate ``loader``; a user error raised in a worker keeps its own one-line message.
+    """Iterate ``loader``; a user error raised in a worker is raised here as it was.
 
-    DataLoader re-raises a worker's exception as the same type with the worker's traceback
-    as its message; for a :class:`StablerepError` (a corrupt shard, too few images ...) only
-    the original message is kept, as the CLI prints it as one ``error:`` line.
+    :class:`CaptionBatches` sends such an error as a :class:`WorkerFailure` item (not as
+    DataLoader's re-raised copy, whose message is the worker's traceback), so the CLI prints
+    its own one-line message.
     """
-    try:
-        yield from loader
-    except StablerepError as e:
-        text = str(e)
-        if "Original Traceback" not in text:
-            raise
-        last = text.rstrip().splitlines()[-1]  # "package.module.ErrorType: message"
-        raise type(e)(last.split(": ", 1)[-1]) from None
+    for item in loader:
+        if isinstance(item, WorkerFailure):
+            raise item.error
+        yield item
 
 
 def create_loader(dataset: CaptionBatches, *, num_workers: int, pin_memory: bool

@@ -23,7 +23,7 @@ from torch import nn
 from stablerep import storage
 from stablerep.errors import ConfigError, InputError
 from stablerep.models import create_backbone, timm_name
-from stablerep.training.checkpoint import read_torch
+from stablerep.training.checkpoint import read_latest, read_torch
 
 
 @dataclass
@@ -115,9 +115,9 @@ def load_backbone(spec: str, *, image_size: int | None = None, seed: int = 0) ->
                else f"random-{timm_name(name)}-{size}-s{seed}")
         return Backbone(model.eval(), info, key, spec)
     uri = spec.rstrip("/")
-    if storage.exists(storage.join(uri, "latest.json")):
-        latest = storage.read_json(storage.join(uri, "latest.json"))
-        return _from_checkpoint(storage.join(uri, latest["checkpoint"]), spec)
+    latest = read_latest(uri)  # weights_only loading below: a pickled callable is refused
+    if latest is not None:
+        return _from_checkpoint(latest, spec)
     if storage.exists(storage.join(uri, "backbone.pt")):
         return _from_export(storage.join(uri, "backbone.pt"), spec)
     if not storage.exists(uri):

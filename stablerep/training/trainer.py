@@ -26,7 +26,14 @@ from stablerep import storage
 from stablerep.config import TrainConfig, to_dict
 from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
 from stablerep.data.shards import ShardRef, discover
-from stablerep.distributed import DistEnv, all_gather, all_reduce_mean
+from stablerep.distributed import (
+    DistEnv,
+    all_gather,
+    all_gather_rows,
+    all_reduce_mean,
+    all_reduce_sum,
+    collectives,
+)
 from stablerep.errors import InputError, StablerepError
 from stablerep.losses import clip_loss, multi_positive_loss
 from stablerep.models import (
@@ -243,7 +250,7 @@ class Trainer:
             from stablerep.evaluation.datasets import check_names
 
             check_names([cfg.knn_dataset])
-        self.shards = discover(data)
+        self.shards = discover(data, verify=cfg.verify_shards)
         self._check_images(self.shards)
         self.layout = Layout.create(cfg, self.shards, env.world_size)
         self.steps_per_epoch = self.layout.micro_batches_per_epoch // cfg.grad_accum_steps
@@ -267,6 +274,7 @@ class Trainer:
         self.position = Position()
         self.last_checkpoint = ""
         self.last_lr = peak_lr(cfg)
+        self.images_per_s = 0.0  # of the last training metrics line
         self._resumed: bool | None = None  # None: resume() not called yet
 
     # -- set-up -------------------------------------------------------------------------
@@ -343,9 +351,10 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------
     def _step(self, micro: list[Batch]) -> dict[str, torch.Tensor]:
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        totals = train_step(self.model, self.optimizer, micro, self.cfg, self.env,
-                            tokenizer=self.tokenizer, scaler=self.scaler,
-                            autocast=self._autocast)
+        with collectives(self.env):  # DDP's and the loss's gathers
+            totals = train_step(self.model, self.optimizer, micro, self.cfg, self.env,
+                                tokenizer=self.tokenizer, scaler=self.scaler,
+                                autocast=self._autocast)
         self.scheduler.step()
         return totals
 
@@ -353,11 +362,13 @@ class Trainer:
                 ) -> dict[str, float]:
         """Log a metrics line (rank 0); returns the totals averaged over ranks.
 
-        The only place the loop waits for the device: every ``log_every`` steps.
+        The only place the loop waits for the device: every ``log_every`` steps. ``bad`` is
+        this rank's count of skipped samples; the line holds the sum over ranks.
         """
         p = self.position
-        totals = {k: all_reduce_mean(float(v), self.env.device)  # mean over ranks (every rank)
-                  for k, v in totals.items()}
+        with collectives(self.env):  # means and sums over ranks (every rank)
+            totals = {k: all_reduce_mean(float(v), self.env.device) for k, v in totals.items()}
+            bad = int(all_reduce_sum(bad, self.env.device))
         if not math.isfinite(totals["loss"]):
             raise TrainingError(f"the loss became {totals['loss']} by step {p.step}; lower "
                                 "train.base_lr or check the data")
@@ -369,6 +380,7 @@ class Trainer:
                   "bad_samples": bad}
         if self.core.logit_scale is not None:
             record["logit_scale"] = round(float(self.core.logit_scale.detach().exp()), 4)
+        self.images_per_s = record["images_per_s"]
         if self.env.device.startswith("cuda"):
             record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         self.metrics.log(record)
@@ -379,27 +391,47 @@ class Trainer:
         return totals
 
     def _knn_check(self) -> None:
-        """kNN accuracy of the current backbone on ``knn_dataset`` (rank 0), logged."""
-        if not self.env.is_main:
-            return
+        """kNN accuracy of the current backbone on ``knn_dataset``, logged (rank 0).
+
+        Every rank extracts the features of its share of both splits (every world_size-th
+        image), so no rank waits in a collective while another works; the train features are
+        gathered, each rank votes for its test share, and the correct votes are summed.
+        """
         from stablerep.evaluation.backbones import Backbone
         from stablerep.evaluation.classifiers import knn_accuracy
-        from stablerep.evaluation.datasets import load_dataset
+        from stablerep.evaluation.datasets import ImageList, load_dataset
         from stablerep.evaluation.features import extract
 
+        env = self.env
         if not hasattr(self, "_knn_data"):
             self._knn_data = load_dataset(self.cfg.knn_dataset, seed=self.cfg.seed)
+
+        def share(images: ImageList) -> ImageList:
+            return ImageList(images.labels[env.rank::env.world_size],
+                             lambda i: images.load(env.rank + i * env.world_size))
+
         backbone = Backbone(self.core.backbone, self.info, "training", "training")
-        kwargs = dict(image_size=self.cfg.image_size, batch_size=256, device=self.env.device,
+        kwargs = dict(image_size=self.cfg.image_size, batch_size=256, device=env.device,
                       amp_dtype=self.amp_dtype, num_workers=0)
-        train = extract(backbone, self._knn_data.train, desc="knn train", **kwargs)
-        test = extract(backbone, self._knn_data.test, desc="knn test", **kwargs)
+        train = extract(backbone, share(self._knn_data.train), desc="knn train", **kwargs)
+        test = extract(backbone, share(self._knn_data.test), desc="knn test", **kwargs)
         self.core.train()
-        top1 = knn_accuracy(train.x, train.y, test.x, test.y, k=20)
+        d = self.core.feature_dim
+        with collectives(env):
+            train_x = all_gather_rows(torch.from_numpy(train.x).reshape(-1, d).to(env.device))
+            train_y = all_gather_rows(torch.from_numpy(train.y).to(env.device))
+            correct = 0.0
+            if len(test.y) and len(train_y):
+                correct = len(test.y) * knn_accuracy(train_x.cpu().numpy(), train_y.cpu().numpy(),
+                                                     test.x, test.y, k=20)
+            correct = all_reduce_sum(round(correct), env.device)
+            total = all_reduce_sum(len(test.y), env.device)
+        top1 = correct / max(total, 1)
         self.metrics.log({"step": self.position.step, "knn_top1": round(top1, 4),
                           "knn_dataset": self.cfg.knn_dataset})
-        log.info("train: step %d kNN top-1 on %s: %.4f", self.position.step,
-                 self.cfg.knn_dataset, top1)
+        if env.is_main:
+            log.info("train: step %d kNN top-1 on %s: %.4f", self.position.step,
+                     self.cfg.knn_dataset, top1)
 
     def fit(self) -> TrainResult:
         """Train to ``total_steps`` (resuming first when a checkpoint exists)."""
@@ -411,8 +443,9 @@ class Trainer:
                      self.total_steps, self.steps_per_epoch, cfg.captions_per_batch,
                      cfg.crops_per_caption, peak_lr(cfg), len(self.shards), self.out)
         last, window_rows, window_start, totals = float("nan"), 0, time.perf_counter(), {}
-        bad = 0
+        bad_before = 0  # samples this rank's streams skipped in the epochs before this one
         while p.step < self.total_steps:
+            bad_now: dict[int, int] = {}  # stream -> its skips so far in this epoch
             self.dataset.set_epoch(p.epoch, skip=p.micro_batches)
             micro: list[Batch] = []
             loader = create_loader(self.dataset, num_workers=cfg.num_workers,
@@ -423,7 +456,8 @@ class Trainer:
                     continue
                 totals = self._step(micro)
                 window_rows += sum(b.images.shape[0] for b in micro)
-                bad = max(bad, micro[-1].bad_samples)
+                bad_now.update({b.stream: b.bad_samples for b in micro})
+                bad = bad_before + sum(bad_now.values())
                 p.step, p.micro_batches, micro = p.step + 1, p.micro_batches + accum, []
                 if p.step % cfg.log_every == 0 or p.step == self.total_steps:
                     last = self._record(totals, window_rows, time.perf_counter() - window_start,
@@ -435,6 +469,7 @@ class Trainer:
                     self.save()
                 if p.step >= self.total_steps:
                     break
+            bad_before += sum(bad_now.values())
             if p.step < self.total_steps or p.micro_batches >= self.layout.micro_batches_per_epoch:
                 p.epoch, p.micro_batches = p.epoch + 1, 0
         self.save()
@@ -443,7 +478,4 @@ class Trainer:
             backbone = ckpt.export_backbone(self.out, self.core.backbone.state_dict(),
                                             {**self.info, "step": p.step})
             self.metrics.close()
-        rate = 0.0
-        if self.metrics.lines:
-            rate = json.loads(self.metrics.lines[-1]).get("images_per_s", 0.0)
-        return TrainResult(p.step, last, self.last_checkpoint, backbone, rate)
+        return TrainResult(p.step, last, self.last_checkpoint, backbone, self.images_per_s)

@@ -20,6 +20,8 @@ guards against a hang, so it costs nothing when things work.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,7 +192,7 @@ def test_short_run_learns_and_writes_every_output(data: Path, tmp_path: Path) ->
     assert latest["step"] == steps and latest["checkpoint"] == f"ckpt-{steps:08d}.pt"
     assert sorted(p.name for p in out.glob("ckpt-*.pt")) == ["ckpt-00000020.pt",
                                                              "ckpt-00000030.pt"]
-    state = torch.load(out / latest["checkpoint"], map_location="cpu", weights_only=False)
+    state = torch.load(out / latest["checkpoint"], map_location="cpu", weights_only=True)
     assert state["step"] == steps and state["model_info"]["timm_model"] == "vit_tiny_patch16_224"
 
     # the backbone export loads into plain timm and computes the trained features
@@ -252,8 +255,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(data: Path, tmp_path:
     _train(data, ref, max_steps=10, num_workers=workers, checkpoint_every=2)
 
     final = "ckpt-00000010.pt"
-    want = torch.load(ref / final, map_location="cpu", weights_only=False)
-    got = torch.load(run / final, map_location="cpu", weights_only=False)
+    want = torch.load(ref / final, map_location="cpu", weights_only=True)
+    got = torch.load(run / final, map_location="cpu", weights_only=True)
     assert got["step"] == want["step"] == 10
     assert got["model"].keys() == want["model"].keys()
     for name, tensor in want["model"].items():
@@ -282,7 +285,7 @@ def test_each_method_trains_end_to_end(data: Path, tmp_path: Path, method: str,
     if "logit_scale" in parts:
         assert all(0 < r["logit_scale"] <= 100 for r in lines)
     state = torch.load(tmp_path / method / "ckpt-00000003.pt", map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     assert state["model_info"]["method"] == method
     assert (tmp_path / method / "backbone.pt").exists()
 
@@ -291,6 +294,9 @@ def test_knn_check_during_training_is_logged(data: Path, tmp_path: Path) -> None
     out = tmp_path / "knn"
     result = _train(data, out, max_steps=4, knn_every=2)
     assert result.steps == 4
+    # the last line is step 4's kNN line; the summary rate is the last training line's
+    assert "knn_top1" in _metrics(out)[-1]
+    assert result.images_per_s == _metrics(out)[-2]["images_per_s"] > 0
     knn = [r for r in _metrics(out) if "knn_top1" in r]
     assert [r["step"] for r in knn] == [2, 4]
     assert all(0.0 <= r["knn_top1"] <= 1.0 and r["knn_dataset"] == "sklearn:digits"
@@ -315,13 +321,31 @@ def test_two_processes_under_torchrun_train_end_to_end(data: Path, tmp_path: Pat
     proc = _run(_torchrun("--data-root", str(data), "--out", str(out), *CLI_TINY,
                           "--captions-per-batch", "8", "-k", "2", "--max-steps", "4",
                           "--num-workers", "0", "--set", "train.checkpoint_every=2",
-                          "--set", "train.log_every=1"))
+                          "--set", "train.log_every=1", "--set", "train.knn_every=2"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "distributed: rank 1/2" in proc.stderr
     assert proc.stdout.count("train: 4 steps") == 1  # the summary comes from rank 0 alone
-    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    lines = _metrics(out)
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+    # the kNN check ran on both ranks' halves of digits: one line per check, from rank 0
+    knn = [r for r in lines if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [2, 4] and all(0.3 < r["knn_top1"] <= 1 for r in knn)
+    assert proc.stderr.count("kNN top-1 on sklearn:digits") == 2
+    # the halves make up the whole: step 4's weights (the final checkpoint) scored on all of
+    # digits in one process agree, up to a vote or two flipped by float rounding
+    from stablerep.evaluation.backbones import load_backbone
+    from stablerep.evaluation.classifiers import knn_accuracy
+    from stablerep.evaluation.datasets import load_dataset
+    from stablerep.evaluation.features import extract
+
+    backbone, digits = load_backbone(str(out)), load_dataset("sklearn:digits", seed=0)
+    kwargs = dict(image_size=32, batch_size=256, device="cpu", amp_dtype=None, num_workers=0)
+    train, test = (extract(backbone, split, desc=name, **kwargs)
+                   for name, split in (("train", digits.train), ("test", digits.test)))
+    whole = knn_accuracy(train.x, train.y, test.x, test.y, k=20)
+    assert knn[-1]["knn_top1"] == pytest.approx(whole, abs=2.5 / len(test.y))
     assert json.loads((out / "latest.json").read_text())["step"] == 4
-    state = torch.load(out / "ckpt-00000004.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "ckpt-00000004.pt", map_location="cpu", weights_only=True)
     # 32 captions / 8 per step: the 4 steps were one epoch, finished
     assert state["world_size"] == 2 and (state["epoch"], state["micro_batches"]) == (1, 0)
     assert (out / "backbone.pt").exists() and (out / "config.yaml").exists()
@@ -441,7 +465,8 @@ def _listing(folder: Path) -> dict[str, bytes]:
 # Run as `stablerep train` subprocesses (started together); the cases that fail before any
 # batch is read run through click's test runner in this process, to spare an import of
 # torch & co. per case on the 2-core CI machine (same command, same exit status and stderr).
-IN_PROCESS = ("no_shard_json", "too_few_images", "uneven_split", "m1_stablerep")
+IN_PROCESS = ("no_shard_json", "too_few_images", "uneven_split", "m1_stablerep", "latest_list",
+              "latest_bytes", "evil_checkpoint")
 
 
 def _invoke(args: list[str]) -> subprocess.CompletedProcess:
@@ -468,6 +493,17 @@ def bad_runs(data: Path, data_m1: Path, trained_tiny: Path,
     (corrupt / "images" / "shard-000002.tar").write_bytes(os.urandom(20_000))
     other = root / "other-model"
     shutil.copytree(trained_tiny, other)
+    flipped = root / "flipped"  # one byte of one caption changed after generation
+    shutil.copytree(data / "images", flipped / "images")
+    _flip_caption_byte(flipped / "images" / "shard-000002.tar")
+    prepared = {"other_model": other}  # out folders holding something before the run
+    for name, content in (("latest_list", b"[]"),
+                          ("latest_bytes", b'{"step": 1, "checkpoint": "\xff\xfe.pt"}')):
+        prepared[name] = root / name / "out"
+        prepared[name].mkdir(parents=True)
+        (prepared[name] / "latest.json").write_bytes(content)
+    prepared["evil_checkpoint"] = root / "evil_checkpoint" / "out"
+    _evil_checkpoint(prepared["evil_checkpoint"], root / "marker")
 
     def args(data_root: Path, name: str, *extra: str) -> list[str]:
         return ["--data-root", str(data_root), "--out", str(root / name / "out"), *CLI_TINY,
@@ -476,8 +512,13 @@ def bad_runs(data: Path, data_m1: Path, trained_tiny: Path,
     cases = {
         "no_folder": args(root / "nowhere", "no_folder", "--num-workers", "0"),
         "no_shard_json": args(no_json, "no_shard_json", "--num-workers", "0"),
-        "corrupt_w0": args(corrupt, "corrupt_w0", "--num-workers", "0"),
-        "corrupt_w2": args(corrupt, "corrupt_w2", "--num-workers", "2"),
+        "corrupt_w0": args(corrupt, "corrupt_w0", "--num-workers", "0", "--no-verify"),
+        "corrupt_w2": args(corrupt, "corrupt_w2", "--num-workers", "2", "--no-verify"),
+        "sha256_w0": args(corrupt, "sha256_w0", "--num-workers", "0"),
+        "sha256_w2": args(flipped, "sha256_w2", "--num-workers", "2"),
+        "latest_list": args(data, "latest_list", "--num-workers", "0"),
+        "latest_bytes": args(data, "latest_bytes", "--num-workers", "0"),
+        "evil_checkpoint": args(data, "evil_checkpoint", "--num-workers", "0"),
         "too_few_images": args(data, "too_few_images", "--num-workers", "0", "-k", "5"),
         "uneven_split": args(data, "uneven_split", "--captions-per-batch", "7",
                              "--set", "train.grad_accum_steps=2"),
@@ -487,7 +528,7 @@ def bad_runs(data: Path, data_m1: Path, trained_tiny: Path,
                         "train.head_out_dim=32", "--captions-per-batch", "8", "-k", "2"],
         "temperature_zero": args(data, "temperature_zero", "--set", "train.temperature=0"),
     }
-    before = _listing(other)
+    before = {name: _listing(folder) for name, folder in prepared.items()}
     procs = {name: subprocess.Popen(_cli(*cmd), env=_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
              for name, cmd in cases.items() if name not in IN_PROCESS}
@@ -495,7 +536,7 @@ def bad_runs(data: Path, data_m1: Path, trained_tiny: Path,
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
         done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    return {name: (result, other if name == "other_model" else root / name / "out", before)
+    return {name: (result, prepared.get(name, root / name / "out"), before.get(name))
             for name, result in done.items()}
 
 
@@ -504,6 +545,14 @@ BAD = {
     "no_shard_json": ["no finished shard (no shard-*.json)", "stablerep generate"],
     "corrupt_w0": ["shard-000002.tar: not a readable tar shard"],
     "corrupt_w2": ["shard-000002.tar: not a readable tar shard"],
+    "sha256_w0": ["shard-000002.tar: sha256 ", "does not match", "recorded in its json",
+                  "--no-verify"],
+    "sha256_w2": ["shard-000002.tar: sha256 ", "does not match", "recorded in its json"],
+    "latest_list": ["latest_list/out/latest.json: got list, expected a JSON object"],
+    "latest_bytes": ["latest_bytes/out/latest.json: not UTF-8 text (byte 27); expected a "
+                     "JSON object"],
+    "evil_checkpoint": ["evil_checkpoint/out/ckpt-00000001.pt: refused to load: it holds "
+                        "objects other than tensors and plain types (it imports"],
     "too_few_images": ["hold 3 images per caption", "train.images_per_caption=5"],
     "uneven_split": ["train.captions_per_batch: 7 captions do not split evenly",
                      "2 accumulation steps"],
@@ -524,8 +573,106 @@ def test_bad_input_fails_with_one_error_line_and_writes_nothing(bad_runs: dict,
         assert text in errors[0], errors[0]
     assert len(errors[0]) < 400, errors[0]  # a message, not a traceback
     assert "Traceback" not in result.stderr
-    if case == "other_model":
+    if before is not None:
         assert _listing(out) == before  # not even config.yaml or a TensorBoard file
     else:
         assert _written(out) == []
         assert not (out / "tb").exists()
+
+
+def test_resume_refuses_a_pickled_callable_checkpoint_without_running_it(bad_runs: dict
+                                                                          ) -> None:
+    result, out, _ = bad_runs["evil_checkpoint"]
+    assert result.returncode == 2
+    assert not (out.parent.parent / "marker").exists()  # the pickled call never ran
+
+
+# ---------------------------------------------------------------------------- shard integrity
+
+
+def _flip_caption_byte(tar_path: Path) -> str:
+    """Change one byte of the first caption (txt member) of a tar; returns its sample key."""
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".txt"))
+    data = bytearray(tar_path.read_bytes())
+    data[member.offset_data] ^= 0xFF  # an ASCII letter becomes a byte that is not UTF-8
+    tar_path.write_bytes(bytes(data))
+    return member.name.rsplit(".", 1)[0]
+
+
+def _evil_checkpoint(out: Path, marker: Path) -> None:
+    """A training folder whose checkpoint, when unpickled without restriction, touches
+    ``marker`` (checked here: an unrestricted load does)."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "stablerep.checkpoint", "version": 2, "step": 1,
+                "hook": _Touch(marker)}, out / "ckpt-00000001.pt")
+    (out / "latest.json").write_text(json.dumps({"step": 1, "checkpoint": "ckpt-00000001.pt"}))
+    torch.load(out / "ckpt-00000001.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+
+class _Touch:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_no_verify_reads_a_shard_whose_sha256_differs(data: Path, tmp_path: Path) -> None:
+    """The flipped caption byte is caught by the sha256 check (bad_runs: sha256_w2); with
+    --no-verify training proceeds and skips, and logs, the sample whose caption broke."""
+    root = tmp_path / "flipped"
+    shutil.copytree(data / "images", root / "images")
+    key = _flip_caption_byte(root / "images" / "shard-000001.tar")
+    out = tmp_path / "train"
+    proc = _run(_cli("--data-root", str(root), "--out", str(out), *CLI_TINY,
+                     "--captions-per-batch", "8", "-k", "2", "--max-steps", "4",
+                     "--num-workers", "0", "--set", "train.log_every=1", "--no-verify"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"shard-000001.tar: skipped sample '{key}': its txt member is not UTF-8" in proc.stderr
+    assert _metrics(out)[-1]["bad_samples"] == 1
+
+
+def _drop_images(tar_path: Path, count: int) -> list[str]:
+    """Remove the image member of the first ``count`` samples (image j = 0 of the first
+    captions), rewrite the tar and its json (sha256, sample count); returns their keys."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({m.name.rsplit(".", 1)[0] for m, _ in members if m.name.endswith("_000.jpg")}
+                  )[:count]
+    with open(tar_path, "wb") as f, tarfile.open(fileobj=f, mode="w",
+                                                 format=tarfile.USTAR_FORMAT) as out:
+        for info, blob in members:
+            if not (info.name.endswith(".jpg") and info.name.rsplit(".", 1)[0] in keys):
+                out.addfile(info, io.BytesIO(blob))
+    doc_path = tar_path.with_suffix(".json")
+    doc = json.loads(doc_path.read_text())
+    doc.update(sha256=hashlib.sha256(tar_path.read_bytes()).hexdigest(),
+               num_samples=doc["num_samples"] - count)
+    doc_path.write_text(json.dumps(doc))
+    return keys
+
+
+def test_skipped_samples_are_summed_over_two_workers_and_logged_by_key(data: Path,
+                                                                       tmp_path: Path) -> None:
+    """7 samples without an image over the 4 shards (1, 2, 1, 3); the two loader workers
+    read two shards each, so no one worker's count is the total."""
+    root = tmp_path / "broken"
+    shutil.copytree(data / "images", root / "images")
+    keys = []
+    for index, count in enumerate((1, 2, 1, 3)):
+        keys += _drop_images(root / "images" / f"shard-{index:06d}.tar", count)
+    out = tmp_path / "train"
+    proc = _run(_cli("--data-root", str(root), "--out", str(out), *CLI_TINY,
+                     "--captions-per-batch", "8", "-k", "2", "--max-steps", "4",
+                     "--num-workers", "2", "--set", "train.log_every=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = _metrics(out)
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    # each worker reads its whole pass before its first batch: both have reported by step 2
+    assert [r["bad_samples"] for r in lines[1:]] == [7, 7, 7]
+    for key in keys:
+        assert f"skipped sample '{key}': no image member" in proc.stderr, key
+    assert proc.stderr.count("skipped sample") == 7

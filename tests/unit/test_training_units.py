@@ -7,9 +7,11 @@ The shards here are small WebDataset tars written with the project's own tar wri
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from stablerep.config import TrainConfig
 from stablerep.data import loader as loader_mod
 from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
-from stablerep.data.shards import ShardRef, discover
+from stablerep.data.shards import ShardError, ShardRef, discover
 from stablerep.errors import ConfigError, InputError
 from stablerep.generation.shards import TarShardWriter, sample_key, sample_members
 from stablerep.models import GlobalBatchNorm1d, convert_sync_batchnorm, create_model
@@ -212,7 +214,8 @@ def write_shards(folder: Path, captions_per_shard: list[int], m: int = 3) -> lis
             writer.close()
         (folder / f"{stem}.json").write_text(json.dumps({
             "tar": f"{stem}.tar", "num_captions": count, "num_samples": count * m,
-            "images_per_caption": m}))
+            "images_per_caption": m,
+            "sha256": hashlib.sha256((folder / f"{stem}.tar").read_bytes()).hexdigest()}))
     return discover([str(folder)])
 
 
@@ -312,14 +315,129 @@ def test_real_dataloader_workers_match_and_resume(four_shards) -> None:
         assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _txt_offset(tar_path: Path) -> int:
+    """Where the first caption (a txt member's data) lies in a tar."""
+    with tarfile.open(tar_path) as tar:
+        return next(m.offset_data for m in tar.getmembers() if m.name.endswith(".txt"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_shard_fails_its_sha256_check_naming_it(tmp_path: Path, workers: int) -> None:
+    shards = write_shards(tmp_path / "images", [8, 8])
+    _flip_byte(tmp_path / "images" / "shard-000001.tar", _txt_offset(
+        tmp_path / "images" / "shard-000001.tar"))
+    cfg = _config(shuffle_buffer=4)
+    loader = create_loader(_dataset(shards, cfg, 0, 1), num_workers=workers, pin_memory=False)
+    with pytest.raises(ShardError) as info:
+        list(iterate(loader))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'images' / 'shard-000001.tar'}: sha256 ")
+    assert "does not match" in message and "--no-verify" in message
+    assert "\n" not in message and "Traceback" not in message  # the worker's own one line
+    # unverified, the flipped caption byte goes unnoticed: every batch is made
+    unverified = _config(shuffle_buffer=4, verify_shards=False)
+    batches = list(iterate(create_loader(_dataset(shards, unverified, 0, 1),
+                                         num_workers=workers, pin_memory=False)))
+    assert [b.index for b in batches] == [0, 1]
+
+
+def test_verification_needs_a_sha256_in_each_json(tmp_path: Path) -> None:
+    write_shards(tmp_path / "images", [8])
+    doc_path = tmp_path / "images" / "shard-000000.json"
+    doc = json.loads(doc_path.read_text())
+    del doc["sha256"]
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=r"shard-000000\.json: field sha256: got None, "
+                                         r"expected the tar's sha256 as 64 hex digits"):
+        discover([str(tmp_path / "images")])
+    assert discover([str(tmp_path / "images")], verify=False)[0].sha256 is None
+
+
+def _break_samples(tar_path: Path, keys: list[str]) -> None:
+    """Drop the image member of the samples ``keys`` (their txt and json stay)."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with open(tar_path, "wb") as f, tarfile.open(fileobj=f, mode="w",
+                                                 format=tarfile.USTAR_FORMAT) as out:
+        for info, data in members:
+            if info.name.rsplit(".", 1)[0] in keys and info.name.endswith(".png"):
+                continue
+            out.addfile(info, io.BytesIO(data))
+
+
+def test_skipped_samples_are_logged_by_key_and_counted(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    broken = [sample_key(1, 0), sample_key(5, 2)]
+    write_shards(tmp_path / "images", [8], m=3)
+    _break_samples(tmp_path / "images" / "shard-000000.tar", broken)
+    shards = discover([str(tmp_path / "images")], verify=False)
+    cfg = _config(captions_per_batch=4, verify_shards=False)
+    with caplog.at_level("WARNING", logger="stablerep.data.shards"):
+        batches = list(_dataset(shards, cfg, 0, 1))
+    assert batches[-1].bad_samples == 2
+    for key in broken:
+        assert any(repr(key) in r.getMessage() and "no image member" in r.getMessage()
+                   for r in caplog.records), key
+
+
+def test_a_caption_whose_images_cannot_be_decoded_names_its_shard(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with open(folder / "shard-000000.tar", "wb") as f:
+        writer = TarShardWriter(f)
+        for cid in range(4):
+            for j in range(2):
+                image = b"not an image" if cid == 2 else _png(np.random.default_rng(cid))
+                writer.write(sample_key(cid, j), sample_members(image, "png", f"c{cid}", {}))
+        writer.close()
+    (folder / "shard-000000.json").write_text(json.dumps({
+        "tar": "shard-000000.tar", "num_captions": 4, "num_samples": 8,
+        "images_per_caption": 2}))
+    shards = discover([str(folder)], verify=False)
+    cfg = _config(captions_per_batch=4, verify_shards=False, num_workers=0)
+    with pytest.raises(InputError) as info:
+        list(_dataset(shards, cfg, 0, 1))
+    assert str(info.value) == (
+        f"{folder / 'shard-000000.tar'}: caption 2: none of its 2 images can be decoded "
+        "(samples 000000000002_000, 000000000002_001)")
+
+
 class _Failing(IterableDataset):
     def __iter__(self):
         raise InputError("gs://bucket/images/shard-000007.tar: not a readable tar shard")
 
 
-def test_a_worker_user_error_keeps_its_one_line_message() -> None:
+def test_a_foreign_dataset_worker_error_is_dataloaders_own() -> None:
+    """Only CaptionBatches sends its errors as items; others keep DataLoader's re-raise."""
     loader = DataLoader(_Failing(), batch_size=None, num_workers=1,
                         multiprocessing_context="fork")
-    with pytest.raises(InputError) as info:
+    with pytest.raises(InputError, match="Caught InputError in DataLoader worker"):
         list(iterate(loader))
-    assert str(info.value) == "gs://bucket/images/shard-000007.tar: not a readable tar shard"
+
+
+def test_a_remote_shard_is_verified_then_read_from_its_spool(tmp_path: Path) -> None:
+    """memory:// stands for object storage: the tar is hashed while spooled, then parsed."""
+    from stablerep import storage
+    from stablerep.data.shards import iter_caption_groups
+
+    write_shards(tmp_path / "images", [4])
+    folder = f"memory://verify-{tmp_path.name}/images"
+    for name in ("shard-000000.tar", "shard-000000.json"):
+        storage.write_bytes(f"{folder}/{name}", (tmp_path / "images" / name).read_bytes())
+    (ref,) = discover([folder])
+    groups = list(iter_caption_groups(ref.uri, sha256=ref.sha256))
+    assert [g.caption_id for g in groups] == [0, 1, 2, 3]
+    assert groups[0].keys == [sample_key(0, j) for j in range(3)] and groups[0].shard == ref.uri
+    data = bytearray((tmp_path / "images" / "shard-000000.tar").read_bytes())
+    data[-1] ^= 0x01  # the tar's zero padding: parsing alone would not notice
+    storage.write_bytes(ref.uri, bytes(data))
+    with pytest.raises(ShardError, match=rf"^{ref.uri}: sha256 [0-9a-f]{{16}}\.\.\. does not "
+                                         rf"match {ref.sha256[:16]}\.\.\. recorded in its json"):
+        list(iter_caption_groups(ref.uri, sha256=ref.sha256))
+    assert len(list(iter_caption_groups(ref.uri))) == 4  # unverified: read as it is
