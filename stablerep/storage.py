@@ -460,13 +460,14 @@ def read_bytes(uri: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), uri=uri, action="read")
 
 
-def read_text(uri: str, encoding: str = "utf-8") -> str:
+def read_text(uri: str, encoding: str = "utf-8", *, what: str = "") -> str:
     """The object at ``uri`` decoded as text.
 
     Args:
         uri: the object.
         encoding: its text encoding; bytes that are not valid in it raise
             :class:`ContentError` naming the URI and the first bad byte.
+        what: what the file should be, for that message (default "a UTF-8 text file").
     """
     data = read_bytes(uri)
     try:
@@ -474,7 +475,8 @@ def read_text(uri: str, encoding: str = "utf-8") -> str:
     except UnicodeDecodeError as e:
         bad = data[e.start:e.start + 1].hex()
         raise ContentError(f"{uri}: not {encoding.upper()} text (byte 0x{bad} at offset "
-                           f"{e.start}); expected a {encoding.upper()} text file") from None
+                           f"{e.start}); expected {what or f'a {encoding.upper()} text file'}"
+                           ) from None
 
 
 _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number",
@@ -485,24 +487,28 @@ def _json_kind(tp: type) -> str:
     return _JSON_KINDS.get(tp, tp.__name__)
 
 
-def read_json(uri: str, *, expect: type | tuple[type, ...] | None = None) -> Any:
+def read_json(uri: str, *, expect: type | tuple[type, ...] | None = None,
+              what: str = "") -> Any:
     """The object at ``uri`` parsed as JSON (UTF-8).
 
     Args:
         uri: the object.
         expect: the type(s) the top-level value must have, e.g. ``dict``; any other raises
             :class:`ContentError` naming the URI and what was found.
+        what: what the file should be (e.g. "the captions manifest that `stablerep captions`
+            writes"), said in every error about its bytes.
 
     Raises:
         ContentError: the bytes are not UTF-8, not JSON, or not of the ``expect`` type.
     """
-    text = read_text(uri).removeprefix("\ufeff")  # a byte order mark is allowed, as before
+    text = read_text(uri, what=what or "a UTF-8 JSON file").removeprefix("\ufeff")  # BOM ok
+    hint = f"; expected {what}" if what else ""
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ContentError(f"{uri}: not valid JSON ({e})") from None
+        raise ContentError(f"{uri}: not valid JSON ({e}){hint}") from None
     except RecursionError:
-        raise ContentError(f"{uri}: not valid JSON (nested too deeply)") from None
+        raise ContentError(f"{uri}: not valid JSON (nested too deeply){hint}") from None
     if expect is not None and not isinstance(doc, expect):
         wanted = " or ".join(dict.fromkeys(
             _json_kind(t) for t in (expect if isinstance(expect, tuple) else (expect,))))

@@ -147,13 +147,11 @@ def load_manifest(uri: str) -> CaptionsManifest:
     folder = uri[: -len(MANIFEST) - 1] if uri.rstrip("/").endswith(MANIFEST) else uri
     manifest_uri = storage.join(folder, MANIFEST)
     try:
-        doc = storage.read_json(manifest_uri)
+        doc = storage.read_json(manifest_uri, what="the JSON captions manifest that `stablerep "
+                                                   "captions` writes")
     except storage.StorageNotFound:
         raise InputError(f"{manifest_uri}: no captions manifest (run `stablerep captions` "
                          "first, or check the URI)") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{manifest_uri}: not UTF-8 text (byte {e.start}); expected the JSON "
-                         "captions manifest that `stablerep captions` writes") from None
     if not isinstance(doc, dict) or doc.get("kind") != MANIFEST_KIND:
         raise InputError(f"{manifest_uri}: not a stablerep captions manifest (expected a JSON "
                          f"object with kind {MANIFEST_KIND!r})")

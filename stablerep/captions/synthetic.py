@@ -56,10 +56,7 @@ BUILTIN_CONCEPTS: dict[str, Callable[[], list[str]]] = {
 
 
 def _read_lines(uri: str) -> list[str]:
-    try:
-        text = storage.read_text(uri)
-    except UnicodeDecodeError:
-        raise InputError(f"{uri}: not UTF-8 text") from None
+    text = storage.read_text(uri, what="a UTF-8 text file, one entry a line")
     lines = [line.strip() for line in text.splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 

@@ -504,11 +504,7 @@ def read_doc(uri: str, what: str) -> dict[str, Any]:
     Raises:
         InputError: naming ``uri``, when it is not UTF-8, not JSON or not a JSON object.
     """
-    try:
-        doc = storage.read_json(uri)
-    except UnicodeDecodeError as e:
-        raise InputError(f"{uri}: not UTF-8 text (byte {e.start}); expected the {what} "
-                         "that `stablerep generate` writes") from None
+    doc = storage.read_json(uri, what=f"the {what} that `stablerep generate` writes")
     if not isinstance(doc, dict):
         raise InputError(f"{uri}: a JSON {type(doc).__name__}; expected the {what} (an object) "
                          "that `stablerep generate` writes")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import pickle
 import pickletools
@@ -162,13 +161,7 @@ def read_latest(out: str) -> str | None:
     if not storage.exists(latest):
         return None
     expected = 'a JSON object {"step": N, "checkpoint": "ckpt-NNNNNNNN.pt", ...}'
-    try:
-        doc = json.loads(storage.read_bytes(latest).decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{latest}: not UTF-8 text (byte {e.start}); expected {expected}"
-                         ) from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{latest}: not valid JSON ({e}); expected {expected}") from None
+    doc = storage.read_json(latest, what=expected)
     name = doc.get("checkpoint") if isinstance(doc, dict) else None
     if not (isinstance(name, str) and name.startswith("ckpt-") and name.endswith(".pt")
             and "/" not in name):

@@ -505,7 +505,7 @@ def _spills(work: Path) -> list[Path]:
     return [p for p in work.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 1)],
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 def test_cli_stopped_by_a_signal_leaves_no_spill(tmp_path: Path, signum: int,
                                                  status: int) -> None:
