@@ -529,7 +529,10 @@ def launch(cfg: LaunchConfig, *, kubeconfig: str = "", context: str = "",
         context: a kubeconfig context (default: the current one).
         client: an ApiClient to use instead (tests); the namespace must then be in cfg.
     """
+    from stablerep.k8s.render import check_world_size
+
     check_manifest(training_job(cfg.cluster))  # nothing is sent for an invalid job
+    check_world_size(cfg.cluster)
     if client is None:
         client, namespace = api_client(kubeconfig=kubeconfig, context=context)
     else:

@@ -281,6 +281,11 @@ def test_namespace_missing(cluster):
 def test_bad_config_sends_nothing(cluster):
     with pytest.raises(Exception, match="DNS-1035"):
         launch(_config(job_name="Bad_Name"), client=cluster.client)
+    cfg = _config()
+    cfg.cluster.nodes = 3  # 3 x 8 = 24 ranks do not divide 1376 captions
+    cfg.cluster.recipe = str(HERE.parents[1] / "configs" / "cc12m.yaml")
+    with pytest.raises(Exception, match="do not divide train.captions_per_batch 1376"):
+        launch(cfg, client=cluster.client)
     assert cluster.kube.requests == []
 
 
