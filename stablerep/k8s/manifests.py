@@ -154,16 +154,22 @@ def _pod_spec(pod: PodConfig, container: dict[str, Any], restart_policy: str
     # Workload Identity / IRSA, which do not need it)
     spec: dict[str, Any] = {"restartPolicy": restart_policy, "containers": [container],
                             "volumes": _volumes(pod), "automountServiceAccountToken": False,
-                            "securityContext": _pod_security(pod)}
-    if pod.node_selector:
-        spec["nodeSelector"] = dict(pod.node_selector)
-    if pod.tolerations:
-        spec["tolerations"] = [dict(t) for t in pod.tolerations]
+                            "securityContext": _pod_security(pod), **_scheduling(pod)}
     if pod.priority_class:
         spec["priorityClassName"] = pod.priority_class
-    if pod.service_account:
-        spec["serviceAccountName"] = pod.service_account
     return spec
+
+
+def _scheduling(pod: PodConfig) -> dict[str, Any]:
+    """Node selector, tolerations and service account: the pod-spec fields set when given."""
+    fields: dict[str, Any] = {}
+    if pod.node_selector:
+        fields["nodeSelector"] = dict(pod.node_selector)
+    if pod.tolerations:
+        fields["tolerations"] = [dict(t) for t in pod.tolerations]
+    if pod.service_account:
+        fields["serviceAccountName"] = pod.service_account
+    return fields
 
 
 def _template(cfg: ClusterConfig | GenerationJobConfig, container: dict[str, Any],
@@ -243,13 +249,7 @@ def trainjob(cfg: ClusterConfig) -> dict[str, Any]:
     node_spec: dict[str, Any] = {
         "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": _mounts(),
                         "securityContext": _container_security()}],
-        "volumes": _volumes(pod), "securityContext": _pod_security(pod)}
-    if pod.node_selector:
-        node_spec["nodeSelector"] = dict(pod.node_selector)
-    if pod.tolerations:
-        node_spec["tolerations"] = [dict(t) for t in pod.tolerations]
-    if pod.service_account:
-        node_spec["serviceAccountName"] = pod.service_account
+        "volumes": _volumes(pod), "securityContext": _pod_security(pod), **_scheduling(pod)}
     patch = {"manager": "stablerep", "trainingRuntimeSpec": {"template": {"spec": {
         "replicatedJobs": [{"name": TRAINJOB_CONTAINER, "template": {"spec": {"template": {
             "metadata": {"annotations": dict(_NO_SIDECAR)}, "spec": node_spec}}}}]}}}}
