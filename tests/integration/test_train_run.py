@@ -41,6 +41,7 @@ from stablerep import distributed
 from stablerep.captions import make_captions
 from stablerep.config import CaptionsConfig, GenerateConfig, TrainConfig
 from stablerep.generation.runner import generate
+from stablerep.stages import knn_callback
 from stablerep.training.optim import lr_factor, peak_lr
 from stablerep.training.trainer import Trainer, TrainResult
 
@@ -132,7 +133,8 @@ def _train(data_root: Path, out: Path, **changes) -> TrainResult:
     cfg = TrainConfig(**{**base, **changes})
     env = distributed.setup("cpu")
     assert not env.distributed
-    return Trainer(cfg, data=[str(data_root / "images")], out=str(out), env=env).fit()
+    return Trainer(cfg, data=[str(data_root / "images")], out=str(out), env=env,
+                   knn_check=knn_callback(cfg, env)).fit()
 
 
 def _metrics(out: Path) -> list[dict]:
