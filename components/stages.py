@@ -5,8 +5,6 @@ inside the body. The base image is :func:`stablerep.pipeline.component_image`, r
 module is imported (``stablerep pipeline compile --image`` sets it).
 """
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Markdown, Metrics, Output
 
@@ -57,42 +55,55 @@ def validate(
     Returns:
         The overrides every later step applies to the recipe (parameters, then overrides).
     """
+    params = dict(locals())
     from stablerep.pipeline import validate as check
 
-    return check(dict(locals()))[1]
+    return check(params)[1]
 
 
 @_component
-def captions(data_root: str, recipe: str, overrides: list, dataset: Output[Dataset]) -> NamedTuple(
-        "CaptionsOutputs", [("shards", list)]):
-    """The caption stage; returns the shard indices the generation loop fans out over.
+def captions(data_root: str, recipe: str, overrides: list, dataset: Output[Dataset]) -> list:
+    """The caption stage.
 
     Args:
         data_root: folder URI every stage writes under.
         recipe: built-in recipe name or recipe URI.
         overrides: the validated overrides.
         dataset: metadata of the captions (URI, manifest, count, shards).
+
+    Returns:
+        The shard indices the generation loop fans out over.
     """
     from stablerep.pipeline import captions_step
 
-    return (captions_step(data_root, recipe, overrides, dataset=dataset),)
+    return captions_step(data_root, recipe, overrides, dataset=dataset)
 
 
 @_component
-def generate_shard(data_root: str, recipe: str, overrides: list, shard: int,
-                   dataset: Output[Dataset]):
+def generate_shard(data_root: str, recipe: str, overrides: list, images_per_caption: int,
+                   guidance_scale: float, scheduler: str, inference_steps: int, model: str,
+                   shard: int, dataset: Output[Dataset]):
     """Generate one caption shard's images (skipped when its shard is already committed).
+
+    Its inputs are pipeline parameters, not the validate step's output: the local runner
+    (kfp.local 2.17) gives every task output read inside a ParallelFor the loop item instead.
 
     Args:
         data_root: folder URI every stage writes under.
         recipe: built-in recipe name or recipe URI.
-        overrides: the validated overrides.
+        overrides: the user's extra section.key=value overrides.
+        images_per_caption: images per caption.
+        guidance_scale: classifier-free guidance scale.
+        scheduler: diffusion scheduler.
+        inference_steps: denoising steps.
+        model: text-to-image model.
         shard: the caption shard index.
         dataset: metadata of the shard (URI, images, rate).
     """
+    params = dict(locals())
     from stablerep.pipeline import generate_step
 
-    generate_step(data_root, recipe, overrides, shard, dataset=dataset)
+    generate_step(params, dataset=params.pop("dataset"), shard=params.pop("shard"))
 
 
 @_component

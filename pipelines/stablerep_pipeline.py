@@ -77,9 +77,13 @@ def stablerep_pipeline(
     caps = captions(**common).set_display_name("captions")
     _resources(caps, "8", "32Gi", timeout_s=12 * HOUR)
 
-    with dsl.ParallelFor(caps.outputs["shards"], parallelism=PARALLELISM,
+    with dsl.ParallelFor(caps.outputs["Output"], parallelism=PARALLELISM,
                          name="shards") as shard:
-        gen = generate_shard(**common, shard=shard).set_display_name("generate shard")
+        gen = generate_shard(data_root=data_root, recipe=recipe, overrides=overrides,
+                             images_per_caption=images_per_caption,
+                             guidance_scale=guidance_scale, scheduler=scheduler,
+                             inference_steps=inference_steps, model=model, shard=shard)
+        gen.set_display_name("generate shard")
         _resources(gen, "8", "64Gi", timeout_s=12 * HOUR, shm="8Gi")
         _gpus(gen, 1, node_selector, tolerations)
         gen.set_caching_options(False).set_retry(num_retries=3, backoff_duration="60s")

@@ -326,21 +326,18 @@ def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *,
     return list(range(result.num_shards))
 
 
-def generate_step(data_root: str, recipe: str, overrides: Sequence[str], shard: int, *,
-                  dataset: Any) -> None:
+def generate_step(params: Mapping[str, Any], *, shard: int, dataset: Any) -> None:
     """The generate_shard component: draw one caption shard (a committed one is skipped).
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the overrides the validate step returned.
+        params: the generation's pipeline parameters (data_root, recipe, overrides and the
+            generate.* ones); the recipe with them is the same config the validate step built.
         shard: the caption shard index.
         dataset: the KFP Dataset artifact to describe the shard with.
     """
     from stablerep.stages import run_generate
 
-    one = ["generate.all_shards=false", "generate.shard_from_env=false", "generate.shard=null"]
-    cfg = stage_config(data_root, recipe, [*overrides, *one])
+    cfg = stage_config(params["data_root"], params["recipe"], stage_overrides(params))
     result = run_generate(cfg, shard=shard)
     write_dataset(dataset, {"uri": result.uri, "shard": shard, "images": result.images,
                             "shards_written": result.shards_written,
@@ -525,6 +522,12 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+def _version_label() -> str:
+    from stablerep import __version__
+
+    return "v" + "".join(c if c.isalnum() else "-" for c in __version__.lower())
+
+
 def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path | None = None,
                      image: str = "", parallelism: int = DEFAULT_PARALLELISM) -> list[Path]:
     """Compile the pipeline to its YAML (and, optionally, the Kubernetes-manifest form).
@@ -544,8 +547,11 @@ def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path 
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
-        kwargs = {"kubernetes_manifest_format": True, "pipeline_display_name": PIPELINE_NAME,
-                  "pipeline_name": PIPELINE_NAME} if k8s else {}
+        kwargs = {"kubernetes_manifest_format": True,
+                  "kubernetes_manifest_options": compiler.KubernetesManifestOptions(
+                      pipeline_name=PIPELINE_NAME, pipeline_display_name=PIPELINE_NAME,
+                      pipeline_version_name=f"{PIPELINE_NAME}-{_version_label()}",
+                      include_pipeline_manifest=True)} if k8s else {}
         compiler.Compiler().compile(fn, str(tmp), **kwargs)
         tmp.replace(target)
         written.append(target)
