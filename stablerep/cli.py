@@ -352,8 +352,10 @@ def _summary(result: dict, base: dict) -> str:
 
 def _add_groups() -> None:
     from stablerep.k8s.cli import k8s
+    from stablerep.pipeline_cli import pipeline
 
     main.add_command(k8s)
+    main.add_command(pipeline)
 
 
 _add_groups()
