@@ -129,7 +129,7 @@ _BY_FIELD = {p.field: p for p in PARAMS if p.field}
 
 def defaults() -> dict[str, Any]:
     """Every parameter's default value (fresh copies of lists and dicts)."""
-    return {p.name: json.loads(json.dumps(p.default)) for p in PARAMS}
+    return {p.name: json.loads(json.dumps(p.default, sort_keys=True)) for p in PARAMS}
 
 
 # ---------------------------------------------------------------------------- checking
@@ -528,6 +528,30 @@ def _version_label() -> str:
     return "v" + "".join(c if c.isalnum() else "-" for c in __version__.lower())
 
 
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def _stable_header(text: str) -> str:
+    """The compiler's header comment lists defaults in protobuf map order, which changes from
+    one process to the next; list mapping keys sorted instead, so compiles are reproducible."""
+    import ast
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        head, sep, rest = line.partition("[Default: ")
+        if sep and rest.endswith("]"):
+            with contextlib.suppress(ValueError, SyntaxError):
+                lines[i] = f"{head}{sep}{_sorted(ast.literal_eval(rest[:-1]))!r}]"
+    return "\n".join(lines)
+
+
 def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path | None = None,
                      image: str = "", parallelism: int = DEFAULT_PARALLELISM) -> list[Path]:
     """Compile the pipeline to its YAML (and, optionally, the Kubernetes-manifest form).
@@ -553,6 +577,7 @@ def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path 
                       pipeline_version_name=f"{PIPELINE_NAME}-{_version_label()}",
                       include_pipeline_manifest=True)} if k8s else {}
         compiler.Compiler().compile(fn, str(tmp), **kwargs)
+        tmp.write_text(_stable_header(tmp.read_text()))
         tmp.replace(target)
         written.append(target)
     return written
