@@ -662,7 +662,6 @@ def run_local(params: Mapping[str, Any], *, pipeline_root: str = "",
     values = check_params(params)
     check_backend(values["train_backend"], local=True)
     try:
-        import stablerep  # noqa: F401 - the step subprocesses import it too
         import kfp.local
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise InputError(f"{e.name}: not installed; run `make venv` (or pip install -e "
