@@ -614,9 +614,30 @@ def recipe_params(recipe: str) -> dict[str, Any]:
     return out
 
 
+def _uploaded_version(client: Any, package: Path, pipeline: str) -> tuple[str, str]:
+    """(pipeline id, version id) of ``package`` under ``pipeline``: uploaded when new.
+
+    A version is named after the package's content (``<pipeline>-<sha256[:12]>``), so
+    submitting the same compiled file again reuses it.
+    """
+    import hashlib
+
+    version = f"{pipeline}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
+    pipeline_id = client.get_pipeline_id(pipeline)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=pipeline).pipeline_id
+    by_name = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS",
+                                          "string_value": version}]})
+    found = client.list_pipeline_versions(pipeline_id, filter=by_name).pipeline_versions or []
+    if found:
+        return pipeline_id, found[0].pipeline_version_id
+    made = client.upload_pipeline_version(str(package), version, pipeline_id=pipeline_id)
+    return pipeline_id, made.pipeline_version_id
+
+
 def submit(host: str, experiment: str, params: Mapping[str, Any], *,
            package: str | Path = PIPELINE_YAML, run_name: str = "",
-           namespace: str | None = None) -> tuple[str, str]:
+           namespace: str | None = None, pipeline: str = "") -> tuple[str, str]:
     """Create a run of the compiled pipeline; returns (run id, its UI URL).
 
     Parameter names and values are checked before anything is sent.
@@ -628,9 +649,12 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
         package: the compiled pipeline YAML.
         run_name: the run's display name (default: stablerep-<timestamp>).
         namespace: the Kubeflow profile namespace (multi-user installs).
+        pipeline: upload the package as a version of this pipeline (reused when the same
+            package was uploaded before) and run that version; "" = send the spec inline.
     """
     check_params(params)
-    if not Path(package).is_file():
+    package = Path(package)
+    if not package.is_file():
         raise InputError(f"{package}: no compiled pipeline there; run `make compile`")
     import kfp
 
@@ -640,9 +664,14 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
     except Exception:  # noqa: BLE001 - the experiment exists already (a race)
         exp = client.get_experiment(experiment_name=experiment, namespace=namespace)
     name = run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = client.create_run_from_pipeline_package(
-        str(package), arguments=dict(params), run_name=name,
-        experiment_id=exp.experiment_id)
+    if pipeline:
+        pipeline_id, version_id = _uploaded_version(client, package, pipeline)
+        run = client.run_pipeline(exp.experiment_id, name, params=dict(params),
+                                  pipeline_id=pipeline_id, version_id=version_id)
+    else:
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments=dict(params), run_name=name,
+            experiment_id=exp.experiment_id)
     return run.run_id, f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
 

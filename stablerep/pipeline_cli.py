@@ -67,10 +67,14 @@ def compile_cmd(out: str, k8s_out: str, image: str, parallelism: int) -> None:
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help=_PARAM_HELP)
 @click.option("--package", default=str(lib.PIPELINE_YAML), show_default=True, metavar="FILE",
               help="The compiled pipeline.")
+@click.option("--upload", "pipeline_name", default="", metavar="PIPELINE", help="Upload the "
+              "package as a version of this pipeline (reused when already uploaded) and run "
+              "it [default: send the spec inline with the run].")
 @click.option("--run-name", default="", help="Run display name [default: stablerep-<time>].")
 @click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user).")
 def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...],
-           params: tuple[str, ...], package: str, run_name: str, namespace: str | None) -> None:
+           params: tuple[str, ...], package: str, pipeline_name: str, run_name: str,
+           namespace: str | None) -> None:
     """Create a run of the compiled pipeline on a Kubeflow Pipelines server.
 
     \b
@@ -80,7 +84,7 @@ def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...]
     """
     values = _params(recipe, sets, params)
     run_id, url = lib.submit(host, experiment, values, package=package, run_name=run_name,
-                             namespace=namespace)
+                             namespace=namespace, pipeline=pipeline_name)
     click.echo(f"run {run_id}")
     click.echo(f"url {url}")
 

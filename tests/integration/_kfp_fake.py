@@ -32,6 +32,8 @@ class KfpState:
     requests: list[Recorded] = field(default_factory=list)
     experiments: dict[str, str] = field(default_factory=dict)  # display name -> id
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pipelines: dict[str, str] = field(default_factory=dict)  # display name -> id
+    versions: dict[str, dict[str, str]] = field(default_factory=dict)  # pipeline id -> name -> id
 
     def posted(self, path: str) -> list[Any]:
         """Bodies of the POST requests to ``API + path``."""
@@ -73,6 +75,17 @@ def _handler(state: KfpState) -> type[BaseHTTPRequestHandler]:
                         for n, i in state.experiments.items() if json.dumps(n) in wanted
                         or f'"{n}"' in wanted]
                 return self._answer(200, {"experiments": hits} if hits else {})
+            if rec.path == f"{API}/pipelines":
+                wanted = "".join(rec.query.get("filter", []))
+                hits = [{"pipeline_id": i, "display_name": n}
+                        for n, i in state.pipelines.items() if f'"{n}"' in wanted]
+                return self._answer(200, {"pipelines": hits} if hits else {})
+            if rec.path.startswith(f"{API}/pipelines/") and rec.path.endswith("/versions"):
+                pid = rec.path.split("/")[-2]
+                wanted = "".join(rec.query.get("filter", []))
+                hits = [{"pipeline_id": pid, "pipeline_version_id": i, "display_name": n}
+                        for n, i in state.versions.get(pid, {}).items() if f'"{n}"' in wanted]
+                return self._answer(200, {"pipeline_versions": hits} if hits else {})
             if rec.path.startswith(f"{API}/runs/"):
                 run = state.runs.get(rec.path.rsplit("/", 1)[1])
                 return self._answer(200, run) if run else self._answer(404, {"error": "no run"})
@@ -92,8 +105,16 @@ def _handler(state: KfpState) -> type[BaseHTTPRequestHandler]:
                                       "created_at": "2026-01-01T00:00:00Z"}
                 return self._answer(200, state.runs[run_id])
             if rec.path == f"{API}/pipelines/upload":
-                return self._answer(200, {"pipeline_id": str(uuid.uuid4()),
-                                          "display_name": "".join(rec.query.get("name", []))})
+                name = "".join(rec.query.get("name", []))
+                pid = state.pipelines.setdefault(name, str(uuid.uuid4()))
+                state.versions.setdefault(pid, {})[name] = str(uuid.uuid4())
+                return self._answer(200, {"pipeline_id": pid, "display_name": name})
+            if rec.path == f"{API}/pipelines/upload_version":
+                name = "".join(rec.query.get("name", []))
+                pid = "".join(rec.query.get("pipelineid", []))
+                vid = state.versions.setdefault(pid, {}).setdefault(name, str(uuid.uuid4()))
+                return self._answer(200, {"pipeline_id": pid, "pipeline_version_id": vid,
+                                          "display_name": name})
             return self._answer(404, {"error": f"not served: {rec.path}"})
 
     return Handler

@@ -120,6 +120,28 @@ def test_second_submit_reuses_the_experiment():
         assert len(state.posted("/runs")) == 2
 
 
+def test_submit_uploads_the_package_once_and_runs_that_version():
+    with kfp_fake.kfp_server() as (url, state):
+        for _ in range(2):
+            out = _run([sys.executable, "-m", "stablerep.cli", "pipeline", "submit", "--host",
+                        url, "--experiment", "E", "--upload", "stablerep",
+                        "--param", "shards=16"])
+            assert out.returncode == 0, out.stdout + out.stderr
+        uploads = [r for r in state.requests if r.path.startswith(f"{kfp_fake.API}/pipelines/")
+                   and r.method == "POST"]
+        assert [r.path.rsplit("/", 1)[1] for r in uploads] == ["upload", "upload_version"]
+        assert "PIPELINE DEFINITION" in uploads[1].body  # the compiled file, multipart
+        runs = state.posted("/runs")
+        (pid,) = state.pipelines.values()
+        version = next(v for n, v in state.versions[pid].items() if n != "stablerep")
+    assert len(runs) == 2
+    for run in runs:
+        assert run["pipeline_version_reference"] == {"pipeline_id": pid,
+                                                     "pipeline_version_id": version}
+        assert "pipeline_spec" not in run
+        assert run["runtime_config"]["parameters"] == {"shards": 16}
+
+
 @pytest.mark.parametrize("param, expected", [
     ("nosuch=1", "error: parameter 'nosuch': the pipeline has no such parameter; its "
                  "parameters: data_root, recipe, overrides,"),
