@@ -157,7 +157,8 @@ class CaptionsManifest:
 
 def write_captions_manifest(manifest: CaptionsManifest) -> str:
     """Publish ``manifest.json`` in the manifest's folder (the last write of the stage)."""
-    return storage.write_json(manifest.manifest_uri, manifest.to_json())
+    storage.write_json(manifest.manifest_uri, manifest.to_json())
+    return manifest.manifest_uri
 
 
 def load_captions_manifest(uri: str) -> CaptionsManifest:
@@ -377,7 +378,9 @@ def read_shard_record(uri: str) -> dict[str, Any]:
 
 def write_shard_record(out: str, index: int, record: dict[str, Any]) -> str:
     """Publish the json of shard ``index`` (after its tar: it commits the shard)."""
-    return storage.write_json(storage.join(out, shard_json_name(index)), record)
+    uri = storage.join(out, shard_json_name(index))
+    storage.write_json(uri, record)
+    return uri
 
 
 @dataclass(frozen=True)
@@ -434,10 +437,14 @@ def write_images_manifest(out: str, records: list[dict[str, Any]], *, images_per
         images_per_caption: m, images drawn per caption.
         fingerprint: the generation config fingerprint all records share.
         captions: the captions folder the images were drawn from.
+
+    Returns:
+        The manifest's URI.
     """
     # WebDataset readers (open_clip's get_dataset_size) take the size from here.
     storage.write_json(storage.join(out, SIZES), {d["tar"]: d["num_samples"] for d in records})
-    return storage.write_json(storage.join(out, IMAGES_MANIFEST), {
+    uri = storage.join(out, IMAGES_MANIFEST)
+    storage.write_json(uri, {
         "kind": IMAGES_KIND, "version": 1, "num_shards": len(records),
         "num_samples": sum(d["num_samples"] for d in records),
         "num_captions": sum(d["num_captions"] for d in records),
@@ -447,6 +454,7 @@ def write_images_manifest(out: str, records: list[dict[str, Any]], *, images_per
         "shards": [{"index": d["shard"], "tar": d["tar"], "num_samples": d["num_samples"],
                     "num_captions": d["num_captions"], "sha256": d["sha256"]} for d in records],
     })
+    return uri
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -469,9 +477,9 @@ def is_checkpoint(uri: str) -> bool:
 
 def write_latest(out: str, step: int, sha256: str) -> str:
     """Point ``out/latest.json`` at the checkpoint of ``step`` (published after it)."""
-    return storage.write_json(storage.join(out, LATEST), {"step": step,
-                                                          "checkpoint": checkpoint_name(step),
-                                                          "sha256": sha256})
+    uri = storage.join(out, LATEST)
+    storage.write_json(uri, {"step": step, "checkpoint": checkpoint_name(step), "sha256": sha256})
+    return uri
 
 
 def read_latest(out: str) -> str | None:
@@ -509,7 +517,9 @@ REPORT_MD = "report.md"
 
 def write_eval_metrics(out: str, metrics: dict[str, Any]) -> str:
     """Publish ``out/metrics.json`` (the last write of an evaluation: the run is done)."""
-    return storage.write_json(storage.join(out, EVAL_METRICS), metrics)
+    uri = storage.join(out, EVAL_METRICS)
+    storage.write_json(uri, metrics)
+    return uri
 
 
 def read_eval_metrics(out: str) -> dict[str, Any]:
