@@ -401,7 +401,11 @@ def shard_ref(folder: str, doc_uri: str, *, verify: bool) -> ShardRef:
         InputError: the record lacks a field, or (with ``verify``) its sha256 is not 64 hex
             digits.
     """
-    doc = storage.read_json(doc_uri)
+    return shard_ref_of(folder, doc_uri, storage.read_json(doc_uri), verify=verify)
+
+
+def shard_ref_of(folder: str, doc_uri: str, doc: Any, *, verify: bool) -> ShardRef:
+    """:func:`shard_ref` of a record already read (``doc``, parsed from ``doc_uri``)."""
     try:
         ref = ShardRef(storage.join(folder, doc["tar"]), int(doc["num_captions"]),
                        int(doc["num_samples"]), int(doc["images_per_caption"]),
@@ -417,6 +421,34 @@ def shard_ref(folder: str, doc_uri: str, *, verify: bool) -> ShardRef:
 def finished_shards(folder: str) -> list[str]:
     """The shard records (``shard-*.json``) of an images folder: its committed shards."""
     return [u for u in storage.list_dir(folder) if is_shard_json(u)]
+
+
+def check_complete(folder: str, records: dict[str, dict[str, Any]]) -> None:
+    """Fail when a shard that the records say exists has no record: it is not committed.
+
+    Each record names its index (``shard``) and the number of shards of its captions
+    (``num_shards``); records without them (hand-made folders) are not checked.
+
+    Args:
+        folder: the images folder.
+        records: record URI -> its parsed json, every committed shard of ``folder``.
+
+    Raises:
+        InputError: naming the first missing shard's json and how many are committed.
+    """
+    counts = {r.get("num_shards") for r in records.values()}
+    indices = {r.get("shard") for r in records.values()}
+    if len(counts) != 1 or not all(isinstance(i, int) for i in counts | indices):
+        return
+    (total,) = counts
+    missing = sorted(set(range(total)) - indices)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(
+            f"{storage.join(folder, shard_json_name(missing[0]))}: missing{more}; "
+            f"{total - len(missing)} of {total} shards are committed (a shard exists once its "
+            f"json does): generate the missing shards first (stablerep generate --shard "
+            f"{missing[0]})")
 
 
 def read_images_manifest(out: str) -> dict[str, Any] | None:

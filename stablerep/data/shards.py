@@ -30,8 +30,9 @@ from stablerep.contracts import (
     IMAGE_EXTS,
     KEY_PATTERN,
     ShardRef,
+    check_complete,
     finished_shards,
-    shard_ref,
+    shard_ref_of,
     split_member,
 )
 from stablerep.errors import InputError
@@ -75,7 +76,9 @@ def discover(folders: list[str], *, verify: bool = True) -> list[ShardRef]:
         verify: require each json to record its tar's sha256 (checked when the tar is read).
 
     Raises:
-        InputError: a folder is missing or holds no finished shard, or a json is malformed.
+        InputError: a folder is missing or holds no finished shard, a json is malformed, or
+            a shard that the records count is not committed (named; see
+            :func:`stablerep.contracts.check_complete`).
     """
     refs: list[ShardRef] = []
     for folder in folders:
@@ -85,7 +88,9 @@ def discover(folders: list[str], *, verify: bool = True) -> list[ShardRef]:
         if not docs:
             raise InputError(f"{folder}: no finished shard (no shard-*.json); run "
                              "`stablerep generate` first")
-        refs += [shard_ref(folder, doc_uri, verify=verify) for doc_uri in docs]
+        records = {uri: storage.read_json(uri) for uri in docs}
+        refs += [shard_ref_of(folder, uri, doc, verify=verify) for uri, doc in records.items()]
+        check_complete(folder, {u: d for u, d in records.items() if isinstance(d, dict)})
     return sorted(refs, key=lambda r: r.uri)
 
 

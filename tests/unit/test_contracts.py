@@ -132,3 +132,18 @@ def test_eval_metrics_round_trip(tmp_path: Path) -> None:
     uri = contracts.write_eval_metrics(out, metrics)
     assert uri == str(tmp_path / "eval" / "metrics.json")
     assert contracts.read_eval_metrics(out) == metrics
+
+
+def test_a_missing_shard_is_named(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+    records = {f"{folder}/shard-00000{i}.json": {**_record(i, 2), "num_shards": 4}
+               for i in (0, 3)}
+    with pytest.raises(InputError) as e:
+        contracts.check_complete(folder, records)
+    assert str(e.value) == (
+        f"{folder}/shard-000001.json: missing (and 1 more); 2 of 4 shards are committed (a "
+        "shard exists once its json does): generate the missing shards first (stablerep "
+        "generate --shard 1)")
+    contracts.check_complete(folder, {**records, **{
+        f"{folder}/shard-00000{i}.json": {**_record(i, 2), "num_shards": 4} for i in (1, 2)}})
+    contracts.check_complete(folder, {"a.json": {"tar": "a.tar"}})  # hand-made: not checked
