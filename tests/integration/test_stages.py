@@ -18,7 +18,7 @@ import torch
 
 from stablerep import stages
 from stablerep.config import load_config
-from stablerep.errors import ConfigError
+from stablerep.errors import ConfigError, InputError
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def test_run_captions(root: Path) -> None:
         "part-000000.parquet", "part-000001.parquet"]
 
 
-def test_run_generate_one_shard_then_the_rest(root: Path) -> None:
+def test_run_generate_one_shard(root: Path) -> None:
     one = stages.run_generate(_cfg(root), shard=1)
     images = root / "images"
     assert one.uri == str(images)
@@ -73,6 +73,18 @@ def test_run_generate_one_shard_then_the_rest(root: Path) -> None:
     assert (one.shards_written, one.shards_skipped, one.failed_captions) == (1, 0, 0)
     assert one.images == doc["num_samples"] == 3 * doc["num_captions"]
     assert one.images_per_s > 0
+
+
+def test_run_training_refuses_a_missing_shard(root: Path) -> None:
+    with pytest.raises(InputError) as e:
+        stages.run_training(_cfg(root))
+    assert str(e.value).startswith(f"{root / 'images' / 'shard-000000.json'}: missing; 1 of 2 "
+                                   "shards are committed")
+    assert not (root / "train").exists()
+
+
+def test_run_generate_the_rest(root: Path) -> None:
+    images = root / "images"
     rest = stages.run_generate(_cfg(root, "generate.all_shards=true"))
     assert (rest.shards_written, rest.shards_skipped) == (1, 1)
     docs = [json.loads(p.read_text()) for p in sorted(images.glob("shard-*.json"))]

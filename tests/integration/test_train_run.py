@@ -551,8 +551,8 @@ BAD = {
                   "--no-verify"],
     "sha256_w2": ["shard-000002.tar: sha256 ", "does not match", "recorded in its json"],
     "latest_list": ["latest_list/out/latest.json: got list, expected a JSON object"],
-    "latest_bytes": ["latest_bytes/out/latest.json: not UTF-8 text (byte 27); expected a "
-                     "JSON object"],
+    "latest_bytes": ["latest_bytes/out/latest.json: not UTF-8 text (byte 0xff at offset 27); "
+                     "expected a JSON object"],
     "evil_checkpoint": ["evil_checkpoint/out/ckpt-00000001.pt: refused to load: it holds "
                         "objects other than tensors and plain types (it imports"],
     "too_few_images": ["hold 3 images per caption", "train.images_per_caption=5"],

@@ -132,7 +132,7 @@ def test_eval_refuses_a_pickled_callable_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("content", "expected"), [
     (b"[]", "latest.json: got list, expected a JSON object"),
-    (b'{"step": 1, "checkpoint": "\xff\xfe.pt"}', "latest.json: not UTF-8 text (byte 27)"),
+    (b'{"step": 1, "checkpoint": "\xff\xfe.pt"}', "latest.json: not UTF-8 text (byte 0xff at offset 27)"),
     (b'{"step": 1, "checkpoint": "../../etc/passwd"}', "latest.json: got checkpoint='../../etc"),
     (b"{", "latest.json: not valid JSON"),
 ])
