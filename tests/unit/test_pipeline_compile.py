@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from stablerep import pipeline as lib
+from stablerep.k8s.config import CUDA_IMAGE
 
 ROOT = Path(__file__).resolve().parents[2]
 KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN",
@@ -20,7 +21,8 @@ KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool:
 def fresh(tmp_path_factory) -> tuple[str, str]:
     out = tmp_path_factory.mktemp("compile")
     yaml_path, k8s_path = out / "p.yaml", out / "k8s.yaml"
-    lib.compile_pipeline(yaml_path, kubernetes=k8s_path)
+    # the default image, whatever $STABLEREP_IMAGE says: that is what is checked in
+    lib.compile_pipeline(yaml_path, kubernetes=k8s_path, image=CUDA_IMAGE)
     return yaml_path.read_text(), k8s_path.read_text()
 
 
