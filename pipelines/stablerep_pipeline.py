@@ -14,9 +14,16 @@ import os
 from kfp import dsl, kubernetes
 
 from components import captions, evaluate, generate_shard, train, validate
-from stablerep.pipeline import DEFAULT_PARALLELISM, PARAMS, PIPELINE_NAME, defaults
+from stablerep.pipeline import (
+    DEFAULT_PARALLELISM,
+    PARAMS,
+    PIPELINE_NAME,
+    component_image,
+    defaults,
+)
 
-D = defaults()
+# The training job's pods default to the image the components were compiled against.
+D = {**defaults(), "image": component_image()}
 PARALLELISM = int(os.environ.get("STABLEREP_PARALLELISM") or DEFAULT_PARALLELISM)
 HOUR = 3600
 RUN_AS = 1000  # the images' non-root user

@@ -120,7 +120,8 @@ PARAMS: tuple[Param, ...] = (
     Param("tolerations", list,
           [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
           "Tolerations (JSON list) of the GPU steps and the training job's pods."),
-    Param("image", str, CUDA_IMAGE, "Image of the training job's pods (the cluster backends)."),
+    Param("image", str, CUDA_IMAGE, "Image of the training job's pods (cluster backends); default: the image the "
+          "pipeline was compiled with."),
 )
 PARAM_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
 _BY_NAME = {p.name: p for p in PARAMS}

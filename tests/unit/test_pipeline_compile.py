@@ -83,6 +83,8 @@ def test_image_is_set_at_compile_time(tmp_path):
     spec, _ = _docs(out.read_text())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example.com/me/stablerep:dev"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == \
+        "registry.example.com/me/stablerep:dev"  # the training job's pods too
     assert "kfp==" not in out.read_text()  # install_kfp_package=False: nothing pip-installed
     assert "pip install" not in out.read_text()
 
