@@ -1,6 +1,8 @@
 # stablerep: `make demo` and `make test` each do all the set-up on a fresh machine.
 #
-#   make demo    create .venv, install, run the local demo (CPU, tiny models, ./data/demo)
+#   make demo    create .venv, install, run the pipeline locally (kfp.local; CPU, tiny models,
+#                ./data/demo)
+#   make compile compile the Kubeflow pipeline (pipelines/ and k8s/pipeline/)
 #   make test    create .venv, install, run the unit + integration tests
 #   make lint    ruff
 #   make bench   CPU benchmarks (tables against an in-process baseline)
@@ -21,7 +23,7 @@ LOCK        := requirements.lock
 PIP_LOCKED  = $(BIN)/python -m pip install -q -c $(LOCK)
 PYTEST_ARGS ?=
 
-.PHONY: venv tools tools-lock demo test test-unit test-integration lint bench lock k8s images clean
+.PHONY: venv tools tools-lock demo compile test test-unit test-integration lint bench lock k8s images clean
 
 venv: $(STAMP)
 
@@ -72,13 +74,16 @@ tools-lock:
 	mv $(TOOLS_LOCK).tmp $(TOOLS_LOCK)
 	@touch $(TOOLS_STAMP)
 
-DEMO        ?= configs/demo.yaml
+DEMO        ?= demo
 
+# The same pipeline function a cluster runs, through kfp.local on this machine.
 demo: $(STAMP)
-	$(BIN)/stablerep captions --config $(DEMO)
-	$(BIN)/stablerep generate --config $(DEMO)
-	$(BIN)/stablerep train --config $(DEMO)
-	$(BIN)/stablerep eval --config $(DEMO)
+	$(BIN)/stablerep pipeline run-local --recipe $(DEMO)
+
+# pipelines/stablerep_pipeline.yaml and k8s/pipeline/stablerep-pipeline.yaml (a test checks
+# they equal a fresh compile). IMAGE=... compiles against an image you pushed.
+compile: $(STAMP)
+	$(BIN)/stablerep pipeline compile $(if $(IMAGE),--image $(IMAGE))
 
 test: $(STAMP) $(TOOLS_STAMP)
 	GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false $(BIN)/python -m pytest -q $(PYTEST_ARGS)

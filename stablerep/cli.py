@@ -19,21 +19,19 @@ from typing import Any, NoReturn
 
 import click
 
-from stablerep import __version__
+from stablerep import __version__, stages
 from stablerep.config import (
     CAPTION_FORMATS,
     CaptionsConfig,
     Config,
     GenerateConfig,
     TrainConfig,
-    apply_overrides,
     choices,
     dump_yaml,
-    from_dict,
-    load_yaml,
+    load_config,
 )
 from stablerep.devices import device_help
-from stablerep.errors import ConfigError, StablerepError
+from stablerep.errors import StablerepError
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
@@ -112,52 +110,16 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def build_config(recipe: str | None, overrides: tuple[str, ...], section: str,
-                 flags: dict[str, Any], *, data_root: str | None = None) -> Config:
-    """Recipe < ``--set`` overrides < explicit flags (those not None) -> validated Config."""
-    data = load_yaml(recipe) if recipe else {}
-    data.setdefault(section, {})
-    apply_overrides(data, list(overrides))
-    if data[section] is None:
-        data[section] = {}
-    if not isinstance(data[section], dict):
-        raise ConfigError(f"{section}: got {data[section]!r}, expected a mapping of {section} "
-                          "fields")
-    for key, value in flags.items():
-        if value is not None and value != ():
-            data[section][key] = list(value) if isinstance(value, tuple) else value
-    if data_root is not None:
-        data["data_root"] = data_root
-    return from_dict(Config, data)
-
-
 def stage_config(recipe: str | None, overrides: tuple[str, ...], section: str,
                  flags: dict[str, Any], *, data_root: str | None, print_config: bool
-                 ) -> tuple[Config, Any] | None:
-    """Build the config and return (config, its ``section``); None after --print-config."""
-    cfg = build_config(recipe, overrides, section, flags, data_root=data_root)
+                 ) -> Config | None:
+    """Recipe < ``--set`` overrides < explicit flags -> Config; None after --print-config."""
+    cfg = load_config(recipe, overrides, require=(section,), flags={section: flags},
+                      data_root=data_root)
     if print_config:
         click.echo(dump_yaml(cfg), nl=False)
         return None
-    return cfg, getattr(cfg, section)
-
-
-def check_outputs(*targets: tuple[str, str | None]) -> None:
-    """Fail before any work when an output folder is a regular file or runs through one.
-
-    Args:
-        targets: (field, URI) pairs; empty URIs are skipped.
-    """
-    from stablerep.storage import check_output_folder
-
-    for field, uri in targets:
-        if uri:
-            check_output_folder(uri, field=field)
-
-
-def _where(value: str, field: str) -> str:
-    """The field an output URI came from: its own, or ``data_root`` for a default."""
-    return field if value else "data_root"
+    return cfg
 
 
 def _common(fn):
@@ -165,7 +127,8 @@ def _common(fn):
                       help="Override one config field (repeatable), e.g. "
                            "--set captions.num_shards=8.")(fn)
     fn = click.option("--config", "recipe", metavar="URI",
-                      help="YAML recipe (local path or gs://, s3:// URI).")(fn)
+                      help="Built-in recipe name (demo, cc12m ...) or YAML recipe (local path or "
+                           "gs://, s3:// URI).")(fn)
     fn = click.option("--data-root", metavar="URI",
                       help="Folder under which stages write by default.")(fn)
     return fn
@@ -212,24 +175,19 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
       stablerep captions --input 'gs://bucket/cc3m/*.tsv' --num-captions 1000000 \\
           --num-shards 256 --out gs://bucket/run1/captions
     """
-    from stablerep.captions import format_summary, make_captions
-    from stablerep.storage import join
+    from stablerep.captions import format_summary, load_manifest
 
     flags = {"source": "files" if inputs and source is None else source, "inputs": inputs,
              "format": fmt, "column": column, "num_captions": num_captions,
              "num_shards": num_shards, "seed": seed, "out": out, "allow_fewer": allow_fewer,
              "overwrite": overwrite, "work_dir": work_dir}
-    built = stage_config(recipe, overrides, "captions", flags, data_root=data_root,
-                         print_config=print_config)
-    if built is None:
+    cfg = stage_config(recipe, overrides, "captions", flags, data_root=data_root,
+                       print_config=print_config)
+    if cfg is None:
         return
-    cfg, _ = built
-    target = cfg.captions.out or join(cfg.data_root, "captions")
-    check_outputs((_where(cfg.captions.out, "captions.out"), target),
-                  ("captions.work_dir", cfg.captions.work_dir))
-    manifest = make_captions(cfg.captions, target)
-    click.echo(format_summary(manifest))
-    click.echo(f"captions: {manifest.count:,} captions written to {manifest.uri}")
+    result = stages.run_captions(cfg)
+    click.echo(format_summary(load_manifest(result.uri)))
+    click.echo(f"captions: {result.count:,} captions written to {result.uri}")
 
 
 @main.command()
@@ -273,9 +231,6 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
       stablerep generate --data-root gs://bucket/run1 --shard 17          # one shard
       stablerep generate --data-root gs://bucket/run1 --shard-from-env    # Indexed Job
     """
-    from stablerep.generation.runner import generate as run_generate
-    from stablerep.storage import join
-
     flags = {"captions": captions_uri, "out": out, "backend": backend, "model": model,
              "images_per_caption": images_per_caption, "guidance_scale": guidance_scale,
              "num_inference_steps": num_inference_steps, "scheduler": scheduler,
@@ -283,25 +238,16 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
              "image_format": image_format, "seed": seed, "batch_size": batch_size,
              "shard": shard, "all_shards": all_shards, "shard_from_env": shard_from_env,
              "device": device, "dtype": dtype, "compile": compile_unet, "overwrite": overwrite}
-    built = stage_config(recipe, overrides, "generate", flags, data_root=data_root,
-                         print_config=print_config)
-    if built is None:
+    cfg = stage_config(recipe, overrides, "generate", flags, data_root=data_root,
+                       print_config=print_config)
+    if cfg is None:
         return
-    cfg, gen = built
-    captions = gen.captions or join(cfg.data_root, "captions")
-    target = gen.out or join(cfg.data_root, "images")
-    check_outputs((_where(gen.out, "generate.out"), target),
-                  ("generate.tiny_cache", gen.tiny_cache))
-    results = run_generate(gen, captions=captions, out=target)
-    made = [r for r in results if not r.skipped]
-    images = sum(r.samples for r in made)
-    seconds = sum(r.seconds for r in made)
-    failed = sum(len(r.failed) for r in made)
-    click.echo(f"generate: {len(made)} shard(s) written, {len(results) - len(made)} already "
-               f"done; {images:,} images" + (f" at {images / seconds:,.2f} img/s" if seconds
-                                             else "") + (f"; {failed} captions failed"
-                                                         if failed else ""))
-    click.echo(f"generate: images in {target}")
+    r = stages.run_generate(cfg)
+    click.echo(f"generate: {r.shards_written} shard(s) written, {r.shards_skipped} already "
+               f"done; {r.images:,} images"
+               + (f" at {r.images_per_s:,.2f} img/s" if r.images_per_s else "")
+               + (f"; {r.failed_captions} captions failed" if r.failed_captions else ""))
+    click.echo(f"generate: images in {r.uri}")
 
 
 @main.command()
@@ -335,40 +281,21 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
       stablerep train --data-root ./data --model vit_tiny --image-size 32 --max-steps 50
       torchrun --nproc_per_node 8 -m stablerep.train --config configs/cc12m.yaml
     """
-    from stablerep.storage import join
-
     flags = {"data": data, "out": out, "method": method, "model": model,
              "image_size": image_size, "captions_per_batch": captions_per_batch,
              "images_per_caption": images_per_caption, "epochs": epochs,
              "max_steps": max_steps, "num_workers": num_workers, "seed": seed,
              "device": device, "verify_shards": False if no_verify else None}
-    built = stage_config(recipe, overrides, "train", flags, data_root=data_root,
-                         print_config=print_config)
-    if built is None:
+    cfg = stage_config(recipe, overrides, "train", flags, data_root=data_root,
+                       print_config=print_config)
+    if cfg is None:
         return
-    cfg, tc = built
-    out = tc.out or join(cfg.data_root, "train")
-    check_outputs((_where(tc.out, "train.out"), out))
-    from stablerep import distributed  # torch & co. only once the config is valid
-    from stablerep.training.trainer import Trainer
-
-    env = distributed.setup(tc.device, timeout_s=tc.dist_timeout_s)
-    try:
-        trainer = Trainer(tc, data=tc.data or [join(cfg.data_root, "images")],
-                          out=out, env=env)
-        trainer.resume()  # a checkpoint of another model fails here, before config.yaml
-        if env.is_main:
-            from stablerep import storage
-
-            storage.write_text(join(trainer.out, "config.yaml"), dump_yaml(cfg))
-        result = _run_training(trainer)
-    finally:
-        distributed.teardown()
-    if env.is_main:
+    result = stages.run_training(cfg)
+    if stages.is_main_process():
         click.echo(f"train: {result.steps} steps, final loss {result.final_loss:.4f}, "
                    f"{result.images_per_s:,.1f} img/s")
         click.echo(f"train: checkpoint {result.checkpoint}; backbone {result.backbone}; "
-                   f"metrics {join(trainer.out, 'metrics.jsonl')}")
+                   f"metrics {result.metrics}")
 
 
 @main.command(name="eval")
@@ -394,33 +321,20 @@ def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
       stablerep eval --checkpoint gs://b/run1/train \\
           --datasets sklearn:digits,imagefolder:gs://b/pets --out gs://b/run1/eval
     """
-    from stablerep.evaluation.stage import run_eval
-    from stablerep.storage import join, write_text
-
     flags = {"checkpoint": checkpoint, "out": out, "baseline": baseline,
              "few_shot_episodes": few_shot_episodes, "device": device,
              "datasets": [d.strip() for d in datasets.split(",") if d.strip()]
              if datasets else None}
-    built = stage_config(recipe, overrides, "eval", flags, data_root=data_root,
-                         print_config=print_config)
-    if built is None:
+    cfg = stage_config(recipe, overrides, "eval", flags, data_root=data_root,
+                       print_config=print_config)
+    if cfg is None:
         return
-    cfg, ec = built
-    ckpt = ec.checkpoint or join(cfg.data_root, "train")
-    target = ec.out or join(cfg.data_root, "eval")
-    check_outputs((_where(ec.out, "eval.out"), target),
-                  ("eval.feature_cache", ec.feature_cache), ("eval.data_cache", ec.data_cache))
-    images = ec.images or join(cfg.data_root, "images")
-    metrics_uri = ec.train_metrics or (join(ckpt, "metrics.jsonl")
-                                       if not ckpt.startswith("timm") else "")
-    metrics = run_eval(ec, checkpoint=ckpt, out=target, images=images,
-                       train_metrics=metrics_uri)
-    write_text(join(target, "config.yaml"), dump_yaml(cfg))  # the resolved config, beside
-    for name, result in metrics["datasets"].items():
+    result = stages.run_eval(cfg)
+    metrics = result.metrics
+    for name, scores in metrics["datasets"].items():
         base = metrics.get("baseline", {}).get("datasets", {}).get(name, {})
-        click.echo(f"eval: {name}: " + _summary(result, base))
-    click.echo(f"eval: report {join(target, 'report.html')}; metrics "
-               f"{join(target, 'metrics.json')}")
+        click.echo(f"eval: {name}: " + _summary(scores, base))
+    click.echo(f"eval: report {result.report_html}; metrics {result.metrics_uri}")
 
 
 def _summary(result: dict, base: dict) -> str:
@@ -436,33 +350,12 @@ def _summary(result: dict, base: dict) -> str:
     return ", ".join(parts)
 
 
-def _run_training(trainer):
-    """Run the trainer, turning a lost peer into one clear error.
-
-    A lost peer is told by the exception's type: the trainer raises CollectiveError for a
-    failed collective (gloo's plain RuntimeError included), NCCL and the store raise
-    torch.distributed.DistError subclasses.
-    """
-    import torch.distributed as dist
-
-    from stablerep.distributed import CollectiveError
-    from stablerep.training.trainer import TrainingError
-
-    try:
-        return trainer.fit()
-    except (CollectiveError, dist.DistError) as e:
-        if not trainer.env.distributed:
-            raise
-        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise TrainingError(
-            f"rank {trainer.env.rank}: a peer process failed or stopped responding "
-            f"({text}); restart the job: it resumes from the last checkpoint") from None
-
-
 def _add_groups() -> None:
     from stablerep.k8s.cli import k8s
+    from stablerep.pipeline_cli import pipeline
 
     main.add_command(k8s)
+    main.add_command(pipeline)
 
 
 _add_groups()

@@ -20,9 +20,11 @@ stage's outputs (:func:`dump_yaml`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -584,23 +586,82 @@ def load_yaml(uri: str) -> dict[str, Any]:
     return data
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+"""The built-in recipes, shipped as package data (``configs/`` in a checkout links here)."""
+
+
+def builtin_recipes() -> list[str]:
+    """The names of the built-in recipes (``demo``, ``cc12m`` ...), sorted."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def is_recipe_name(recipe: str) -> bool:
+    """True for a bare recipe name (``cc12m``), False for a path or URI (``a/b.yaml``)."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", recipe) is not None
+
+
+def resolve_recipe(recipe: str) -> str:
+    """The URI of ``recipe``: a built-in recipe name, or a path / URI returned as given.
+
+    Raises:
+        ConfigError: for a bare name that is not a built-in recipe, listing the built-ins.
+    """
+    if not is_recipe_name(recipe):
+        return recipe
+    path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {recipe!r}: not a built-in recipe; expected one of "
+                          f"{', '.join(builtin_recipes())}, or a path or URI of a YAML recipe")
+    return str(path)
+
+
+def _ensure_section(data: dict[str, Any], section: str) -> dict[str, Any]:
+    if data.get(section) is None:
+        data[section] = {}
+    if not isinstance(data[section], dict):
+        raise ConfigError(f"{section}: got {data[section]!r}, expected a mapping of {section} "
+                          "fields")
+    return data[section]
+
+
 def load_config(
-    path: str | None = None,
-    overrides: list[str] | None = None,
+    recipe: str | None = None,
+    overrides: list[str] | tuple[str, ...] | None = None,
     *,
     require: tuple[str, ...] = (),
+    flags: dict[str, dict[str, Any]] | None = None,
+    data_root: str | None = None,
 ) -> Config:
     """Load a recipe, apply overrides and build a validated :class:`Config`.
 
+    Precedence, lowest first: field defaults < the recipe < ``overrides`` < ``flags`` <
+    ``data_root``.
+
     Args:
-        path: a YAML recipe URI, or ``None`` for defaults only.
+        recipe: a built-in recipe name (``demo``, ``cc12m``; see :func:`builtin_recipes`), a
+            YAML recipe path or URI, or ``None`` for defaults only.
         overrides: ``key.path=value`` strings, applied in order after the recipe.
         require: sections to create with defaults when the recipe lacks them.
+        flags: per section, field values applied last (a command line's own flags); values
+            that are ``None`` or ``()`` are left out, tuples become lists.
+        data_root: replaces ``data_root`` when given.
+
+    Raises:
+        ConfigError: naming the recipe, the override or the field that is wrong.
     """
-    data = load_yaml(path) if path else {}
+    data = load_yaml(resolve_recipe(recipe)) if recipe else {}
     for section in require:
         data.setdefault(section, {})
     apply_overrides(data, list(overrides or []))
+    for section in require:
+        _ensure_section(data, section)
+    for section, values in (flags or {}).items():
+        target = _ensure_section(data, section)
+        for key, value in values.items():
+            if value is not None and value != ():
+                target[key] = list(value) if isinstance(value, tuple) else value
+    if data_root is not None:
+        data["data_root"] = data_root
     return from_dict(Config, data)
 
 

@@ -28,12 +28,19 @@ import io
 import json
 import logging
 import math
-import re
 import tarfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stablerep import storage
+from stablerep.contracts import (
+    IMAGE_EXTS,
+    KEY_PATTERN,
+    REPORT_HTML,
+    REPORT_MD,
+    shard_tar_name,
+    split_member,
+)
 
 log = logging.getLogger(__name__)
 
@@ -618,8 +625,8 @@ def render_markdown(metrics: dict, *, baseline: dict | None = None) -> str:
 def write_report(out_uri: str, html: str, markdown: str | None = None) -> str:
     """Publish ``<out>/report.html`` (and ``report.md``) atomically; returns the HTML's URI."""
     if markdown is not None:
-        storage.write_text(storage.join(out_uri, "report.md"), markdown)
-    uri = storage.join(out_uri, "report.html")
+        storage.write_text(storage.join(out_uri, REPORT_MD), markdown)
+    uri = storage.join(out_uri, REPORT_HTML)
     storage.write_text(uri, html)
     log.info("report: %s", uri)
     return uri
@@ -655,25 +662,13 @@ def read_loss_curve(metrics_jsonl_uri: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-_KEY = re.compile(r"^(?P<cid>\d+)_(?P<j>\d+)$")
-
-
-def _split_member(member_name: str) -> tuple[str, str]:
-    """WebDataset convention: key = path up to the first dot of the base name; ext = the rest."""
-    directory, _, base = member_name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
 def _group(key: str) -> tuple[str, int]:
+    """(caption group, j) of a sample key; a key outside the contract is its own group."""
     base = key.rsplit("/", 1)[-1]
-    m = _KEY.match(base)
+    m = KEY_PATTERN.fullmatch(base)
     if m:
-        return str(int(m["cid"])), int(m["j"])
+        return str(int(m["caption_id"])), int(m["j"])
     return key, 0
-
-
-IMAGE_EXTS = ("jpg", "jpeg", "webp", "png")
 
 
 def _iter_members(stream: Any) -> Iterable[tuple[str, bytes]]:
@@ -696,7 +691,7 @@ def read_sample_grid(images_uri: str, *, captions: int = 6,
     as a stream and reading stops once the requested captions are complete, so only the start
     of a large shard is downloaded. A shard that ends early (truncated) yields what was read.
     """
-    uri = storage.join(images_uri, "shard-000000.tar")
+    uri = storage.join(images_uri, shard_tar_name(0))
     order: list[str] = []
     texts: dict[str, str] = {}
     json_texts: dict[str, str] = {}
@@ -706,7 +701,7 @@ def read_sample_grid(images_uri: str, *, captions: int = 6,
     with storage.open_read(uri) as stream:
         try:
             for member_name, data in _iter_members(stream):
-                key, ext = _split_member(member_name)
+                key, ext = split_member(member_name)
                 group, j = _group(key)
                 if group not in images:
                     if len(order) == captions:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
 import math
 import signal
@@ -42,186 +41,27 @@ from stablerep.captions.procedural import procedural_rows
 from stablerep.captions.sample import BucketSampler
 from stablerep.captions.synthetic import check_capacity, synthetic_rows
 from stablerep.config import CaptionsConfig, dump_yaml, fingerprint, to_dict
+from stablerep.contracts import (
+    CAPTIONS_MANIFEST as MANIFEST,
+)
+from stablerep.contracts import (
+    PART_SCHEMA,
+    CaptionsManifest,
+    ShardInfo,
+    load_captions_manifest,
+    part_name,
+    write_captions_manifest,
+)
 from stablerep.errors import ConfigError, InputError
 from stablerep.progress import Progress
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_KIND = "stablerep.captions"
-PART_SCHEMA = pa.schema([("caption_id", pa.int64()), ("caption", pa.string()),
-                         ("source", pa.string())])
+load_manifest = load_captions_manifest  # the name later stages and tools have used
+
 ROW_GROUP = 65536
 # Fields that change how the stage runs but never what it writes.
 _RUN_ONLY_FIELDS = ("work_dir", "spill_rows", "overwrite", "out")
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:06d}.parquet"
-
-
-@dataclass
-class ShardInfo:
-    """One Parquet part of a captions folder."""
-
-    index: int
-    path: str  # relative to the manifest's folder
-    first_caption_id: int
-    num_captions: int
-    sha256: str
-    bytes: int
-
-
-@dataclass
-class CaptionsManifest:
-    """The parsed ``manifest.json`` of a captions folder."""
-
-    uri: str  # the folder
-    count: int
-    shards: list[ShardInfo]
-    seed: int
-    source: dict[str, Any]
-    summary: dict[str, Any]
-    config_fingerprint: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.shards)
-
-    def shard_uri(self, index: int) -> str:
-        return storage.join(self.uri, self.shards[index].path)
-
-    def read_shard(self, index: int, *, verify: bool = True) -> pa.Table:
-        """Read part ``index``: its sha256 (unless ``verify`` is False), then its schema.
-
-        Raises:
-            InputError: naming the part, when it is missing, changed, not Parquet, or has
-                other columns or row count than the manifest and the captions contract say.
-        """
-        if not 0 <= index < self.num_shards:
-            raise InputError(
-                f"shard index {index} is out of range: {self.uri} has {self.num_shards} shards "
-                f"(0..{self.num_shards - 1})"
-            )
-        info, uri = self.shards[index], self.shard_uri(index)
-        try:
-            data = storage.read_bytes(uri)
-        except storage.StorageNotFound:
-            raise InputError(f"{uri}: the captions part listed in {self.uri}/{MANIFEST} "
-                             "does not exist") from None
-        if verify:
-            got = hashlib.sha256(data).hexdigest()
-            if got != info.sha256:
-                raise InputError(f"{uri}: sha256 {got} does not match the "
-                                 f"manifest ({info.sha256}); the part was changed or truncated")
-        return _check_part(uri, data, info)
-
-    def check_parts(self) -> None:
-        """Read and check every part the manifest lists (exists, sha256, schema, rows)."""
-        for index in range(self.num_shards):
-            self.read_shard(index)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": MANIFEST_KIND,
-            "version": 1,
-            "count": self.count,
-            "num_shards": self.num_shards,
-            "shards": [vars(s) for s in self.shards],
-            "seed": self.seed,
-            "source": self.source,
-            "summary": self.summary,
-            "config_fingerprint": self.config_fingerprint,
-            **self.extra,
-        }
-
-
-def load_manifest(uri: str) -> CaptionsManifest:
-    """Read a captions folder's manifest (``uri`` is the folder or the manifest itself).
-
-    Raises:
-        InputError: naming the manifest, when it is missing, not UTF-8 JSON, or lacks a key
-            (or has one of the wrong type) that the captions contract requires.
-    """
-    folder = uri[: -len(MANIFEST) - 1] if uri.rstrip("/").endswith(MANIFEST) else uri
-    manifest_uri = storage.join(folder, MANIFEST)
-    try:
-        doc = storage.read_json(manifest_uri, what="the JSON captions manifest that `stablerep "
-                                                   "captions` writes")
-    except storage.StorageNotFound:
-        raise InputError(f"{manifest_uri}: no captions manifest (run `stablerep captions` "
-                         "first, or check the URI)") from None
-    if not isinstance(doc, dict) or doc.get("kind") != MANIFEST_KIND:
-        raise InputError(f"{manifest_uri}: not a stablerep captions manifest (expected a JSON "
-                         f"object with kind {MANIFEST_KIND!r})")
-    _check_keys(doc, _MANIFEST_KEYS, manifest_uri, "")
-    if not doc["shards"]:
-        raise InputError(f"{manifest_uri}: 'shards' is empty; expected at least one part")
-    for i, shard in enumerate(doc["shards"]):
-        if not isinstance(shard, dict):
-            raise InputError(f"{manifest_uri}: shards[{i}] is {type(shard).__name__}; "
-                             "expected an object")
-        _check_keys(shard, _SHARD_KEYS, manifest_uri, f"shards[{i}].")
-    known = set(_MANIFEST_KEYS) | {"version", "num_shards"}
-    return CaptionsManifest(
-        uri=folder.rstrip("/"),
-        count=doc["count"],
-        shards=[ShardInfo(**{k: s[k] for k in _SHARD_KEYS}) for s in doc["shards"]],
-        seed=doc["seed"],
-        source=doc["source"],
-        summary=doc["summary"],
-        config_fingerprint=doc["config_fingerprint"],
-        extra={k: v for k, v in doc.items() if k not in known},
-    )
-
-
-# Required keys of manifest.json and of each of its shards, with the JSON types they take.
-_MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
-    "kind": str, "count": int, "shards": list, "seed": int, "source": dict, "summary": dict,
-    "config_fingerprint": str}
-_SHARD_KEYS: dict[str, type | tuple[type, ...]] = {
-    "index": int, "path": str, "first_caption_id": int, "num_captions": int, "sha256": str,
-    "bytes": int}
-
-
-def _check_keys(doc: dict[str, Any], keys: dict[str, Any], uri: str, where: str) -> None:
-    for key, kind in keys.items():
-        if key not in doc:
-            raise InputError(f"{uri}: missing key '{where}{key}'; expected a captions manifest "
-                             "as `stablerep captions` writes it")
-        value = doc[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise InputError(f"{uri}: '{where}{key}' is {type(value).__name__}; expected "
-                             f"{kind.__name__}")
-
-
-def _check_part(uri: str, data: bytes, info: ShardInfo) -> pa.Table:
-    """Parse one part's bytes and check them against the captions contract."""
-    try:
-        # One thread, no read-ahead: the part is in memory, and pyarrow's pools can abort
-        # the process at exit (apache/arrow#34314) when a user error ends the run right after.
-        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{uri}: not a readable Parquet file ({str(e).splitlines()[0]}); "
-                         "expected a captions part") from None
-    for name in ("caption_id", "caption"):
-        expected = PART_SCHEMA.field(name).type
-        if name not in table.column_names:
-            raise InputError(f"{uri}: no column '{name}'; expected columns "
-                             f"{_schema_text()} (got {_schema_text(table.schema)})")
-        got = table.schema.field(name).type
-        if got not in (expected, pa.large_string() if expected == pa.string() else expected):
-            raise InputError(f"{uri}: column '{name}' is {got}; expected columns "
-                             f"{_schema_text()} (got {_schema_text(table.schema)})")
-    if table.num_rows != info.num_captions:
-        raise InputError(f"{uri}: {table.num_rows} rows; the manifest says "
-                         f"{info.num_captions}")
-    return table
-
-
-def _schema_text(schema: pa.Schema = PART_SCHEMA) -> str:
-    return ", ".join(f"{f.name} {f.type}" for f in schema)
 
 
 def output_fingerprint(cfg: CaptionsConfig) -> str:
@@ -382,7 +222,7 @@ def _check_existing(out: str, cfg: CaptionsConfig, fp: str) -> CaptionsManifest 
     manifest_uri = storage.join(out, MANIFEST)
     if not storage.exists(manifest_uri):
         return None
-    current = load_manifest(out)
+    current = load_captions_manifest(out)
     if current.config_fingerprint == fp:
         return current
     if not cfg.overwrite:
@@ -470,7 +310,7 @@ def _make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
         extra={"stablerep_version": __version__, "columns": PART_SCHEMA.names},
     )
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-    storage.write_json(storage.join(out, MANIFEST), manifest.to_json())
+    write_captions_manifest(manifest)
     manifest.extra["elapsed_s"] = elapsed  # reported, not stored: the manifest stays stable
     manifest.extra["rows_per_s"] = counts.rows_read / max(elapsed, 1e-9)
     return manifest

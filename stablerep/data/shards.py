@@ -20,31 +20,29 @@ import contextlib
 import hashlib
 import io
 import logging
-import re
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from stablerep import storage
+from stablerep.contracts import (
+    IMAGE_EXTS,
+    KEY_PATTERN,
+    ShardRef,
+    check_complete,
+    finished_shards,
+    shard_ref_of,
+    split_member,
+)
 from stablerep.errors import InputError
+
+__all__ = ["IMAGE_EXTS", "CaptionGroup", "ShardError", "ShardRef", "ShardStats", "discover",
+           "iter_caption_groups"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "webp", "png")
 CHUNK = 1 << 20  # bytes per read while hashing
-SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """A finished shard: its tar URI and what its json says."""
-
-    uri: str
-    num_captions: int
-    num_samples: int
-    images_per_caption: int
-    sha256: str | None = None  # of the tar, as its json records it
 
 
 @dataclass
@@ -70,20 +68,6 @@ class ShardError(InputError):
     """A shard is unreadable or has too many corrupt samples."""
 
 
-def _shard_ref(folder: str, doc_uri: str, *, verify: bool) -> ShardRef:
-    doc = storage.read_json(doc_uri)
-    try:
-        ref = ShardRef(storage.join(folder, doc["tar"]), int(doc["num_captions"]),
-                       int(doc["num_samples"]), int(doc["images_per_caption"]),
-                       doc.get("sha256"))
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{doc_uri}: not a stablerep shard json") from None
-    if verify and not (isinstance(ref.sha256, str) and SHA256.fullmatch(ref.sha256)):
-        raise InputError(f"{doc_uri}: field sha256: got {ref.sha256!r}, expected the tar's "
-                         "sha256 as 64 hex digits (or train with --no-verify)")
-    return ref
-
-
 def discover(folders: list[str], *, verify: bool = True) -> list[ShardRef]:
     """The finished shards (those with a json) of the given images folders, sorted.
 
@@ -92,18 +76,21 @@ def discover(folders: list[str], *, verify: bool = True) -> list[ShardRef]:
         verify: require each json to record its tar's sha256 (checked when the tar is read).
 
     Raises:
-        InputError: a folder is missing or holds no finished shard, or a json is malformed.
+        InputError: a folder is missing or holds no finished shard, a json is malformed, or
+            a shard that the records count is not committed (named; see
+            :func:`stablerep.contracts.check_complete`).
     """
     refs: list[ShardRef] = []
     for folder in folders:
         if not storage.exists(folder):
             raise InputError(f"{folder}: no such images folder")
-        docs = [u for u in storage.list_dir(folder)
-                if storage.name(u).startswith("shard-") and u.endswith(".json")]
+        docs = finished_shards(folder)
         if not docs:
             raise InputError(f"{folder}: no finished shard (no shard-*.json); run "
                              "`stablerep generate` first")
-        refs += [_shard_ref(folder, doc_uri, verify=verify) for doc_uri in docs]
+        records = {uri: storage.read_json(uri) for uri in docs}
+        refs += [shard_ref_of(folder, uri, doc, verify=verify) for uri, doc in records.items()]
+        check_complete(folder, {u: d for u, d in records.items() if isinstance(d, dict)})
     return sorted(refs, key=lambda r: r.uri)
 
 
@@ -160,13 +147,13 @@ def _samples(uri: str, stats: ShardStats, sha256: str | None, log_skips: bool
                         log.warning("%s: skipped member %r: no extension (expected KEY.EXT)",
                                     uri, info.name)
                     continue
-                k, ext = base.split(".", 1)
+                k, ext = split_member(base)
                 data = tar.extractfile(info).read()
                 if k != key:
                     if key is not None:
                         yield key, members
                     key, members = k, {}
-                members[ext.lower()] = data
+                members[ext] = data
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, storage.StorageError):
             raise
@@ -179,8 +166,8 @@ def _parse(key: str, members: dict[str, bytes]) -> tuple[int, str, bytes] | str:
     """(caption_id, caption, image bytes) of a sample, or why it cannot be used."""
     image = next((members[e] for e in IMAGE_EXTS if e in members), None)
     text = members.get("txt")
-    caption_id, _, j = key.rpartition("_")
-    if not caption_id.isdigit() or not j.isdigit():
+    m = KEY_PATTERN.fullmatch(key)
+    if m is None:
         return "its key is not CAPTIONID_J"
     if image is None:
         return f"no image member ({'/'.join(IMAGE_EXTS)}); it has {sorted(members)}"
@@ -190,7 +177,7 @@ def _parse(key: str, members: dict[str, bytes]) -> tuple[int, str, bytes] | str:
         caption = text.decode("utf-8")
     except UnicodeDecodeError:
         return "its txt member is not UTF-8"
-    return int(caption_id), caption, image
+    return int(m["caption_id"]), caption, image
 
 
 def iter_caption_groups(uri: str, *, max_errors: int = 10, stats: ShardStats | None = None,

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from stablerep import storage
+from stablerep.contracts import BACKBONE, BACKBONE_JSON, read_latest
 from stablerep.errors import ConfigError, InputError
 from stablerep.models import create_backbone, timm_name
-from stablerep.training.checkpoint import read_latest, read_torch
+from stablerep.torchfiles import read_torch
 
 
 @dataclass
@@ -72,7 +73,7 @@ def _from_checkpoint(uri: str, source: str) -> Backbone:
 
 
 def _from_export(uri: str, source: str) -> Backbone:
-    info_uri = storage.join(uri.rsplit("/", 1)[0], "backbone.json")
+    info_uri = storage.join(uri.rsplit("/", 1)[0], BACKBONE_JSON)
     if not storage.exists(info_uri):
         raise InputError(f"{uri}: no backbone.json beside it (it names the timm model)")
     info = storage.read_json(info_uri)
@@ -118,13 +119,13 @@ def load_backbone(spec: str, *, image_size: int | None = None, seed: int = 0) ->
     latest = read_latest(uri)  # weights_only loading below: a pickled callable is refused
     if latest is not None:
         return _from_checkpoint(latest, spec)
-    if storage.exists(storage.join(uri, "backbone.pt")):
-        return _from_export(storage.join(uri, "backbone.pt"), spec)
+    if storage.exists(storage.join(uri, BACKBONE)):
+        return _from_export(storage.join(uri, BACKBONE), spec)
     if not storage.exists(uri):
         raise InputError(f"{spec}: no such checkpoint, backbone or training folder")
     if storage.is_dir(uri):
         raise InputError(f"{spec}: a folder with neither latest.json (a training folder) nor "
                          "backbone.pt (an export)")
-    if uri.endswith("backbone.pt"):
+    if uri.endswith(BACKBONE):
         return _from_export(uri, spec)
     return _from_checkpoint(uri, spec)

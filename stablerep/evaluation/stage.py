@@ -21,6 +21,7 @@ import torch
 
 from stablerep import devices, storage
 from stablerep.config import EvalConfig
+from stablerep.contracts import shard_tar_name, write_eval_metrics
 from stablerep.errors import InputError
 from stablerep.evaluation.backbones import Backbone, load_backbone, random_like
 from stablerep.evaluation.datasets import EvalData, check_names, check_readable, load_dataset
@@ -182,7 +183,7 @@ def run_eval(cfg: EvalConfig, *, checkpoint: str, out: str, images: str = "",
     loss_curve = (report.read_loss_curve(train_metrics)
                   if train_metrics and storage.exists(train_metrics) else None)
     samples = (report.read_sample_grid(images)
-               if images and storage.exists(storage.join(images, "shard-000000.tar")) else None)
+               if images and storage.exists(storage.join(images, shard_tar_name(0))) else None)
     # Every input is checked: from here on, features are extracted and cached.
     cache_root = cfg.feature_cache or storage.join(out, "features")
     metrics: dict[str, Any] = {
@@ -199,5 +200,5 @@ def run_eval(cfg: EvalConfig, *, checkpoint: str, out: str, images: str = "",
     html = report.render_html(metrics, baseline=baseline, loss_curve=loss_curve,
                               samples=samples)
     report.write_report(out, html, report.render_markdown(metrics, baseline=baseline))
-    storage.write_json(storage.join(out, "metrics.json"), metrics)  # last: the run is done
+    write_eval_metrics(out, metrics)  # last: the run is done
     return metrics

@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from stablerep.captions.procedural import (
+from stablerep.config import GenerateConfig
+from stablerep.generation.backends import WorkItem
+from stablerep.procedural_grammar import (
     CLASS_NAMES,
     FigureSpec,
     parse_caption,
     procedural_label,
 )
-from stablerep.config import GenerateConfig
-from stablerep.generation.backends import WorkItem
 
 __all__ = ["CLASS_NAMES", "MODEL_ID", "ProceduralBackend", "parse_caption", "procedural_label",
            "render", "render_spec"]

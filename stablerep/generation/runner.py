@@ -37,27 +37,29 @@ from pathlib import Path
 from typing import Any
 
 from stablerep import storage
-from stablerep.captions import CaptionsManifest, load_manifest
 from stablerep.config import GenerateConfig, dump_yaml, fingerprint, to_dict
-from stablerep.errors import ConfigError, InputError, StablerepError
-from stablerep.generation.backends import Backend, WorkItem, create_backend
-from stablerep.generation.shards import (
-    MANIFEST_KIND,
+from stablerep.contracts import (
     SHARD_JSON_KIND,
+    CaptionsManifest,
     TarShardWriter,
-    encode_image,
-    image_seed,
+    load_captions_manifest,
+    read_images_manifest,
+    read_shard_record,
     sample_key,
     sample_members,
+    sample_record,
+    shard_json_name,
     shard_stem,
-    stored_dims,
+    shard_tar_name,
+    write_images_manifest,
+    write_shard_record,
 )
+from stablerep.errors import ConfigError, InputError, StablerepError
+from stablerep.generation.backends import Backend, WorkItem, create_backend
+from stablerep.generation.shards import encode_image, image_seed, stored_dims
 from stablerep.progress import Progress
 
 log = logging.getLogger(__name__)
-
-SIZES = "sizes.json"
-"""Shard name -> sample count, beside the shards (the file open_clip's loader reads)."""
 
 # Fields that change how generation runs, never what it writes.
 _RUN_ONLY_FIELDS = ("captions", "out", "batch_size", "shard", "all_shards", "shard_from_env",
@@ -330,7 +332,7 @@ class GenerationRun:
     def __init__(self, cfg: GenerateConfig, captions_uri: str, out: str,
                  backend_factory: Callable[[GenerateConfig], Backend] = create_backend):
         self.cfg, self.out, self.captions_uri = cfg, out.rstrip("/"), captions_uri
-        self.manifest = load_manifest(captions_uri)
+        self.manifest = load_captions_manifest(captions_uri)
         self.fingerprint = output_fingerprint(cfg, self.manifest)
         self.batch_size = cfg.batch_size
         self._backend_factory = backend_factory
@@ -344,23 +346,21 @@ class GenerationRun:
         return self._backend
 
     def tar_uri(self, index: int) -> str:
-        return storage.join(self.out, f"{shard_stem(index)}.tar")
+        return storage.join(self.out, shard_tar_name(index))
 
     def json_uri(self, index: int) -> str:
-        return storage.join(self.out, f"{shard_stem(index)}.json")
+        return storage.join(self.out, shard_json_name(index))
 
     def sample_meta(self, caption_id: int, j: int, caption: str) -> dict[str, Any]:
         """The json member of one sample: generation settings plus img2dataset's fields."""
         cfg = self.cfg
-        width, height = stored_dims(cfg.width, cfg.height, cfg.stored_size)
-        return {"caption_id": caption_id, "j": j, "seed": image_seed(cfg.seed, caption_id, j),
-                "guidance_scale": cfg.guidance_scale, "steps": cfg.num_inference_steps,
-                "scheduler": cfg.scheduler, "model": self.backend.model_id,
-                "generated_size": [cfg.width, cfg.height], "stored_size": cfg.stored_size,
-                # the per-sample fields img2dataset writes, so its readers take these shards
-                "key": sample_key(caption_id, j), "caption": caption, "width": width,
-                "height": height, "original_width": cfg.width, "original_height": cfg.height,
-                "status": "success"}
+        return sample_record(caption_id, j, caption=caption,
+                             seed=image_seed(cfg.seed, caption_id, j),
+                             guidance_scale=cfg.guidance_scale, steps=cfg.num_inference_steps,
+                             scheduler=cfg.scheduler, model=self.backend.model_id,
+                             generated_size=(cfg.width, cfg.height),
+                             stored_size=cfg.stored_size,
+                             stored_dims=stored_dims(cfg.width, cfg.height, cfg.stored_size))
 
     def runtime(self, job: ShardJob) -> dict[str, Any]:
         """The run settings that do not change what is drawn but can change its bytes.
@@ -383,7 +383,7 @@ class GenerationRun:
         uri = self.json_uri(index)
         if not storage.exists(uri):
             return False
-        doc = read_doc(uri, "JSON shard record")
+        doc = read_shard_record(uri)
         if doc.get("config_fingerprint") == self.fingerprint:
             return True
         if self.cfg.overwrite:
@@ -397,7 +397,7 @@ class GenerationRun:
         ids = [cid for cid, _ in job.captions]
         return {
             "kind": SHARD_JSON_KIND, "version": 1, "shard": job.index,
-            "num_shards": self.manifest.num_shards, "tar": f"{shard_stem(job.index)}.tar",
+            "num_shards": self.manifest.num_shards, "tar": shard_tar_name(job.index),
             "sha256": staged.sha256, "bytes": staged.size, "num_samples": r.samples,
             "num_captions": r.captions, "images_per_caption": cfg.images_per_caption,
             "caption_ids": [min(ids), max(ids)] if ids else [], "failed": r.failed,
@@ -410,7 +410,7 @@ class GenerationRun:
 
     def publish(self, job: ShardJob, staged: storage.AtomicWrite) -> None:
         staged.publish()  # the tar first: a shard exists only once its json exists
-        storage.write_json(self.json_uri(job.index), self.shard_doc(job, staged))
+        write_shard_record(self.out, job.index, self.shard_doc(job, staged))
         log.info("generate: published %s (%d images, %d captions, %.2f img/s)",
                  self.tar_uri(job.index), job.result.samples, job.result.captions,
                  job.result.images_per_s)
@@ -466,49 +466,23 @@ class GenerationRun:
 
     def write_manifest_if_complete(self) -> bool:
         """Write ``manifest.json`` (and ``config.yaml``) once every shard's json exists."""
-        manifest_uri = storage.join(self.out, "manifest.json")
-        if storage.exists(manifest_uri):
-            current = read_doc(manifest_uri, "JSON images manifest")
-            if current.get("config_fingerprint") == self.fingerprint:
-                return True  # already complete with this config
+        current = read_images_manifest(self.out)
+        if current is not None and current.get("config_fingerprint") == self.fingerprint:
+            return True  # already complete with this config
         docs = []
         for i in range(self.manifest.num_shards):
             uri = self.json_uri(i)
             if not storage.exists(uri):
                 return False
-            docs.append(read_doc(uri, "JSON shard record"))
+            docs.append(read_shard_record(uri))
         if any(d.get("config_fingerprint") != self.fingerprint for d in docs):
             log.warning("generate: %s holds shards of another config; no manifest written",
                         self.out)
             return False
         storage.write_text(storage.join(self.out, "config.yaml"), dump_yaml(self.cfg))
-        # WebDataset readers (open_clip's get_dataset_size) take the size from here.
-        storage.write_json(storage.join(self.out, SIZES), {d["tar"]: d["num_samples"]
-                                                           for d in docs})
-        storage.write_json(storage.join(self.out, "manifest.json"), {
-            "kind": MANIFEST_KIND, "version": 1, "num_shards": len(docs),
-            "num_samples": sum(d["num_samples"] for d in docs),
-            "num_captions": sum(d["num_captions"] for d in docs),
-            "failed_captions": sum(len(d["failed"]) for d in docs),
-            "images_per_caption": self.cfg.images_per_caption,
-            "config_fingerprint": self.fingerprint, "captions": self.captions_uri,
-            "shards": [{"index": d["shard"], "tar": d["tar"], "num_samples": d["num_samples"],
-                        "num_captions": d["num_captions"], "sha256": d["sha256"]} for d in docs],
-        })
+        write_images_manifest(self.out, docs, images_per_caption=self.cfg.images_per_caption,
+                              fingerprint=self.fingerprint, captions=self.captions_uri)
         return True
-
-
-def read_doc(uri: str, what: str) -> dict[str, Any]:
-    """A JSON object this stage wrote earlier (``what`` names it in errors).
-
-    Raises:
-        InputError: naming ``uri``, when it is not UTF-8, not JSON or not a JSON object.
-    """
-    doc = storage.read_json(uri, what=f"the {what} that `stablerep generate` writes")
-    if not isinstance(doc, dict):
-        raise InputError(f"{uri}: a JSON {type(doc).__name__}; expected the {what} (an object) "
-                         "that `stablerep generate` writes")
-    return doc
 
 
 def _gpu_memory() -> dict[str, float]:

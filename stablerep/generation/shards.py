@@ -1,43 +1,30 @@
-"""The images contract: sample keys, per-image seeds, image encoding and WebDataset tar shards.
+"""Per-image seeds and image encoding for the images contract.
 
-A shard ``images/shard-{i:06d}.tar`` holds one WebDataset sample per *image* in the layout
-img2dataset and open_clip use: members ``{key}.jpg`` (or ``.webp``/``.png``), ``{key}.txt``
-(the caption) and ``{key}.json`` (metadata), with ``key = {caption_id:012d}_{j:03d}``. The m
-images of a caption are adjacent. ``images/shard-{i:06d}.json`` is written after the tar: a
-shard exists only when its json exists.
-
-Tars are written with fixed metadata (mtime 0, uid/gid 0, mode 0444, USTAR), so the same
-images give the same bytes.
+The shard format itself (sample keys, members, shard records, the deterministic tar writer)
+lives in :mod:`stablerep.contracts`; its names are re-exported here for generation code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import tarfile
-from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-SHARD_JSON_KIND = "stablerep.images.shard"
-MANIFEST_KIND = "stablerep.images"
+from stablerep.contracts import (
+    IMAGES_KIND,
+    SHARD_JSON_KIND,
+    TarShardWriter,
+    parse_key,
+    sample_key,
+    sample_members,
+    shard_stem,
+)
 
-
-def shard_stem(index: int) -> str:
-    return f"shard-{index:06d}"
-
-
-def sample_key(caption_id: int, j: int) -> str:
-    """The WebDataset key of image ``j`` of caption ``caption_id`` (no dots)."""
-    return f"{caption_id:012d}_{j:03d}"
-
-
-def parse_key(key: str) -> tuple[int, int]:
-    """Inverse of :func:`sample_key`."""
-    caption_id, j = key.rsplit("_", 1)
-    return int(caption_id), int(j)
+__all__ = ["IMAGES_KIND", "SHARD_JSON_KIND", "TarShardWriter", "encode_image", "image_seed",
+           "parse_key", "resize_shorter", "sample_key", "sample_members", "shard_stem",
+           "stored_dims"]
 
 
 def image_seed(global_seed: int, caption_id: int, j: int) -> int:
@@ -75,34 +62,3 @@ def encode_image(pixels: np.ndarray, *, stored_size: int, fmt: str, quality: int
     else:
         raise ValueError(f"unknown image format {fmt!r}")
     return buf.getvalue()
-
-
-class TarShardWriter:
-    """Writes WebDataset samples to a binary stream as a deterministic USTAR tar."""
-
-    def __init__(self, stream: BinaryIO):
-        self._tar = tarfile.open(  # noqa: SIM115 - closed by close()
-            fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
-        self.samples = 0
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        """Add one sample: ``members`` maps extension (``jpg``, ``txt``, ``json``) to bytes."""
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-        self.samples += 1
-
-    def close(self) -> None:
-        self._tar.close()
-
-
-def sample_members(image: bytes, fmt: str, caption: str, meta: dict[str, Any]) -> dict[str, bytes]:
-    """The tar members of one sample, in a fixed order."""
-    return {
-        fmt: image,
-        "txt": caption.encode("utf-8"),
-        "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
-    }

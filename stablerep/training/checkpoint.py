@@ -17,30 +17,34 @@ callable, a class instance) is refused without running any of its code.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import pickle
-import pickletools
 import random
-import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 
 from stablerep import storage
+from stablerep.contracts import (
+    BACKBONE,
+    BACKBONE_JSON,
+    LATEST,
+    checkpoint_name,
+    is_checkpoint,
+    read_latest,
+    write_latest,
+)
 from stablerep.errors import InputError
+from stablerep.torchfiles import read_torch
+
+__all__ = ["FORMAT", "LATEST", "VERSION", "check_compatible", "checkpoint_name",
+           "export_backbone", "load_checkpoint", "load_latest", "read_latest", "read_torch",
+           "rng_state", "save_checkpoint", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "stablerep.checkpoint"
-LATEST = "latest.json"
 VERSION = 2  # 2: RNG states as tensors and plain types (weights_only loading)
-
-
-def checkpoint_name(step: int) -> str:
-    return f"ckpt-{step:08d}.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,70 +78,16 @@ def save_checkpoint(out: str, state: dict[str, Any], *, step: int, keep: int) ->
     uri = storage.join(out, checkpoint_name(step))
     with storage.atomic_write(uri) as w:
         torch.save({"format": FORMAT, "version": VERSION, **state}, w.file)
-    storage.write_json(storage.join(out, LATEST), {"step": step,
-                                                   "checkpoint": checkpoint_name(step),
-                                                   "sha256": w.sha256})
+    write_latest(out, step, w.sha256)
     _prune(out, keep)
     log.info("checkpoint: step %d -> %s", step, uri)
     return uri
 
 
 def _prune(out: str, keep: int) -> None:
-    ckpts = sorted(u for u in storage.list_dir(out)
-                   if storage.name(u).startswith("ckpt-") and u.endswith(".pt"))
+    ckpts = sorted(u for u in storage.list_dir(out) if is_checkpoint(u))
     for uri in ckpts[:-keep]:
         storage.remove(uri)
-
-
-def _unsafe_globals(data: bytes) -> list[str] | None:
-    """What a torch file imports that weights_only loading refuses; None when ``data`` is
-    neither a zip-format torch file nor a pickle (then it is no torch file at all)."""
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        try:
-            return torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-        except Exception:  # noqa: BLE001 - a damaged archive
-            return None
-    try:  # the legacy format starts with a pickle; only scanned, never loaded
-        for _ in pickletools.genops(io.BytesIO(data)):
-            pass
-    except Exception:  # noqa: BLE001 - no pickle either
-        return None
-    return []  # a pickle: torch's own message names what it refused
-
-
-def read_torch(uri: str, *, what: str = "checkpoint") -> tuple[Any, str]:
-    """Load a torch file from any URI on the CPU, tensors and plain types only.
-
-    Returns:
-        (object, sha256 of the bytes).
-
-    Raises:
-        InputError: the file is unreadable, or holds objects that loading would have to
-            construct by running code from the file (it is refused, nothing of it runs).
-    """
-    data = storage.read_bytes(uri)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = _unsafe_globals(data)
-        if unsafe is None:
-            raise InputError(f"{uri}: not a {what} (unreadable: neither a torch zip archive "
-                             "nor a pickle)") from None
-        detail = f" (it imports {', '.join(unsafe[:5])})" if unsafe else f" ({_reason(e)})"
-        raise InputError(f"{uri}: refused to load: it holds objects other than tensors and "
-                         f"plain types{detail}; only a {what} saved as tensors and plain "
-                         "types is read, and nothing in the file was run") from None
-    except Exception as e:  # noqa: BLE001 - any other failure means a bad file
-        raise InputError(f"{uri}: not a {what} (unreadable: {type(e).__name__}: "
-                         f"{_reason(e)})") from None
-    return obj, hashlib.sha256(data).hexdigest()
-
-
-def _reason(e: BaseException) -> str:
-    """The most specific line of a torch loading error (torch's are several lines)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
-    return (named or lines or [type(e).__name__])[0].split(". ")[0][:200]
 
 
 def load_checkpoint(uri: str) -> dict[str, Any]:
@@ -149,25 +99,6 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
         raise InputError(f"{uri}: a stablerep checkpoint of format version "
                          f"{state.get('version')!r}, this version reads {VERSION}")
     return state
-
-
-def read_latest(out: str) -> str | None:
-    """The checkpoint URI ``out/latest.json`` points at, or None when there is no latest.json.
-
-    Raises:
-        InputError: latest.json is not UTF-8 JSON of the form {"checkpoint": "ckpt-*.pt", ...}.
-    """
-    latest = storage.join(out, LATEST)
-    if not storage.exists(latest):
-        return None
-    expected = 'a JSON object {"step": N, "checkpoint": "ckpt-NNNNNNNN.pt", ...}'
-    doc = storage.read_json(latest, what=expected)
-    name = doc.get("checkpoint") if isinstance(doc, dict) else None
-    if not (isinstance(name, str) and name.startswith("ckpt-") and name.endswith(".pt")
-            and "/" not in name):
-        got = type(doc).__name__ if not isinstance(doc, dict) else f"checkpoint={name!r}"
-        raise InputError(f"{latest}: got {got}, expected {expected}")
-    return storage.join(out, name)
 
 
 def load_latest(out: str) -> dict[str, Any] | None:
@@ -188,9 +119,9 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
 def export_backbone(out: str, backbone_state: dict[str, torch.Tensor],
                     info: dict[str, Any]) -> str:
     """Write ``backbone.pt`` (timm state dict) and ``backbone.json`` under ``out``."""
-    uri = storage.join(out, "backbone.pt")
+    uri = storage.join(out, BACKBONE)
     with storage.atomic_write(uri) as w:
         torch.save(backbone_state, w.file)
-    storage.write_json(storage.join(out, "backbone.json"), {**info, "sha256": w.sha256,
-                                                            "weights": "backbone.pt"})
+    storage.write_json(storage.join(out, BACKBONE_JSON), {**info, "sha256": w.sha256,
+                                                          "weights": BACKBONE})
     return uri

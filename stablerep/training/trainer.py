@@ -15,6 +15,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,11 @@ from stablerep.data.shards import ShardRef, discover
 from stablerep.distributed import (
     DistEnv,
     all_gather,
-    all_gather_rows,
     all_reduce_mean,
     all_reduce_sum,
     collectives,
 )
-from stablerep.errors import InputError, StablerepError
+from stablerep.errors import ConfigError, InputError, StablerepError
 from stablerep.losses import clip_loss, multi_positive_loss
 from stablerep.models import (
     StableRepModel,
@@ -49,6 +49,10 @@ from stablerep.training.optim import create_optimizer, create_scheduler, peak_lr
 log = logging.getLogger(__name__)
 
 MAX_LOG_SCALE = math.log(100.0)  # the image-text logit scale is clamped at 100
+
+
+KnnCallback = Callable[..., float]
+"""(backbone module, model info, *, amp_dtype) -> kNN top-1; see stablerep.evaluation.knn."""
 
 
 class TrainingError(StablerepError):
@@ -244,12 +248,23 @@ class TrainResult:
 class Trainer:
     """Trains one model as configured; see :meth:`fit`."""
 
-    def __init__(self, cfg: TrainConfig, *, data: list[str], out: str, env: DistEnv):
-        self.cfg, self.out, self.env = cfg, out.rstrip("/"), env
-        if cfg.knn_every:
-            from stablerep.evaluation.datasets import check_names
+    def __init__(self, cfg: TrainConfig, *, data: list[str], out: str, env: DistEnv,
+                 knn_check: KnnCallback | None = None):
+        """Discover the shards, build the model, optimizer and data; nothing is written yet.
 
-            check_names([cfg.knn_dataset])
+        Args:
+            cfg: the validated training config.
+            data: images folders (their committed shards are read).
+            out: the training folder URI.
+            env: this process's rank, world size and device.
+            knn_check: called every ``cfg.knn_every`` steps with (backbone, model info,
+                amp_dtype=...) and returning kNN top-1; required when ``knn_every`` is set.
+        """
+        self.cfg, self.out, self.env = cfg, out.rstrip("/"), env
+        if cfg.knn_every and knn_check is None:
+            raise ConfigError("train.knn_every: set, but no kNN check was given to the trainer "
+                              "(stablerep.stages.run_training builds one)")
+        self.knn_check = knn_check
         self.shards = discover(data, verify=cfg.verify_shards)
         self._check_images(self.shards)
         self.layout = Layout.create(cfg, self.shards, env.world_size)
@@ -391,45 +406,12 @@ class Trainer:
         return totals
 
     def _knn_check(self) -> None:
-        """kNN accuracy of the current backbone on ``knn_dataset``, logged (rank 0).
-
-        Every rank extracts the features of its share of both splits (every world_size-th
-        image), so no rank waits in a collective while another works; the train features are
-        gathered, each rank votes for its test share, and the correct votes are summed.
-        """
-        from stablerep.evaluation.backbones import Backbone
-        from stablerep.evaluation.classifiers import knn_accuracy
-        from stablerep.evaluation.datasets import ImageList, load_dataset
-        from stablerep.evaluation.features import extract
-
-        env = self.env
-        if not hasattr(self, "_knn_data"):
-            self._knn_data = load_dataset(self.cfg.knn_dataset, seed=self.cfg.seed)
-
-        def share(images: ImageList) -> ImageList:
-            return ImageList(images.labels[env.rank::env.world_size],
-                             lambda i: images.load(env.rank + i * env.world_size))
-
-        backbone = Backbone(self.core.backbone, self.info, "training", "training")
-        kwargs = dict(image_size=self.cfg.image_size, batch_size=256, device=env.device,
-                      amp_dtype=self.amp_dtype, num_workers=0)
-        train = extract(backbone, share(self._knn_data.train), desc="knn train", **kwargs)
-        test = extract(backbone, share(self._knn_data.test), desc="knn test", **kwargs)
+        """Run the kNN callback on the current backbone and log its top-1 (rank 0)."""
+        top1 = self.knn_check(self.core.backbone, self.info, amp_dtype=self.amp_dtype)
         self.core.train()
-        d = self.core.feature_dim
-        with collectives(env):
-            train_x = all_gather_rows(torch.from_numpy(train.x).reshape(-1, d).to(env.device))
-            train_y = all_gather_rows(torch.from_numpy(train.y).to(env.device))
-            correct = 0.0
-            if len(test.y) and len(train_y):
-                correct = len(test.y) * knn_accuracy(train_x.cpu().numpy(), train_y.cpu().numpy(),
-                                                     test.x, test.y, k=20)
-            correct = all_reduce_sum(round(correct), env.device)
-            total = all_reduce_sum(len(test.y), env.device)
-        top1 = correct / max(total, 1)
         self.metrics.log({"step": self.position.step, "knn_top1": round(top1, 4),
                           "knn_dataset": self.cfg.knn_dataset})
-        if env.is_main:
+        if self.env.is_main:
             log.info("train: step %d kNN top-1 on %s: %.4f", self.position.step,
                      self.cfg.knn_dataset, top1)
 

@@ -121,7 +121,7 @@ def test_dockerfile_installs_through_the_lock(variant):
     assert len(package) == 1 and "-c requirements.lock" in package[0]
     runtime = steps[[op for op, _ in steps].index("FROM", 1):]
     assert ("USER", "1000:1000") in runtime and runtime[-2][0] == "USER"
-    assert ("WORKDIR", "/app") in runtime and ("COPY", "configs ./configs") in runtime
+    assert ("WORKDIR", "/app") in runtime and ("COPY", "stablerep/recipes ./configs") in runtime
     assert not any(op == "ARG" and re.search(r"TOKEN|SECRET|PASSWORD|KEY", args, re.I)
                    for op, args in steps)
 
@@ -136,8 +136,8 @@ def test_build_context_holds_what_the_dockerfiles_copy():
                          check=True, cwd=ROOT)
     context = set(json.loads(run.stdout))
     for path in ("pyproject.toml", "README.md", "requirements.lock", "stablerep/cli.py",
-                 "stablerep/captions/data/templates.txt", "configs/cc12m.yaml",
-                 "configs/demo.yaml"):
+                 "stablerep/captions/data/templates.txt", "stablerep/recipes/cc12m.yaml",
+                 "stablerep/recipes/demo.yaml"):
         assert path in context, f"{path} is not in the build context"
     assert not {p for p in context if p.split("/")[0] in
                 {".git", ".venv", ".venv-tools", "tests", "data", "k8s", "benchmarks"}}

@@ -41,6 +41,7 @@ from stablerep import distributed
 from stablerep.captions import make_captions
 from stablerep.config import CaptionsConfig, GenerateConfig, TrainConfig
 from stablerep.generation.runner import generate
+from stablerep.stages import knn_callback
 from stablerep.training.optim import lr_factor, peak_lr
 from stablerep.training.trainer import Trainer, TrainResult
 
@@ -132,7 +133,8 @@ def _train(data_root: Path, out: Path, **changes) -> TrainResult:
     cfg = TrainConfig(**{**base, **changes})
     env = distributed.setup("cpu")
     assert not env.distributed
-    return Trainer(cfg, data=[str(data_root / "images")], out=str(out), env=env).fit()
+    return Trainer(cfg, data=[str(data_root / "images")], out=str(out), env=env,
+                   knn_check=knn_callback(cfg, env)).fit()
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -549,8 +551,8 @@ BAD = {
                   "--no-verify"],
     "sha256_w2": ["shard-000002.tar: sha256 ", "does not match", "recorded in its json"],
     "latest_list": ["latest_list/out/latest.json: got list, expected a JSON object"],
-    "latest_bytes": ["latest_bytes/out/latest.json: not UTF-8 text (byte 0xff at offset 27); expected a "
-                     "JSON object"],
+    "latest_bytes": ["latest_bytes/out/latest.json: not UTF-8 text (byte 0xff at offset 27); "
+                     "expected a JSON object"],
     "evil_checkpoint": ["evil_checkpoint/out/ckpt-00000001.pt: refused to load: it holds "
                         "objects other than tensors and plain types (it imports"],
     "too_few_images": ["hold 3 images per caption", "train.images_per_caption=5"],

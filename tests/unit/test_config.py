@@ -115,3 +115,62 @@ def test_bad_yaml_recipe_is_a_config_error(tmp_path):
 def test_shipped_recipes_load(recipe):
     cfg = load_config(str(ROOT / "configs" / recipe))
     assert cfg.captions is not None
+
+
+# ---------------------------------------------------------------------------- built-in recipes
+
+
+def test_builtin_recipe_names_resolve_to_the_packaged_recipes() -> None:
+    from stablerep.config import RECIPES_DIR, builtin_recipes
+
+    assert RECIPES_DIR == ROOT / "stablerep" / "recipes"
+    assert {"demo", "cc12m", "procedural"} <= set(builtin_recipes())
+    by_name = load_config("cc12m", require=("train",))
+    by_path = load_config(str(ROOT / "configs" / "cc12m.yaml"), require=("train",))
+    assert by_name == by_path and by_name.captions.source == "files"
+    assert load_config("demo").generate.backend == "tiny"
+
+
+def test_configs_folder_is_the_packaged_recipes() -> None:
+    link = ROOT / "configs"
+    assert link.is_symlink() and link.resolve() == ROOT / "stablerep" / "recipes"
+    assert (link / "k8s" / "cc12m_4x8.yaml").is_file()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"recipes/*.yaml"' in pyproject and '"recipes/k8s/*.yaml"' in pyproject
+
+
+def test_unknown_recipe_name_lists_the_builtin_ones() -> None:
+    from stablerep.config import builtin_recipes
+
+    with pytest.raises(ConfigError) as e:
+        load_config("cc13m")
+    message = str(e.value)
+    assert message.startswith("recipe 'cc13m': not a built-in recipe; expected one of ")
+    assert ", ".join(builtin_recipes()) in message and "\n" not in message
+
+
+def test_a_path_is_not_taken_for_a_name(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("data_root: here\n")
+    assert load_config("mine.yaml").data_root == "here"
+    assert load_config("./mine.yaml").data_root == "here"
+
+
+def test_flags_and_data_root_win_over_overrides_and_recipe(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data_root: a\ncaptions:\n  num_captions: 10\n  seed: 1\n")
+    cfg = load_config(str(recipe), ["captions.seed=2", "captions.num_shards=3"],
+                      require=("captions",),
+                      flags={"captions": {"seed": 3, "num_shards": None, "inputs": ()}},
+                      data_root="b")
+    assert (cfg.data_root, cfg.captions.seed, cfg.captions.num_shards) == ("b", 3, 3)
+    assert cfg.captions.inputs == []
+    tuples = load_config(None, require=("captions",),
+                         flags={"captions": {"num_captions": 5, "inputs": ("x.tsv",),
+                                             "source": "files"}})
+    assert tuples.captions.inputs == ["x.tsv"]
+
+
+def test_a_required_section_set_to_a_scalar_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"^captions: got 3, expected a mapping of captions"):
+        load_config(None, ["captions=3"], require=("captions",))

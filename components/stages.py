@@ -1,0 +1,155 @@
+"""The five components: validate (first step), captions, generate_shard, train, evaluate.
+
+Bodies run in a fresh interpreter (KFP serialises the function source), so every import is
+inside the body. The base image is :func:`stablerep.pipeline.component_image`, read when this
+module is imported (``stablerep pipeline compile --image`` sets it).
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Markdown, Metrics, Output
+
+from stablerep.pipeline import component_image
+
+IMAGE = component_image()
+
+
+def _component(fn):
+    return dsl.component(base_image=IMAGE, install_kfp_package=False)(fn)
+
+
+@_component
+def validate(
+    data_root: str, recipe: str, overrides: list, caption_source: str, caption_inputs: list,
+    num_captions: int, shards: int, images_per_caption: int, guidance_scale: float,
+    scheduler: str, inference_steps: int, model: str, backbone: str, method: str,
+    captions_per_batch: int, epochs: float, eval_datasets: list, train_backend: str,
+    nodes: int, gpus_per_node: int, node_selector: dict, tolerations: list, image: str,
+) -> list:
+    """Check every parameter: each stage's resolved config, the backend and its job.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: extra section.key=value overrides.
+        caption_source: files, synthetic or procedural.
+        caption_inputs: caption file URIs.
+        num_captions: captions to sample (0 = all).
+        shards: caption shards.
+        images_per_caption: images per caption.
+        guidance_scale: classifier-free guidance scale.
+        scheduler: diffusion scheduler.
+        inference_steps: denoising steps.
+        model: text-to-image model.
+        backbone: timm ViT.
+        method: training objective.
+        captions_per_batch: captions per step.
+        epochs: training epochs.
+        eval_datasets: evaluation data sets.
+        train_backend: pytorchjob, trainjob or local.
+        nodes: training nodes.
+        gpus_per_node: GPUs per node.
+        node_selector: node selector of GPU pods.
+        tolerations: tolerations of GPU pods.
+        image: image of the training job's pods.
+
+    Returns:
+        The overrides every later step applies to the recipe (parameters, then overrides).
+    """
+    params = dict(locals())
+    from stablerep.pipeline import validate as check
+
+    return check(params)[1]
+
+
+@_component
+def captions(data_root: str, recipe: str, overrides: list, dataset: Output[Dataset]) -> list:
+    """The caption stage.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the validated overrides.
+        dataset: metadata of the captions (URI, manifest, count, shards).
+
+    Returns:
+        The shard indices the generation loop fans out over.
+    """
+    from stablerep.pipeline import captions_step
+
+    return captions_step(data_root, recipe, overrides, dataset=dataset)
+
+
+@_component
+def generate_shard(data_root: str, recipe: str, overrides: list, images_per_caption: int,
+                   guidance_scale: float, scheduler: str, inference_steps: int, model: str,
+                   shard: int, dataset: Output[Dataset]):
+    """Generate one caption shard's images (skipped when its shard is already committed).
+
+    Its inputs are pipeline parameters, not the validate step's output: the local runner
+    (kfp.local 2.17) gives every task output read inside a ParallelFor the loop item instead.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the user's extra section.key=value overrides.
+        images_per_caption: images per caption.
+        guidance_scale: classifier-free guidance scale.
+        scheduler: diffusion scheduler.
+        inference_steps: denoising steps.
+        model: text-to-image model.
+        shard: the caption shard index.
+        dataset: metadata of the shard (URI, images, rate).
+    """
+    params = dict(locals())
+    from stablerep.pipeline import generate_step
+
+    generate_step(params, dataset=params.pop("dataset"), shard=params.pop("shard"))
+
+
+@_component
+def train(data_root: str, recipe: str, overrides: list, train_backend: str, nodes: int,
+          gpus_per_node: int, node_selector: dict, tolerations: list, image: str,
+          run_id: str, task_name: str, dataset: Output[Dataset], metrics: Output[Metrics]):
+    """Training: torchrun in this pod (local) or a PyTorchJob/TrainJob this step launches.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the validated overrides.
+        train_backend: pytorchjob, trainjob or local.
+        nodes: training nodes (cluster backends).
+        gpus_per_node: GPUs per node.
+        node_selector: node selector of the job's pods.
+        tolerations: tolerations of the job's pods.
+        image: image of the job's pods.
+        run_id: the pipeline run id (the job's name derives from it).
+        task_name: the pipeline task name.
+        dataset: metadata of the training output (checkpoint, backbone, metrics URIs).
+        metrics: final loss, images/s, steps.
+    """
+    from stablerep.pipeline import train_step
+
+    train_step(dict(data_root=data_root, recipe=recipe, overrides=overrides,
+                    train_backend=train_backend, nodes=nodes, gpus_per_node=gpus_per_node,
+                    node_selector=node_selector, tolerations=tolerations, image=image),
+               run_id=run_id, task=task_name, dataset=dataset, metrics=metrics)
+
+
+@_component
+def evaluate(data_root: str, recipe: str, overrides: list, metrics: Output[Metrics], report_html: Output[HTML], report_md: Output[Markdown],
+             dataset: Output[Dataset]):
+    """Evaluation of the trained backbone in data_root and the baseline, with the report.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the validated overrides.
+        metrics: probe top-1, few-shot mean and CI, kNN per data set, and the baseline's.
+        report_html: the report page.
+        report_md: the report as a Markdown table.
+        dataset: metadata of the eval output (metrics and report URIs).
+    """
+    from stablerep.pipeline import eval_step
+
+    eval_step(data_root, recipe, overrides, metrics=metrics, report_html=report_html,
+              report_md=report_md, dataset=dataset)

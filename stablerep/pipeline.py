@@ -1,0 +1,705 @@
+"""The Kubeflow pipeline's library side: parameters, validation, compile, submit, local run.
+
+The pipeline (``pipelines/stablerep_pipeline.py``) and its components (``components/``) are
+thin: every decision lives here so that the CLI, the components and the tests share it.
+
+- :data:`PARAMS` is the table of pipeline parameters: name, type, default (the paper's CC12M
+  recipe), the config field it sets (or the launcher setting it is), and the description the
+  Kubeflow UI shows.
+- :func:`build_config` turns ``recipe`` + parameters + ``overrides`` into one validated
+  :class:`~stablerep.config.Config` (recipe < parameters < overrides).
+- :func:`validate` is what the pipeline's first step runs: every stage's resolved config is
+  built and checked, the training backend and its cluster settings too, so a bad value fails
+  in seconds naming the parameter.
+- :func:`compile_pipeline`, :func:`submit` (``kfp.Client``) and :func:`run_local`
+  (``kfp.local`` with the subprocess runner) are what ``stablerep pipeline ...`` calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stablerep.config import (
+    CAPTION_SOURCES,
+    METHODS,
+    SCHEDULERS,
+    Config,
+    load_config,
+)
+from stablerep.errors import ConfigError, InputError, StablerepError
+from stablerep.k8s.config import CUDA_IMAGE
+
+#: Environment variable that overrides the components' base image at compile time.
+IMAGE_ENV = "STABLEREP_IMAGE"
+#: Where the pipeline definition and its compiled forms live, relative to the repository.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_FILE = REPO_ROOT / "pipelines" / "stablerep_pipeline.py"
+PIPELINE_YAML = REPO_ROOT / "pipelines" / "stablerep_pipeline.yaml"
+PIPELINE_K8S = REPO_ROOT / "k8s" / "pipeline" / "stablerep-pipeline.yaml"
+PIPELINE_NAME = "stablerep"
+#: Shards drawn at the same time by default (KFP fixes a loop's parallelism at compile time).
+DEFAULT_PARALLELISM = 64
+TRAIN_BACKENDS = ("pytorchjob", "trainjob", "local")
+SECTIONS = ("captions", "generate", "train", "eval")
+TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def component_image() -> str:
+    """The components' base image: ``$STABLEREP_IMAGE`` when set, else this version's CUDA image."""
+    return os.environ.get(IMAGE_ENV) or CUDA_IMAGE
+
+
+@dataclass(frozen=True)
+class Param:
+    """One pipeline parameter."""
+
+    name: str
+    type: type  # str, int, float, bool, list or dict (the KFP parameter type)
+    default: Any  # the CC12M recipe's value
+    help: str  # shown in the Kubeflow UI
+    field: str = ""  # the dotted config field it sets; "" = a pipeline or launcher setting
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    zero_is_none: bool = False  # 0 sets the config field to null (e.g. "all captions")
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("data_root", str, "gs://YOUR_BUCKET/stablerep/cc12m",
+          "Folder URI every stage reads and writes under (gs://, s3:// or a local folder).",
+          field="data_root"),
+    Param("recipe", str, "cc12m", "Built-in recipe name (demo, cc12m, cc3m, ...) or a recipe "
+          "URI; it supplies every setting that is not a parameter."),
+    Param("overrides", list, [], "Extra recipe overrides, a list of section.key=value "
+          "(as --set on the command line); they win over the parameters."),
+    Param("caption_source", str, "files", "Where captions come from: files, synthetic or "
+          "procedural.", field="captions.source", choices=CAPTION_SOURCES),
+    Param("caption_inputs", list, ["gs://YOUR_BUCKET/raw/cc12m/cc12m.tsv"],
+          "Caption files (URIs, globs or folders) for the files source.",
+          field="captions.inputs"),
+    Param("num_captions", int, 0, "Captions to sample (0 = all captions of the files source).",
+          field="captions.num_captions", minimum=0, zero_is_none=True),
+    Param("shards", int, 8192, "Caption shards = generation tasks.",
+          field="captions.num_shards", minimum=1),
+    Param("images_per_caption", int, 10, "Images generated per caption (the paper: 10).",
+          field="generate.images_per_caption", minimum=1),
+    Param("guidance_scale", float, 2.0, "Classifier-free guidance scale (the paper: 2.0).",
+          field="generate.guidance_scale", minimum=0),
+    Param("scheduler", str, "ddim", "Diffusion scheduler: ddim, dpmsolver++ or default.",
+          field="generate.scheduler", choices=SCHEDULERS),
+    Param("inference_steps", int, 50, "Denoising steps per image (the paper: DDIM 50).",
+          field="generate.num_inference_steps", minimum=1),
+    Param("model", str, "stable-diffusion-v1-5/stable-diffusion-v1-5",
+          "Text-to-image model: hub id, local folder or URI.", field="generate.model"),
+    Param("backbone", str, "vit_base_patch16_224", "timm ViT trained (e.g. "
+          "vit_small_patch16_224, vit_base_patch16_224).", field="train.model"),
+    Param("method", str, "stablerep", "Training objective: stablerep, stablerep_plus, simclr "
+          "or clip.", field="train.method", choices=METHODS),
+    Param("captions_per_batch", int, 1376, "Captions per step over all GPUs (the paper: 1376).",
+          field="train.captions_per_batch", minimum=1),
+    Param("epochs", float, 15.0, "Training epochs (the paper: 15 = 1x, 46 = 3x).",
+          field="train.epochs", minimum=0),
+    Param("eval_datasets", list, ["sklearn:digits"],
+          "Evaluation data sets (e.g. torchvision:CIFAR10, sklearn:digits).",
+          field="eval.datasets"),
+    Param("train_backend", str, "pytorchjob", "Where training runs: pytorchjob (Training "
+          "Operator), trainjob (Kubeflow Trainer v2) or local (torchrun in the step's pod).",
+          choices=TRAIN_BACKENDS),
+    Param("nodes", int, 4, "Training nodes (pods) of the cluster backends.", minimum=1),
+    Param("gpus_per_node", int, 8, "GPUs per training node (processes per node).", minimum=0),
+    Param("node_selector", dict, {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+          "Node selector (JSON object) of the GPU steps and the training job's pods."),
+    Param("tolerations", list,
+          [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+          "Tolerations (JSON list) of the GPU steps and the training job's pods."),
+    Param("image", str, CUDA_IMAGE, "Image of the training job's pods (cluster backends); default: the image the "
+          "pipeline was compiled with."),
+)
+PARAM_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
+_BY_NAME = {p.name: p for p in PARAMS}
+_BY_FIELD = {p.field: p for p in PARAMS if p.field}
+
+
+def defaults() -> dict[str, Any]:
+    """Every parameter's default value (fresh copies of lists and dicts)."""
+    return {p.name: json.loads(json.dumps(p.default, sort_keys=True)) for p in PARAMS}
+
+
+# ---------------------------------------------------------------------------- checking
+
+
+def check_names(names: Sequence[str]) -> None:
+    """Refuse a parameter name the pipeline does not have, listing the real ones."""
+    for name in names:
+        if name not in _BY_NAME:
+            raise ConfigError(f"parameter {name!r}: the pipeline has no such parameter; its "
+                              f"parameters: {', '.join(PARAM_NAMES)}")
+
+
+def _check_type(p: Param, value: Any) -> None:
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          bool: isinstance(value, bool), str: isinstance(value, str),
+          list: isinstance(value, list), dict: isinstance(value, dict)}[p.type]
+    if not ok:
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                list: "a JSON list", dict: "a JSON object"}[p.type]
+        raise ConfigError(f"parameter {p.name}: got {value!r}, expected {kind}")
+
+
+def _check_value(p: Param, value: Any) -> None:
+    _check_type(p, value)
+    if p.choices and value not in p.choices:
+        raise ConfigError(f"parameter {p.name}: got {value!r}, expected one of "
+                          f"{', '.join(map(str, p.choices))}")
+    if p.minimum is not None and value < p.minimum:
+        raise ConfigError(f"parameter {p.name}: got {value!r}, expected a value >= "
+                          f"{p.minimum:g}")
+
+
+def _check_scheduling(values: Mapping[str, Any]) -> None:
+    for key, val in values["node_selector"].items():
+        if not isinstance(val, str):
+            raise ConfigError(f"parameter node_selector: {key}: got {val!r}, expected a string "
+                              "label value")
+    for i, tol in enumerate(values["tolerations"]):
+        if not isinstance(tol, dict) or not tol or not set(tol) <= TOLERATION_KEYS:
+            raise ConfigError(f"parameter tolerations[{i}]: got {tol!r}, expected an object "
+                              f"of {', '.join(sorted(TOLERATION_KEYS))}")
+    for i, text in enumerate(values["overrides"]):
+        if not isinstance(text, str) or "=" not in text:
+            raise ConfigError(f"parameter overrides[{i}]: got {text!r}, expected "
+                              "section.key=value")
+
+
+def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Names, types, choices and ranges of pipeline parameters; returns all of them, filled.
+
+    Args:
+        params: parameter name -> value (missing ones take their defaults).
+    """
+    check_names(list(params))
+    values = {**defaults(), **params}
+    for p in PARAMS:
+        _check_value(p, values[p.name])
+    _check_scheduling(values)
+    return values
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def param_overrides(values: Mapping[str, Any]) -> list[str]:
+    """The dotted overrides the parameters with a config field stand for."""
+    out = []
+    for p in PARAMS:
+        if not p.field or p.name not in values:
+            continue
+        value = values[p.name]
+        if p.zero_is_none and value == 0:
+            value = None
+        out.append(f"{p.field}={json.dumps(value)}")
+    return out
+
+
+def _name_parameter(e: ConfigError) -> ConfigError:
+    """Prefix a config error with the parameter that sets the field it names."""
+    text = str(e)
+    field = text.split(":", 1)[0].strip()
+    p = _BY_FIELD.get(field)
+    return ConfigError(f"parameter {p.name} ({text})") if p else e
+
+
+def build_config(recipe: str, overrides: Sequence[str] = (),
+                 params: Mapping[str, Any] | None = None) -> Config:
+    """The validated config of a run: recipe < parameters < overrides.
+
+    Args:
+        recipe: a built-in recipe name or a recipe URI.
+        overrides: ``section.key=value`` strings (the ``overrides`` parameter).
+        params: pipeline parameters that set config fields (others are ignored here).
+    """
+    dotted = [*param_overrides(dict(params or {})), *overrides]
+    try:
+        return load_config(recipe, dotted, require=SECTIONS)
+    except ConfigError as e:
+        raise _name_parameter(e) from None
+
+
+def stage_overrides(values: Mapping[str, Any]) -> list[str]:
+    """What the stage components receive: the parameters' overrides, then the user's."""
+    return [*param_overrides(values), *values["overrides"]]
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def check_backend(backend: str, *, local: bool) -> None:
+    """A run outside a cluster (kfp.local) can only train with the local backend."""
+    if local and backend != "local":
+        raise ConfigError(f"parameter train_backend: got {backend!r}; local runs (kfp.local) "
+                          "need train_backend=local (the cluster backends start a "
+                          "PyTorchJob/TrainJob)")
+
+
+def cluster_config(values: Mapping[str, Any]) -> Any:
+    """The training job of a cluster backend (:class:`stablerep.k8s.config.ClusterConfig`)."""
+    from stablerep.k8s.config import ClusterConfig, PodConfig
+
+    try:
+        pod = PodConfig(image=values["image"], gpus=values["gpus_per_node"],
+                        node_selector=dict(values["node_selector"]),
+                        tolerations=list(values["tolerations"]))
+        return ClusterConfig(backend=values["train_backend"], nodes=values["nodes"],
+                             recipe=values["recipe"], data_root=values["data_root"],
+                             overrides=stage_overrides(values), pod=pod)
+    except ConfigError as e:
+        text = str(e).replace("cluster.pod.gpus", "gpus_per_node").replace(
+            "cluster.pod.", "").replace("cluster.", "")
+        raise ConfigError(f"parameter {text}") from None
+
+
+def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[Config, list[str]]:
+    """Everything the first pipeline step checks; returns the config and the stage overrides.
+
+    Args:
+        params: every pipeline parameter (missing ones take their defaults).
+        local: whether the run is outside a cluster (default: no Kubernetes service in the
+            environment).
+    """
+    values = check_params(params)
+    cfg = build_config(values["recipe"], values["overrides"], values)
+    if cfg.train.images_read_per_caption > cfg.generate.images_per_caption:
+        raise ConfigError(f"parameter images_per_caption: got "
+                          f"{cfg.generate.images_per_caption}, but train.images_per_caption "
+                          f"reads {cfg.train.images_read_per_caption} per caption")
+    check_backend(values["train_backend"], local=not _in_cluster() if local is None else local)
+    if values["train_backend"] != "local":
+        cluster_config(values)
+    return cfg, stage_overrides(values)
+
+
+# ---------------------------------------------------------------------------- components
+
+
+def stage_config(data_root: str, recipe: str, overrides: Sequence[str]) -> Config:
+    """A step's config: the recipe with the validated overrides, under ``data_root``."""
+    return build_config(recipe, [f"data_root={json.dumps(data_root)}", *overrides])
+
+
+def write_dataset(artifact: Any, meta: Mapping[str, Any]) -> None:
+    """A small Dataset artifact: ``meta`` as its metadata and as a JSON file at its path."""
+    artifact.metadata.update(dict(meta))
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps(dict(meta), indent=1, sort_keys=True) + "\n")
+
+
+def log_metrics(artifact: Any, values: Mapping[str, float]) -> None:
+    """Every value onto a KFP Metrics artifact."""
+    for name, value in values.items():
+        artifact.log_metric(name, value)
+
+
+def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *,
+                  dataset: Any) -> list[int]:
+    """The captions component: run the stage, describe it; returns the shard indices.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the overrides the validate step returned.
+        dataset: the KFP Dataset artifact to describe the captions with.
+    """
+    from stablerep.stages import run_captions
+
+    result = run_captions(stage_config(data_root, recipe, overrides))
+    write_dataset(dataset, {"uri": result.uri, "manifest": result.manifest,
+                            "count": result.count, "num_shards": result.num_shards})
+    return list(range(result.num_shards))
+
+
+def generate_step(params: Mapping[str, Any], *, shard: int, dataset: Any) -> None:
+    """The generate_shard component: draw one caption shard (a committed one is skipped).
+
+    Args:
+        params: the generation's pipeline parameters (data_root, recipe, overrides and the
+            generate.* ones); the recipe with them is the same config the validate step built.
+        shard: the caption shard index.
+        dataset: the KFP Dataset artifact to describe the shard with.
+    """
+    from stablerep.stages import run_generate
+
+    cfg = stage_config(params["data_root"], params["recipe"], stage_overrides(params))
+    result = run_generate(cfg, shard=shard)
+    write_dataset(dataset, {"uri": result.uri, "shard": shard, "images": result.images,
+                            "shards_written": result.shards_written,
+                            "shards_skipped": result.shards_skipped,
+                            "images_per_s": result.images_per_s,
+                            "failed_captions": result.failed_captions})
+
+
+def train_step(values: Mapping[str, Any], *, run_id: str, task: str, dataset: Any,
+               metrics: Any) -> None:
+    """The train component: train (see :func:`train`), describe the output, log metrics.
+
+    Args:
+        values: the step's parameters (recipe, overrides, backend and cluster settings).
+        run_id: the pipeline run id.
+        task: the pipeline task name.
+        dataset: the KFP Dataset artifact to describe the training output with.
+        metrics: the KFP Metrics artifact (final loss, images/s, steps).
+    """
+    result = train(values, run_id=run_id, task=task)
+    write_dataset(dataset, {"uri": result.out, "checkpoint": result.checkpoint,
+                            "backbone": result.backbone, "metrics": result.metrics,
+                            "steps": result.steps})
+    log_metrics(metrics, {"final_loss": float(result.final_loss),
+                          "images_per_s": float(result.images_per_s),
+                          "steps": float(result.steps)})
+
+
+def eval_step(data_root: str, recipe: str, overrides: Sequence[str], *, metrics: Any,
+              report_html: Any, report_md: Any, dataset: Any) -> None:
+    """The evaluate component: evaluate, then copy the report into the UI's artifacts.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the overrides the validate step returned.
+        metrics: the KFP Metrics artifact (see :func:`eval_metric_values`).
+        report_html: the KFP HTML artifact.
+        report_md: the KFP Markdown artifact.
+        dataset: the KFP Dataset artifact to describe the eval output with.
+    """
+    from stablerep import storage
+    from stablerep.stages import run_eval
+
+    result = run_eval(stage_config(data_root, recipe, overrides))
+    for artifact, uri in ((report_html, result.report_html), (report_md, result.report_md)):
+        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(artifact.path).write_text(storage.read_text(uri))
+        artifact.metadata["uri"] = uri
+    log_metrics(metrics, eval_metric_values(result.metrics))
+    write_dataset(dataset, {"uri": result.out, "metrics": result.metrics_uri,
+                            "report_html": result.report_html, "report_md": result.report_md})
+
+
+def eval_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The headline numbers of ``eval/metrics.json``, flat (``<data set>/<metric>``).
+
+    Per data set: probe top-1, few-shot mean and 95% CI, kNN top-1; the baseline's under
+    ``baseline/``.
+    """
+    picks = {"probe_top1": ("linear_probe", "top1"), "few_shot_mean": ("few_shot", "mean"),
+             "few_shot_ci95": ("few_shot", "ci95"), "knn_top1": ("knn", "top1")}
+    out: dict[str, float] = {}
+    for prefix, block in (("", metrics), ("baseline/", metrics.get("baseline") or {})):
+        for name, ds in (block.get("datasets") or {}).items():
+            for key, (part, leaf) in picks.items():
+                value = (ds.get(part) or {}).get(leaf)
+                if isinstance(value, (int, float)):
+                    out[f"{prefix}{name}/{key}"] = float(value)
+    return out
+
+
+@dataclass
+class LaunchedTraining:
+    """A training result read back from the files a torchrun or cluster job wrote."""
+
+    out: str
+    steps: int
+    final_loss: float
+    images_per_s: float
+    checkpoint: str
+    backbone: str
+    metrics: str
+
+
+def _read_training(out: str) -> LaunchedTraining:
+    from stablerep import storage
+
+    metrics = storage.join(out, "metrics.jsonl")
+    last: dict[str, Any] = {}
+    if storage.exists(metrics):
+        lines = [ln for ln in storage.read_text(metrics).splitlines() if ln.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+    return LaunchedTraining(out=out, steps=int(last.get("step", 0)),
+                            final_loss=float(last.get("loss", float("nan"))),
+                            images_per_s=float(last.get("images_per_s", 0.0)),
+                            checkpoint=storage.join(out, "latest.json"),
+                            backbone=storage.join(out, "backbone.pt"), metrics=metrics)
+
+
+def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) -> LaunchedTraining:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "-m", "stablerep.cli", "train", "--config", recipe, "--data-root", cfg.data_root]
+    for text in overrides:
+        cmd += ["--set", text]
+    if subprocess.run(cmd, check=False).returncode != 0:
+        raise StablerepError(f"training (torchrun, {nproc} processes) failed; see its log above")
+    from stablerep import storage
+
+    return _read_training(cfg.train.out or storage.join(cfg.data_root, "train"))
+
+
+def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -> Any:
+    """The train step: local (in this process, or torchrun over this pod's GPUs) or a job.
+
+    Args:
+        values: data_root, recipe, the validated overrides, train_backend, nodes,
+            gpus_per_node, node_selector, tolerations, image.
+        run_id: the pipeline run id (the cluster job's name derives from it and ``task``).
+        task: the pipeline task name.
+    """
+    overrides = list(values["overrides"])
+    cfg = stage_config(values["data_root"], values["recipe"], overrides)
+    if values["train_backend"] == "local":
+        import torch
+
+        nproc = min(values["gpus_per_node"], torch.cuda.device_count())
+        if nproc > 1:
+            return _torchrun(cfg, values["recipe"], overrides, nproc)
+        from stablerep.stages import run_training
+
+        return run_training(cfg)
+    from stablerep.k8s.launcher import LaunchConfig, launch
+
+    done = launch(LaunchConfig(cluster=cluster_config(values), run_id=run_id, task=task))
+    return _read_training(done.train_out)
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+def load_pipeline(path: str | Path = PIPELINE_FILE, *, image: str = "",
+                  parallelism: int = DEFAULT_PARALLELISM) -> Any:
+    """Import the pipeline definition afresh (its components pick up ``image``).
+
+    Args:
+        path: the pipeline module file.
+        image: the components' base image ("" = :func:`component_image`).
+        parallelism: generation tasks at a time (fixed at compile time by KFP).
+    """
+    if parallelism < 1:
+        raise ConfigError(f"--parallelism: got {parallelism}, expected >= 1")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no pipeline definition there (run from a checkout of "
+                         "the repository)")
+    root = str(path.resolve().parent.parent)
+    with _env(IMAGE_ENV, image), _env("STABLEREP_PARALLELISM", str(parallelism)):
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        for name in [m for m in sys.modules if m == "components" or m.startswith("components.")]:
+            del sys.modules[name]
+        spec = importlib.util.spec_from_file_location("stablerep_pipeline_def", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.stablerep_pipeline
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    if value:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _version_label() -> str:
+    from stablerep import __version__
+
+    return "v" + "".join(c if c.isalnum() else "-" for c in __version__.lower())
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def _stable_header(text: str) -> str:
+    """The compiler's header comment lists defaults in protobuf map order, which changes from
+    one process to the next; list mapping keys sorted instead, so compiles are reproducible."""
+    import ast
+
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        head, sep, rest = line.partition("[Default: ")
+        if sep and rest.endswith("]"):
+            with contextlib.suppress(ValueError, SyntaxError):
+                lines[i] = f"{head}{sep}{_sorted(ast.literal_eval(rest[:-1]))!r}]"
+    return "\n".join(lines)
+
+
+def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path | None = None,
+                     image: str = "", parallelism: int = DEFAULT_PARALLELISM) -> list[Path]:
+    """Compile the pipeline to its YAML (and, optionally, the Kubernetes-manifest form).
+
+    Args:
+        out: the pipeline YAML to write.
+        kubernetes: the Pipeline + PipelineVersion manifest file to write (None = skip).
+        image: the components' base image ("" = :func:`component_image`).
+        parallelism: generation tasks at a time.
+    """
+    from kfp import compiler
+
+    fn = load_pipeline(image=image, parallelism=parallelism)
+    written = []
+    for target, k8s in ((Path(out), False), (Path(kubernetes) if kubernetes else None, True)):
+        if target is None:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
+        kwargs = {"kubernetes_manifest_format": True,
+                  "kubernetes_manifest_options": compiler.KubernetesManifestOptions(
+                      pipeline_name=PIPELINE_NAME, pipeline_display_name=PIPELINE_NAME,
+                      pipeline_version_name=f"{PIPELINE_NAME}-{_version_label()}",
+                      include_pipeline_manifest=True)} if k8s else {}
+        compiler.Compiler().compile(fn, str(tmp), **kwargs)
+        tmp.write_text(_stable_header(tmp.read_text()))
+        tmp.replace(target)
+        written.append(target)
+    return written
+
+
+# ---------------------------------------------------------------------------- submit
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``name=value`` with the value read as JSON when it parses, else as a string."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--param {text!r}: expected name=value")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return name.strip(), value
+
+
+def recipe_params(recipe: str) -> dict[str, Any]:
+    """The parameter values a recipe implies (the fields the parameters set, read from it)."""
+    from stablerep.config import to_dict
+
+    data = to_dict(load_config(recipe, require=SECTIONS))
+    out: dict[str, Any] = {"recipe": recipe}
+    for p in PARAMS:
+        if not p.field:
+            continue
+        node: Any = data
+        for part in p.field.split("."):
+            node = node[part]
+        out[p.name] = 0 if node is None and p.zero_is_none else node
+    return out
+
+
+def _uploaded_version(client: Any, package: Path, pipeline: str) -> tuple[str, str]:
+    """(pipeline id, version id) of ``package`` under ``pipeline``: uploaded when new.
+
+    A version is named after the package's content (``<pipeline>-<sha256[:12]>``), so
+    submitting the same compiled file again reuses it.
+    """
+    import hashlib
+
+    version = f"{pipeline}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
+    pipeline_id = client.get_pipeline_id(pipeline)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=pipeline).pipeline_id
+    by_name = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS",
+                                          "string_value": version}]})
+    found = client.list_pipeline_versions(pipeline_id, filter=by_name).pipeline_versions or []
+    if found:
+        return pipeline_id, found[0].pipeline_version_id
+    made = client.upload_pipeline_version(str(package), version, pipeline_id=pipeline_id)
+    return pipeline_id, made.pipeline_version_id
+
+
+def submit(host: str, experiment: str, params: Mapping[str, Any], *,
+           package: str | Path = PIPELINE_YAML, run_name: str = "",
+           namespace: str | None = None, pipeline: str = "") -> tuple[str, str]:
+    """Create a run of the compiled pipeline; returns (run id, its UI URL).
+
+    Parameter names and values are checked before anything is sent.
+
+    Args:
+        host: the KFP API endpoint, e.g. http://localhost:8080.
+        experiment: experiment name (created when missing).
+        params: runtime parameters (name -> value); unset ones keep the pipeline defaults.
+        package: the compiled pipeline YAML.
+        run_name: the run's display name (default: stablerep-<timestamp>).
+        namespace: the Kubeflow profile namespace (multi-user installs).
+        pipeline: upload the package as a version of this pipeline (reused when the same
+            package was uploaded before) and run that version; "" = send the spec inline.
+    """
+    check_params(params)
+    package = Path(package)
+    if not package.is_file():
+        raise InputError(f"{package}: no compiled pipeline there; run `make compile`")
+    import kfp
+
+    client = kfp.Client(host=host, namespace=namespace) if namespace else kfp.Client(host=host)
+    try:
+        exp = client.create_experiment(experiment, namespace=namespace)
+    except Exception:  # noqa: BLE001 - the experiment exists already (a race)
+        exp = client.get_experiment(experiment_name=experiment, namespace=namespace)
+    name = run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if pipeline:
+        pipeline_id, version_id = _uploaded_version(client, package, pipeline)
+        run = client.run_pipeline(exp.experiment_id, name, params=dict(params),
+                                  pipeline_id=pipeline_id, version_id=version_id)
+    else:
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments=dict(params), run_name=name,
+            experiment_id=exp.experiment_id)
+    return run.run_id, f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
+
+
+# ---------------------------------------------------------------------------- local run
+
+
+def run_local(params: Mapping[str, Any], *, pipeline_root: str = "",
+              image: str = "") -> Any:
+    """Run the pipeline function on this machine through ``kfp.local`` (subprocess runner).
+
+    Args:
+        params: runtime parameters; ``train_backend`` must be ``local``.
+        pipeline_root: folder for KFP's own artifacts (default ``<data_root>/kfp``; local
+            only: the runner does not upload to gs://).
+        image: the components' base image (unused locally; recorded in the components).
+    """
+    values = check_params(params)
+    check_backend(values["train_backend"], local=True)
+    try:
+        import kfp.local
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise InputError(f"{e.name}: not installed; run `make venv` (or pip install -e "
+                         "'.[dev]')") from None
+    root = pipeline_root or os.path.join(values["data_root"], "kfp")
+    if "://" in root:
+        raise ConfigError(f"--pipeline-root {root}: local runs need a local folder")
+    fn = load_pipeline(image=image, parallelism=DEFAULT_PARALLELISM)
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
+                   pipeline_root=os.path.abspath(root))
+    return fn(**dict(params))

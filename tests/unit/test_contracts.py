@@ -1,0 +1,149 @@
+"""stablerep.contracts: names, keys, records and manifests that stages hand each other.
+
+Each writer is checked byte for byte against the format the files have always had, and each
+reader against what the writer wrote and against malformed input (named in one line).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from stablerep import contracts
+from stablerep.errors import InputError
+
+
+def test_names_and_keys() -> None:
+    assert contracts.shard_stem(7) == "shard-000007"
+    assert contracts.shard_tar_name(7) == "shard-000007.tar"
+    assert contracts.shard_json_name(7) == "shard-000007.json"
+    assert contracts.part_name(3) == "part-000003.parquet"
+    assert contracts.checkpoint_name(120) == "ckpt-00000120.pt"
+    assert contracts.sample_key(42, 3) == "000000000042_003"
+    assert contracts.parse_key("000000000042_003") == (42, 3)
+    assert contracts.parse_key(contracts.sample_key(10**11, 1234)) == (10**11, 1234)
+    for bad in ("42", "a_1", "1_b", "1.2_3", "_1", "1_"):
+        with pytest.raises(ValueError, match="not CAPTIONID_J"):
+            contracts.parse_key(bad)
+    assert contracts.split_member("000000000042_003.jpg") == ("000000000042_003", "jpg")
+    assert contracts.split_member("dir/000000000042_003.Meta.JSON") == (
+        "dir/000000000042_003", "meta.json")
+    assert contracts.is_shard_json("gs://b/images/shard-000001.json")
+    assert not contracts.is_shard_json("gs://b/images/shard-000001.tar")
+    assert not contracts.is_shard_json("gs://b/images/manifest.json")
+
+
+def test_sample_members_and_tar_are_deterministic() -> None:
+    meta = contracts.sample_record(42, 1, caption="a cat", seed=9, guidance_scale=2.0, steps=4,
+                                   scheduler="ddim", model="m", generated_size=(64, 48),
+                                   stored_size=32, stored_dims=(43, 32))
+    assert meta["key"] == "000000000042_001" and meta["generated_size"] == [64, 48]
+    assert (meta["width"], meta["height"], meta["original_width"]) == (43, 32, 64)
+    members = contracts.sample_members(b"IMG", "png", "a cat", meta)
+    assert list(members) == ["png", "txt", "json"]
+    assert members["json"] == json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+    def tar_bytes() -> bytes:
+        buf = io.BytesIO()
+        writer = contracts.TarShardWriter(buf)
+        writer.write(meta["key"], members)
+        writer.close()
+        return buf.getvalue()
+
+    first = tar_bytes()
+    assert first == tar_bytes()
+    with tarfile.open(fileobj=io.BytesIO(first)) as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos] == ["000000000042_001.png", "000000000042_001.txt",
+                                       "000000000042_001.json"]
+    assert {(i.mtime, i.mode, i.uid, i.gid) for i in infos} == {(0, 0o444, 0, 0)}
+
+
+def _record(index: int, samples: int) -> dict:
+    return {"kind": contracts.SHARD_JSON_KIND, "version": 1, "shard": index, "num_shards": 2,
+            "tar": contracts.shard_tar_name(index), "sha256": "ab" * 32, "bytes": 10,
+            "num_samples": samples, "num_captions": samples // 2, "images_per_caption": 2,
+            "failed": [], "config_fingerprint": "f"}
+
+
+def test_shard_records_and_images_manifest(tmp_path: Path) -> None:
+    out = str(tmp_path)
+    records = [_record(0, 6), _record(1, 4)]
+    for i, record in enumerate(records):
+        contracts.write_shard_record(out, i, record)
+    assert sorted(Path(u).name for u in contracts.finished_shards(out)) == [
+        "shard-000000.json", "shard-000001.json"]
+    assert contracts.read_shard_record(str(tmp_path / "shard-000001.json")) == records[1]
+    ref = contracts.shard_ref(out, str(tmp_path / "shard-000000.json"), verify=True)
+    assert ref == contracts.ShardRef(str(tmp_path / "shard-000000.tar"), 3, 6, 2, "ab" * 32)
+    assert contracts.read_images_manifest(out) is None
+    contracts.write_images_manifest(out, records, images_per_caption=2, fingerprint="f",
+                                    captions="caps")
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        "shard-000000.tar": 6, "shard-000001.tar": 4}
+    manifest = contracts.read_images_manifest(out)
+    assert manifest is not None
+    assert (manifest["kind"], manifest["num_samples"], manifest["num_captions"]) == (
+        "stablerep.images", 10, 5)
+    assert manifest["shards"][1] == {"index": 1, "tar": "shard-000001.tar", "num_samples": 4,
+                                     "num_captions": 2, "sha256": "ab" * 32}
+
+
+def test_bad_shard_records_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "shard-000000.json"
+    bad.write_text("[1]")
+    with pytest.raises(InputError, match=r"shard-000000.json: a JSON list; expected the JSON "
+                                         r"shard record \(an object\)"):
+        contracts.read_shard_record(str(bad))
+    bad.write_text(json.dumps({**_record(0, 2), "sha256": "nope"}))
+    with pytest.raises(InputError, match=r"field sha256: got 'nope', expected the tar's sha256"):
+        contracts.shard_ref(str(tmp_path), str(bad), verify=True)
+    assert contracts.shard_ref(str(tmp_path), str(bad), verify=False).sha256 == "nope"
+    bad.write_text(json.dumps({"tar": "x.tar"}))
+    with pytest.raises(InputError, match="not a stablerep shard json"):
+        contracts.shard_ref(str(tmp_path), str(bad), verify=False)
+
+
+def test_latest_json_round_trip_and_errors(tmp_path: Path) -> None:
+    out = str(tmp_path)
+    assert contracts.read_latest(out) is None
+    contracts.write_latest(out, 20, "cd" * 32)
+    record = {"step": 20, "checkpoint": "ckpt-00000020.pt", "sha256": "cd" * 32}
+    assert (tmp_path / "latest.json").read_text() == json.dumps(record, indent=2) + "\n"
+    assert contracts.read_latest(out) == str(tmp_path / "ckpt-00000020.pt")
+    for content, needle in ((b'{"checkpoint": "../x.pt"}', "got checkpoint='../x.pt'"),
+                            (b"\xe9", "not UTF-8 text (byte 0xe9 at offset 0)"),
+                            (b"{", "not valid JSON")):
+        (tmp_path / "latest.json").write_bytes(content)
+        with pytest.raises(InputError, match=r"latest.json: ") as e:
+            contracts.read_latest(out)
+        assert needle in str(e.value)
+
+
+def test_eval_metrics_round_trip(tmp_path: Path) -> None:
+    out = str(tmp_path / "eval")
+    with pytest.raises(InputError, match=r"eval/metrics.json: no eval metrics"):
+        contracts.read_eval_metrics(out)
+    metrics = {"datasets": {"sklearn:digits": {"knn": {"top1": 0.5}}}}
+    uri = contracts.write_eval_metrics(out, metrics)
+    assert uri == str(tmp_path / "eval" / "metrics.json")
+    assert contracts.read_eval_metrics(out) == metrics
+
+
+def test_a_missing_shard_is_named(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+    records = {f"{folder}/shard-00000{i}.json": {**_record(i, 2), "num_shards": 4}
+               for i in (0, 3)}
+    with pytest.raises(InputError) as e:
+        contracts.check_complete(folder, records)
+    assert str(e.value) == (
+        f"{folder}/shard-000001.json: missing (and 1 more); 2 of 4 shards are committed (a "
+        "shard exists once its json does): generate the missing shards first (stablerep "
+        "generate --shard 1)")
+    contracts.check_complete(folder, {**records, **{
+        f"{folder}/shard-00000{i}.json": {**_record(i, 2), "num_shards": 4} for i in (1, 2)}})
+    contracts.check_complete(folder, {"a.json": {"tar": "a.tar"}})  # hand-made: not checked
