@@ -20,11 +20,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stablerep import storage
-from stablerep.config import Config, dump_yaml
+from stablerep.config import Config, TrainConfig, dump_yaml
 from stablerep.errors import ConfigError
+
+if TYPE_CHECKING:  # torch & co. load only when training runs
+    from stablerep.distributed import DistEnv
+    from stablerep.evaluation.knn import KnnCheck
+    from stablerep.training.trainer import Trainer
+    from stablerep.training.trainer import TrainResult as TrainerResult
 
 CAPTIONS_DIR = "captions"
 IMAGES_DIR = "images"
@@ -232,7 +238,7 @@ def run_training(cfg: Config) -> TrainResult:
                        metrics=storage.join(trainer.out, "metrics.jsonl"))
 
 
-def knn_callback(tc: Any, env: Any) -> Any:
+def knn_callback(tc: TrainConfig, env: DistEnv) -> KnnCheck | None:
     """The trainer's periodic kNN check, built from evaluation code (None when off).
 
     Args:
@@ -246,7 +252,7 @@ def knn_callback(tc: Any, env: Any) -> Any:
     return KnnCheck(tc.knn_dataset, seed=tc.seed, image_size=tc.image_size, env=env)
 
 
-def _fit(trainer: Any) -> Any:
+def _fit(trainer: Trainer) -> TrainerResult:
     """Run the trainer, turning a lost peer into one clear error.
 
     A lost peer is told by the exception's type: the trainer raises CollectiveError for a
