@@ -1,7 +1,7 @@
 """Per-image seeds and image encoding for the images contract.
 
 The shard format itself (sample keys, members, shard records, the deterministic tar writer)
-lives in :mod:`stablerep.contracts`; its names are re-exported here for generation code.
+lives in :mod:`stablerep.contracts`; import it from there.
 """
 
 from __future__ import annotations
@@ -12,19 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from stablerep.contracts import (
-    IMAGES_KIND,
-    SHARD_JSON_KIND,
-    TarShardWriter,
-    parse_key,
-    sample_key,
-    sample_members,
-    shard_stem,
-)
-
-__all__ = ["IMAGES_KIND", "SHARD_JSON_KIND", "TarShardWriter", "encode_image", "image_seed",
-           "parse_key", "resize_shorter", "sample_key", "sample_members", "shard_stem",
-           "stored_dims"]
+__all__ = ["encode_image", "image_seed", "resize_shorter", "stored_dims"]
 
 
 def image_seed(global_seed: int, caption_id: int, j: int) -> int:

@@ -37,9 +37,10 @@ from stablerep import storage
 from stablerep.captions import load_manifest, make_captions
 from stablerep.cli import main as cli_main
 from stablerep.config import CaptionsConfig, GenerateConfig
+from stablerep.contracts import parse_key, sample_key
 from stablerep.generation.backends import create_backend
 from stablerep.generation.runner import GenerationError, generate
-from stablerep.generation.shards import image_seed, parse_key, sample_key
+from stablerep.generation.shards import image_seed
 from stablerep.generation.tiny import save_tiny_pipeline
 
 pytestmark = pytest.mark.integration

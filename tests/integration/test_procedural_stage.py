@@ -21,8 +21,9 @@ from PIL import Image
 
 from stablerep.captions import load_manifest
 from stablerep.captions.procedural import CLASS_NAMES, procedural_label
+from stablerep.contracts import parse_key
 from stablerep.generation.procedural import MODEL_ID, render
-from stablerep.generation.shards import image_seed, parse_key
+from stablerep.generation.shards import image_seed
 
 pytestmark = pytest.mark.integration
 

@@ -18,16 +18,10 @@ from PIL import Image
 from stablerep.captions import CaptionsManifest
 from stablerep.captions.stage import ShardInfo
 from stablerep.config import Config, GenerateConfig, from_dict
+from stablerep.contracts import TarShardWriter, parse_key, sample_key, sample_members
 from stablerep.errors import ConfigError
 from stablerep.generation.runner import ShardJob, output_fingerprint, select_shards
-from stablerep.generation.shards import (
-    TarShardWriter,
-    encode_image,
-    image_seed,
-    parse_key,
-    sample_key,
-    sample_members,
-)
+from stablerep.generation.shards import encode_image, image_seed
 
 # ---------------------------------------------------------------------------- keys and seeds
 

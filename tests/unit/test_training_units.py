@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from stablerep.config import TrainConfig
+from stablerep.contracts import TarShardWriter, sample_key, sample_members
 from stablerep.data import loader as loader_mod
 from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
 from stablerep.data.shards import ShardError, ShardRef, discover
 from stablerep.errors import ConfigError, InputError
-from stablerep.generation.shards import TarShardWriter, sample_key, sample_members
 from stablerep.models import GlobalBatchNorm1d, convert_sync_batchnorm, create_model
 from stablerep.training.optim import (
     create_optimizer,
