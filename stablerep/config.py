@@ -145,6 +145,13 @@ class ProceduralCaptionsConfig:
     typefaces: list[Typeface] = field(
         default_factory=lambda: ["handwritten", "sans-serif", "serif", "monospace"])  # digits
     italic_prob: float = 0.25  # chance that a digit caption says italic
+    style_prob: float = 1.0  # chance that a caption names weight, ink, background and size (else each image draws them)
+    weights: list[str] = field(default_factory=lambda: ["thin", "regular", "bold"])  # stroke weights captions name
+    inks: list[str] = field(default_factory=lambda: [
+        "black", "grey", "red", "green", "blue", "purple", "brown", "white", "yellow", "orange"])  # ink colours (each tone keeps those it allows)
+    textures: list[str] = field(default_factory=lambda: ["plain", "noisy", "gradient", "mottled"])  # background textures
+    tones: list[str] = field(default_factory=lambda: ["light", "dark"])  # background tones
+    sizes: list[str] = field(default_factory=lambda: ["small", "medium", "large"])  # size words
     num_rows: int | None = None  # candidates to draw; default num_captions * oversample
     oversample: float = 1.25  # candidates per wanted caption (duplicates are dropped later)
 
@@ -154,6 +161,21 @@ class ProceduralCaptionsConfig:
         for i, face in enumerate(self.typefaces):
             _check_choice(f"captions.procedural.typefaces[{i}]", face, typing.get_args(Typeface))
         _check_range("captions.procedural.italic_prob", self.italic_prob, low=0, high=1)
+        _check_range("captions.procedural.style_prob", self.style_prob, low=0, high=1)
+        from stablerep.procedural_grammar import INKS, SIZES, TEXTURES, TONES, WEIGHTS
+
+        vocab = {"weights": WEIGHTS, "inks": tuple(dict.fromkeys(INKS["light"] + INKS["dark"])),
+                 "textures": TEXTURES, "tones": TONES, "sizes": SIZES}
+        for name, allowed in vocab.items():
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"captions.procedural.{name}: expected at least one value")
+            for i, value in enumerate(values):
+                _check_choice(f"captions.procedural.{name}[{i}]", value, allowed)
+        for tone in self.tones:
+            if not set(self.inks) & set(INKS[tone]):
+                raise ConfigError(f"captions.procedural.inks: none of {self.inks} is allowed on "
+                                  f"a {tone} background; add one of {', '.join(INKS[tone])}")
         if self.num_rows is not None:
             _check_range("captions.procedural.num_rows", self.num_rows, low=1)
         _check_range("captions.procedural.oversample", self.oversample, low=1)
@@ -275,6 +297,7 @@ class TrainConfig:
     method: Method = "stablerep"  # stablerep, stablerep_plus, simclr or clip
     model: str = "vit_base_patch16_224"  # timm ViT name (vit_tiny/small/base/large_patch16_*)
     image_size: int = 224  # training resolution (small values for CPU runs)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm ViT arguments, e.g. {patch_size: 4, depth: 6}
     head_hidden_dim: int = 4096  # projection MLP hidden width
     head_out_dim: int = 256  # projection output dimension
     embed_dim: int = 512  # image-text embedding dimension (stablerep_plus, clip)
@@ -302,6 +325,7 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm in the projection head when distributed
     num_workers: int = 4  # data loader processes per rank
     shuffle_buffer: int = 256  # captions held for shuffling per worker
+    cache_mb: float = 0.0  # keep shards read once in memory up to this size per worker (small data sets)
     max_sample_errors: int = 10  # corrupt samples tolerated per shard before failing
     verify_shards: bool = True  # check each shard's sha256 against its json before reading
     seed: int = 0  # seed for init, data order and augmentation
@@ -320,7 +344,14 @@ class TrainConfig:
         if not self.model.startswith(("vit_", "deit")):
             raise ConfigError(f"train.model: got {self.model!r}, expected a timm ViT name such "
                               "as vit_small_patch16_224 or vit_base_patch16_224")
-        _check_range("train.image_size", self.image_size, low=16)
+        _check_range("train.image_size", self.image_size, low=8)
+        for key, value in self.model_kwargs.items():
+            if key in ("img_size", "num_classes", "global_pool", "pretrained"):
+                raise ConfigError(f"train.model_kwargs.{key}: set by stablerep itself "
+                                  "(image_size; the backbone has no classifier); remove it")
+            if isinstance(value, (dict, list)) or value is None:
+                raise ConfigError(f"train.model_kwargs.{key}: got {value!r}, expected a "
+                                  "number, a string or true/false")
         for name in ("head_hidden_dim", "head_out_dim", "embed_dim", "text_width", "text_layers",
                      "text_heads", "text_context", "captions_per_batch", "grad_accum_steps",
                      "log_every", "checkpoint_every", "keep_checkpoints", "shuffle_buffer"):
@@ -351,6 +382,7 @@ class TrainConfig:
         check_device(self.device, field="train.device", indexed=False)
         _check_range("train.num_workers", self.num_workers, low=0)
         _check_range("train.max_sample_errors", self.max_sample_errors, low=0)
+        _check_range("train.cache_mb", self.cache_mb, low=0)
         _check_range("train.dist_timeout_s", self.dist_timeout_s, low=1)
         _check_range("train.knn_every", self.knn_every, low=0)
 
@@ -406,7 +438,7 @@ class EvalConfig:
         if not self.datasets:
             raise ConfigError("eval.datasets: expected at least one data set")
         if self.image_size is not None:
-            _check_range("eval.image_size", self.image_size, low=16)
+            _check_range("eval.image_size", self.image_size, low=8)
         for name in ("batch_size", "probe_num_c", "few_shot_way", "few_shot_shot"):
             _check_range(f"eval.{name}", getattr(self, name), low=1)
         for name in ("num_workers", "few_shot_query", "few_shot_episodes", "knn_k"):
@@ -418,6 +450,45 @@ class EvalConfig:
         _check_range("eval.probe_c_min", self.probe_c_min, low=0, low_open=True)
         _check_range("eval.probe_c_max", self.probe_c_max, low=self.probe_c_min)
         _check_range("eval.probe_val_fraction", self.probe_val_fraction, low=0.01, high=0.9)
+
+
+# ---------------------------------------------------------------------------- experiment
+
+ReproArm = Literal["random", "simclr", "stablerep_k2", "stablerep_k4", "stablerep_k8",
+                   "stablerep_plus_k4", "clip"]
+REPRO_ARMS: tuple[str, ...] = typing.get_args(ReproArm)
+
+
+@dataclass
+class ReproConfig:
+    """The miniature replication (``stablerep repro``): each arm x seed on the same images.
+
+    Every arm trains ``train.max_steps`` steps of ``images_per_step`` images (equal images
+    seen); ``random`` is the untrained backbone. Each backbone is evaluated on ``eval.datasets``
+    plus a held-out procedural test set drawn from captions the training set never had.
+    """
+
+    out: str = ""  # results.json, results.md, results.png, report.html; default <data_root>/repro
+    arms: list[ReproArm] = field(default_factory=lambda: [
+        "random", "simclr", "stablerep_k2", "stablerep_k4", "stablerep_k8"])  # what to compare
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training (and init) seeds
+    images_per_step: int = 128  # images per optimizer step for every arm (n captions x k)
+    test_captions: int = 500  # held-out procedural test set: captions (0 = none)
+    test_images_per_caption: int = 3  # its images per caption (all in the split of their caption)
+    test_seed: int = 1000  # its caption and image seed (the captions' settings are the training set's)
+
+    def __post_init__(self) -> None:
+        if not self.arms:
+            raise ConfigError("repro.arms: expected at least one arm, e.g. [random, stablerep_k4]")
+        for i, arm in enumerate(self.arms):
+            _check_choice(f"repro.arms[{i}]", arm, REPRO_ARMS)
+        if len(set(self.arms)) != len(self.arms):
+            raise ConfigError(f"repro.arms: each arm once, got {self.arms}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"repro.seeds: expected distinct seeds, got {self.seeds}")
+        _check_range("repro.images_per_step", self.images_per_step, low=8)
+        _check_range("repro.test_captions", self.test_captions, low=0)
+        _check_range("repro.test_images_per_caption", self.test_images_per_caption, low=1)
 
 
 # ---------------------------------------------------------------------------- root
@@ -432,6 +503,7 @@ class Config:
     generate: GenerateConfig | None = None  # generation stage
     train: TrainConfig | None = None  # training stage
     eval: EvalConfig | None = None  # evaluation stage
+    repro: ReproConfig | None = None  # the miniature replication (stablerep repro)
 
 
 

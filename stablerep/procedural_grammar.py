@@ -29,8 +29,8 @@ TEXTURES = ("plain", "noisy", "gradient", "mottled")
 SIZES = ("small", "medium", "large")
 
 GRAMMAR = ("'a [italic] <handwritten|sans-serif|serif|monospace> digit <0-9>' or "
-           "'a <hand-drawn|outlined|filled> <circle|square|triangle|cross>', then "
-           "', <thin|regular|bold> <ink> ink on a <plain|noisy|gradient|mottled> <light|dark> "
+           "'a <hand-drawn|outlined|filled> <circle|square|triangle|cross>', alone or followed "
+           "by ', <thin|regular|bold> <ink> ink on a <plain|noisy|gradient|mottled> <light|dark> "
            "background, <small|medium|large>' (inks on light: black grey red green blue purple "
            "brown; on dark: white grey red green blue yellow orange)")
 """The grammar in one line, quoted by every parse error."""
@@ -38,16 +38,20 @@ GRAMMAR = ("'a [italic] <handwritten|sans-serif|serif|monospace> digit <0-9>' or
 
 @dataclass(frozen=True)
 class FigureSpec:
-    """What a procedural caption fixes about its image."""
+    """What a procedural caption fixes about its image.
+
+    A caption that names only its figure (``a serif digit 3``) leaves the drawing style open:
+    ``weight`` ... ``size`` are None and each image draws them from its own seed.
+    """
 
     figure: str  # a digit "0".."9" or a shape name
     style: str  # a typeface (digits) or a shape style (shapes)
     italic: bool  # digits only
-    weight: str
-    ink: str
-    texture: str
-    tone: str
-    size: str
+    weight: str | None = None  # None (with the four below) = left to each image's seed
+    ink: str | None = None
+    texture: str | None = None
+    tone: str | None = None
+    size: str | None = None
 
     @property
     def label(self) -> int:
@@ -57,6 +61,11 @@ class FigureSpec:
     @property
     def is_digit(self) -> bool:
         return self.figure in DIGITS
+
+    @property
+    def styled(self) -> bool:
+        """True when the caption names the drawing style (weight, ink, background, size)."""
+        return self.weight is not None
 
 
 def _article(word: str) -> str:
@@ -69,6 +78,8 @@ def format_caption(spec: FigureSpec) -> str:
         figure = ("italic " if spec.italic else "") + f"{spec.style} digit {spec.figure}"
     else:
         figure = f"{spec.style} {spec.figure}"
+    if not spec.styled:
+        return f"{_article(figure)} {figure}"
     return (f"{_article(figure)} {figure}, {spec.weight} {spec.ink} ink on a {spec.texture} "
             f"{spec.tone} background, {spec.size}")
 
@@ -126,15 +137,18 @@ def parse_caption(caption: str) -> FigureSpec:
     if not isinstance(caption, str):
         raise _bad(str(caption), "not a string")
     clauses = caption.split(", ")
-    if len(clauses) != 3:
-        raise _bad(caption, f"expected 3 comma-separated clauses, got {len(clauses)}")
+    if len(clauses) not in (1, 3):
+        raise _bad(caption, f"expected 1 or 3 comma-separated clauses, got {len(clauses)}")
     words = clauses[0].split(" ")
     if words[0] not in ("a", "an"):
         raise _bad(caption, "the caption must start with 'a' or 'an'")
     figure, style, italic = _parse_figure(caption, words[1:])
-    weight, ink, texture, tone = _parse_ink(caption, clauses[1])
-    size = _pick(caption, clauses[2], SIZES, "size")
-    spec = FigureSpec(figure, style, italic, weight, ink, texture, tone, size)
+    if len(clauses) == 1:  # the figure alone: every image draws its own style
+        spec = FigureSpec(figure, style, italic)
+    else:
+        weight, ink, texture, tone = _parse_ink(caption, clauses[1])
+        size = _pick(caption, clauses[2], SIZES, "size")
+        spec = FigureSpec(figure, style, italic, weight, ink, texture, tone, size)
     canonical = format_caption(spec)
     if canonical != caption:
         raise _bad(caption, f"did you mean {canonical!r}")

@@ -414,6 +414,9 @@ def _model_text(model: Any) -> str:
     extra = [f"{k} {v}" for k, v in model.items()
              if k not in ("timm_model", "image_size", "feature_dim")
              and isinstance(v, (str, int, float))]
+    kwargs = model.get("model_kwargs")
+    if isinstance(kwargs, dict) and kwargs:  # e.g. patch_size 4, depth 4
+        extra.insert(0, ", ".join(f"{k} {v}" for k, v in kwargs.items()))
     return ", ".join(parts + extra) or MISSING
 
 

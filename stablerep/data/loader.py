@@ -103,12 +103,15 @@ class CaptionBatches(IterableDataset):
         self.shards, self.cfg, self.layout = shards, cfg, layout
         self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 0, 0
+        self._cache: dict[str, list[CaptionGroup]] = {}  # shard URI -> its groups (cache_mb)
+        self._cache_full = False
         self.transform = create_train_transform(cfg.augmentation, cfg.image_size,
                                                 downsample_prob=cfg.downsample_prob)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Select the epoch and how many micro-batches of it were already used."""
         self.epoch, self.skip = epoch, skip
+        self._fill_cache()
 
     # -- streams ------------------------------------------------------------------------
     def _pass(self, stream: int, num_streams: int, wrap: int,
@@ -127,16 +130,41 @@ class CaptionBatches(IterableDataset):
         position = 0
         for i in mine:
             ref = self.shards[i]
-            st = ShardStats(ref.uri)
-            if reports:
-                stats.append(st)
-            sha256 = ref.sha256 if cfg.verify_shards else None
-            for group in iter_caption_groups(ref.uri, max_errors=cfg.max_sample_errors,
-                                             stats=st, sha256=sha256, log_skips=reports):
+            for group in self._read(ref, stats, reports):
                 position += 1
                 if not by_shard and (position - 1) % num_streams != stream:
                     continue
                 yield group
+
+    def _read(self, ref: ShardRef, stats: list[ShardStats], reports: bool
+              ) -> Iterator[CaptionGroup]:
+        """One shard's caption groups, from the memory cache when it holds the shard."""
+        if ref.uri in self._cache:
+            yield from self._cache[ref.uri]
+            return
+        st = ShardStats(ref.uri)
+        if reports:
+            stats.append(st)
+        sha256 = ref.sha256 if self.cfg.verify_shards else None
+        yield from iter_caption_groups(ref.uri, max_errors=self.cfg.max_sample_errors,
+                                       stats=st, sha256=sha256, log_skips=reports)
+
+    def _fill_cache(self) -> None:
+        """Read shards into memory while they fit in ``train.cache_mb`` (once, in the main
+        process, so forked data workers share them); later passes skip those tars."""
+        budget = self.cfg.cache_mb * 2**20
+        if budget <= 0 or self._cache_full:
+            return
+        used = 0
+        for ref in self.shards:
+            groups = list(self._read(ref, [], True))
+            used += sum(len(b) for g in groups for b in g.images)
+            if used > budget:
+                break
+            self._cache[ref.uri] = groups
+        self._cache_full = True
+        log.info("data: %d of %d shards held in memory (train.cache_mb=%g)", len(self._cache),
+                 len(self.shards), self.cfg.cache_mb)
 
     def _shuffled(self, stream: int, num_streams: int) -> Iterator[CaptionGroup]:
         """This stream's captions, shuffled within each pass, endlessly (passes wrap around)."""

@@ -42,7 +42,8 @@ def _from_state(state: dict[str, torch.Tensor], info: dict[str, Any], key: str, 
     if not isinstance(info, dict) or not all(k in info for k in ("timm_model", "image_size")):
         raise InputError(f"{source}: its model info names no timm_model and image_size")
     try:
-        model = create_backbone(info["timm_model"], int(info["image_size"]))
+        model = create_backbone(info["timm_model"], int(info["image_size"]),
+                                info.get("model_kwargs"))
     except ConfigError as e:  # its message names train.model; name the file instead
         raise InputError(f"{source}: {str(e).removeprefix('train.model: ')}") from None
     try:
@@ -88,10 +89,19 @@ def random_like(info: dict[str, Any], *, seed: int = 0) -> Backbone:
     """A randomly initialised backbone of the same architecture (the default baseline)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = create_backbone(info["timm_model"], int(info["image_size"]))
-    info = {k: info[k] for k in ("timm_model", "image_size", "feature_dim") if k in info}
+        model = create_backbone(info["timm_model"], int(info["image_size"]),
+                                info.get("model_kwargs"))
+    info = {k: info[k] for k in ("timm_model", "image_size", "model_kwargs", "feature_dim")
+            if k in info}
     return Backbone(model.eval(), {**info, "init": "random"},
-                    f"random-{info['timm_model']}-{info['image_size']}-s{seed}", "random init")
+                    f"random-{info['timm_model']}-{info['image_size']}{_kwargs_key(info)}-s{seed}",
+                    "random init")
+
+
+def _kwargs_key(info: dict[str, Any]) -> str:
+    """The model_kwargs part of a random backbone's cache key ("" when there are none)."""
+    kwargs = info.get("model_kwargs") or {}
+    return "".join(f"-{k}{v}" for k, v in sorted(kwargs.items()))
 
 
 def load_backbone(spec: str, *, image_size: int | None = None, seed: int = 0) -> Backbone:

@@ -27,6 +27,7 @@ grammar.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -37,13 +38,18 @@ from stablerep.config import GenerateConfig
 from stablerep.generation.backends import WorkItem
 from stablerep.procedural_grammar import (
     CLASS_NAMES,
+    INKS,
+    SIZES,
+    TEXTURES,
+    TONES,
+    WEIGHTS,
     FigureSpec,
     parse_caption,
     procedural_label,
 )
 
-__all__ = ["CLASS_NAMES", "MODEL_ID", "ProceduralBackend", "parse_caption", "procedural_label",
-           "render", "render_spec"]
+__all__ = ["CLASS_NAMES", "MODEL_ID", "ProceduralBackend", "draw_style", "parse_caption",
+           "procedural_label", "render", "render_spec"]
 
 MODEL_ID = "stablerep/procedural-v1"
 GLYPH_FILL = 0.8  # the figure's box height as a fraction of the mask side
@@ -313,6 +319,20 @@ def mask_side(size: str, height: int) -> int:
     return int(np.clip(round(SIZE_FRACTION[size] * height / GLYPH_FILL * OVERSAMPLE), 24, 512))
 
 
+def draw_style(spec: FigureSpec, seed: int) -> FigureSpec:
+    """Fill the drawing style a figure-only caption leaves open, from the image's seed.
+
+    Its own random stream (seed, "STYL"), so the nuisances drawn afterwards from ``seed`` are
+    those a caption naming the same style would get.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5354594C]))
+    tone = TONES[rng.integers(len(TONES))]
+    return dataclasses.replace(
+        spec, weight=WEIGHTS[rng.integers(len(WEIGHTS))], tone=tone,
+        ink=INKS[tone][rng.integers(len(INKS[tone]))],
+        texture=TEXTURES[rng.integers(len(TEXTURES))], size=SIZES[rng.integers(len(SIZES))])
+
+
 def render_spec(spec: FigureSpec, seed: int, height: int, width: int) -> np.ndarray:
     """Render one parsed caption: (height, width, 3) uint8, deterministic per arguments.
 
@@ -322,6 +342,8 @@ def render_spec(spec: FigureSpec, seed: int, height: int, width: int) -> np.ndar
         height: output height in pixels.
         width: output width in pixels.
     """
+    if not spec.styled:
+        spec = draw_style(spec, seed)
     rng = np.random.default_rng(seed)
     side = mask_side(spec.size, height)
     mask = _coverage(spec, side, rng)  # (side, side)

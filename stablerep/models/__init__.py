@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,16 @@ def timm_name(name: str) -> str:
     return BACKBONES.get(name, name)
 
 
-def create_backbone(name: str, image_size: int) -> nn.Module:
-    """A randomly initialised timm ViT returning the normalised CLS feature (n, d)."""
+def create_backbone(name: str, image_size: int, kwargs: dict[str, Any] | None = None
+                    ) -> nn.Module:
+    """A randomly initialised timm ViT returning the normalised CLS feature (n, d).
+
+    Args:
+        name: a timm ViT name or a short name of :data:`BACKBONES`.
+        image_size: input resolution.
+        kwargs: further VisionTransformer arguments (``patch_size``, ``depth``,
+            ``embed_dim``, ``num_heads`` ...), e.g. a 4-pixel patch for 32 px images.
+    """
     import timm
 
     full = timm_name(name)
@@ -46,10 +55,11 @@ def create_backbone(name: str, image_size: int) -> nn.Module:
                           + ", ".join(BACKBONES.values()))
     try:
         return timm.create_model(full, pretrained=False, num_classes=0, global_pool="token",
-                                 img_size=image_size)
+                                 img_size=image_size, **(kwargs or {}))
     except (AssertionError, ValueError, TypeError) as e:
-        raise ConfigError(f"train.model: cannot build {full} at image_size {image_size} ({e})"
-                          ) from None
+        extra = f" with {kwargs}" if kwargs else ""
+        raise ConfigError(f"train.model: cannot build {full} at image_size {image_size}{extra} "
+                          f"({e})") from None
 
 
 class ProjectionHead(nn.Module):
@@ -156,7 +166,7 @@ class StableRepModel(nn.Module):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         self.method = cfg.method
-        self.backbone = create_backbone(cfg.model, cfg.image_size)
+        self.backbone = create_backbone(cfg.model, cfg.image_size, cfg.model_kwargs)
         dim = self.backbone.num_features
         self.head = (ProjectionHead(dim, cfg.head_hidden_dim, cfg.head_out_dim)
                      if cfg.method != "clip" else None)

@@ -109,8 +109,9 @@ def load_latest(out: str) -> dict[str, Any] | None:
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Fail when a checkpoint's model differs from the one this run builds."""
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
-             if saved.get(k) != v]
+    absent = {"model_kwargs": {}}  # checkpoints written before the field existed
+    diffs = [f"{k}: checkpoint {saved.get(k, absent.get(k))!r}, this run {v!r}"
+             for k, v in current.items() if saved.get(k, absent.get(k)) != v]
     if diffs:
         raise InputError(f"{where}: the checkpoint is of a different model ({'; '.join(diffs)}); "
                          "use another output folder or the matching config")

@@ -62,7 +62,7 @@ class TrainingError(StablerepError):
 def model_info(cfg: TrainConfig, feature_dim: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by, or loaded into, this model."""
     return {"timm_model": timm_name(cfg.model), "image_size": cfg.image_size,
-            "method": cfg.method, "feature_dim": feature_dim,
+            "model_kwargs": dict(cfg.model_kwargs), "method": cfg.method, "feature_dim": feature_dim,
             "head_hidden_dim": cfg.head_hidden_dim, "head_out_dim": cfg.head_out_dim,
             "embed_dim": cfg.embed_dim if cfg.uses_text else None}
 

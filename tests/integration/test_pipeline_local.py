@@ -35,7 +35,7 @@ def _artifact(root: Path, task: str, name: str) -> dict:
 def test_run_local_tiny_pipeline(tmp_path):
     root = tmp_path / "demo"
     out = subprocess.run([sys.executable, "-m", "stablerep.cli", "pipeline", "run-local",
-                          "--recipe", "demo", "--data-root", str(root), *TINY],
+                          "--recipe", "demo_sd", "--data-root", str(root), *TINY],
                          capture_output=True, text=True, timeout=540, env=_env(), cwd=ROOT,
                          check=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -81,7 +81,7 @@ def test_first_step_fails_naming_the_parameter(tmp_path, capfd):
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(tmp_path / "kfp"))
-    params = {**lib.defaults(), **lib.recipe_params("demo"), "data_root": str(tmp_path / "r"),
+    params = {**lib.defaults(), **lib.recipe_params("demo_sd"), "data_root": str(tmp_path / "r"),
               "train_backend": "local", "inference_steps": 0}
     with pytest.raises(RuntimeError, match="validate"):
         validate(**params)

@@ -124,11 +124,12 @@ def test_builtin_recipe_names_resolve_to_the_packaged_recipes() -> None:
     from stablerep.config import RECIPES_DIR, builtin_recipes
 
     assert RECIPES_DIR == ROOT / "stablerep" / "recipes"
-    assert {"demo", "cc12m", "procedural"} <= set(builtin_recipes())
+    assert {"demo", "demo_sd", "repro", "cc12m", "procedural"} <= set(builtin_recipes())
     by_name = load_config("cc12m", require=("train",))
     by_path = load_config(str(ROOT / "configs" / "cc12m.yaml"), require=("train",))
     assert by_name == by_path and by_name.captions.source == "files"
-    assert load_config("demo").generate.backend == "tiny"
+    assert load_config("demo_sd").generate.backend == "tiny"
+    assert load_config("demo").generate.backend == "procedural"
 
 
 def test_configs_folder_is_the_packaged_recipes() -> None:

@@ -8,11 +8,11 @@ import pytest
 from stablerep import pipeline as lib
 from stablerep.errors import ConfigError
 
-DEMO = {"recipe": "demo", "data_root": "/tmp/x", "train_backend": "local"}
+DEMO = {"recipe": "demo_sd", "data_root": "/tmp/x", "train_backend": "local"}
 
 
 def _demo(**extra):
-    return {**lib.recipe_params("demo"), **DEMO, **extra}
+    return {**lib.recipe_params("demo_sd"), **DEMO, **extra}
 
 
 def test_cc12m_defaults_validate_on_a_cluster():
@@ -28,11 +28,11 @@ def test_parameters_sit_between_recipe_and_overrides():
     assert cfg.generate.num_inference_steps == 2  # overrides win
     assert cfg.generate.backend == "tiny"  # not a parameter: the recipe's
     assert overrides[-1] == "generate.num_inference_steps=2"
-    assert lib.stage_config("/tmp/x", "demo", overrides).generate.num_inference_steps == 2
+    assert lib.stage_config("/tmp/x", "demo_sd", overrides).generate.num_inference_steps == 2
 
 
 def test_recipe_params_read_back_the_recipe():
-    values = lib.recipe_params("demo")
+    values = lib.recipe_params("demo_sd")
     assert values["images_per_caption"] == 4 and values["backbone"] == "vit_tiny_patch16_224"
     assert values["num_captions"] == 48 and values["shards"] == 4
 

@@ -72,7 +72,8 @@ def test_drawn_captions_round_trip() -> None:
 
 
 @pytest.mark.parametrize(("caption", "part"), [
-    ("a photo of a dog", "expected 3 comma-separated clauses, got 1"),
+    ("a photo of a dog", "the figure must be '[italic] <typeface> digit <0-9>'"),
+    ("a serif digit 3, bold", "expected 1 or 3 comma-separated clauses, got 2"),
     ("a handwritten digit 12, bold red ink on a noisy light background, small",
      "digit '12' is not one of 0, 1"),
     ("a comic digit 7, bold red ink on a noisy light background, small",
@@ -274,7 +275,7 @@ def test_backend_from_the_registry_draws_at_the_config_size() -> None:
 
 def test_backend_rejects_a_caption_outside_the_grammar() -> None:
     backend = ProceduralBackend(GenerateConfig(backend="procedural", height=32, width=32))
-    with pytest.raises(InputError, match=r"^caption 'a photo of a dog': expected 3 comma"):
+    with pytest.raises(InputError, match=r"^caption 'a photo of a dog': the figure must be"):
         backend.generate(_items([EXAMPLE, "a photo of a dog"]))
 
 
@@ -318,3 +319,50 @@ def test_more_captions_than_the_grammar_has_fail_at_once(tmp_path):
     with pytest.raises(InputError, match=r"at most 46,368 distinct ones"):
         make_captions(cfg, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- figure-only captions
+
+
+def test_a_figure_only_caption_round_trips_and_leaves_the_style_open() -> None:
+    spec = parse_caption("an italic serif digit 3")
+    assert spec == FigureSpec("3", "serif", True) and not spec.styled
+    assert format_caption(spec) == "an italic serif digit 3"
+    assert parse_caption("a filled circle").label == 10
+    with pytest.raises(InputError, match=r"did you mean 'an outlined square'"):
+        parse_caption("a outlined square")
+
+
+def test_style_prob_mixes_figure_only_and_styled_captions() -> None:
+    mixed = _captions(2000, style_prob=0.3)
+    share = sum(parse_caption(c).styled for c in mixed) / len(mixed)  # named style
+    assert 0.25 < share < 0.35
+    assert all(not parse_caption(c).styled for c in _captions(200, style_prob=0.0))
+    # style_prob 1 draws no extra numbers: the stream of styled captions is what it was
+    assert _captions(300, style_prob=1.0) == _captions(300)
+
+
+def test_capacity_counts_figure_only_captions() -> None:
+    from stablerep.captions.procedural import capacity
+
+    figures = 10 * 4 * 2 + 4 * 3
+    assert capacity(ProceduralCaptionsConfig(style_prob=0.0)) == figures
+    assert capacity(ProceduralCaptionsConfig(style_prob=0.5)) == figures * (504 + 1)
+    cfg = ProceduralCaptionsConfig(style_prob=0.0, shapes=False)
+    assert len({c for c, _ in draw_captions(cfg, 5000, seed=1)}) == capacity(cfg) == 80
+
+
+def test_each_image_of_a_figure_only_caption_draws_its_own_style() -> None:
+    from stablerep.generation.procedural import draw_style, render_spec
+
+    caption = "a sans-serif digit 5"
+    styles = [draw_style(parse_caption(caption), seed) for seed in range(40)]
+    assert all(s.styled and s.figure == "5" and s.style == "sans-serif" for s in styles)
+    for slot in ("weight", "ink", "texture", "tone", "size"):
+        assert len({getattr(s, slot) for s in styles}) > 1, slot
+    assert np.array_equal(render(caption, 7, 16, 16), render(caption, 7, 16, 16))
+    # an image of the figure-only caption is the styled caption's image for the drawn style
+    assert np.array_equal(render(caption, 7, 16, 16),
+                          render_spec(draw_style(parse_caption(caption), 7), 7, 16, 16))
+    tones = {float(render(caption, s, 16, 16).mean()) > 127 for s in range(20)}
+    assert tones == {True, False}  # light and dark backgrounds both occur

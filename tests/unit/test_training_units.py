@@ -315,6 +315,35 @@ def test_real_dataloader_workers_match_and_resume(four_shards) -> None:
         assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
 
 
+@pytest.mark.parametrize("budget_mb", [64.0, 0.004])
+def test_the_memory_cache_changes_no_batch_and_skips_the_tars(
+        budget_mb: float, four_shards, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.cache_mb: the same batches over epochs; cached shards are not read again."""
+    cfg, cached_cfg = _config(num_workers=0), _config(num_workers=0, cache_mb=budget_mb)
+    reads: list[str] = []
+    real = loader_mod.iter_caption_groups
+    monkeypatch.setattr(loader_mod, "iter_caption_groups",
+                        lambda uri, **kw: (reads.append(uri), real(uri, **kw))[1])
+    plain = CaptionBatches(four_shards, cfg, Layout.create(cfg, four_shards, 1), rank=0,
+                           world_size=1)
+    cached = CaptionBatches(four_shards, cached_cfg, Layout.create(cached_cfg, four_shards, 1),
+                            rank=0, world_size=1)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        expected = list(plain)
+        reads.clear()
+        cached.set_epoch(epoch)
+        got = list(cached)
+        assert [b.caption_ids.tolist() for b in got] == [b.caption_ids.tolist()
+                                                         for b in expected]
+        assert all(torch.equal(a.images, b.images) for a, b in zip(got, expected, strict=True))
+        held = len(cached._cache)
+        if budget_mb > 1:  # everything fits: read once, in the first epoch's fill
+            assert held == 4 and len(reads) == (4 if epoch == 0 else 0)
+        else:  # 4 KB holds no shard of 24 PNGs: every pass reads every tar
+            assert held == 0 and len(reads) >= 4
+
+
 def _flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF

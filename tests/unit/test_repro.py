@@ -1,0 +1,130 @@
+"""The experiment's bookkeeping (stablerep.repro): equal budgets per arm, run folders that
+change with the settings, the summary statistics and table, the held-out image folder, and
+the one-line errors for bad experiment settings. The experiment itself runs in
+tests/integration/test_repro.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from stablerep import repro
+from stablerep.config import REPRO_ARMS, Config, from_dict, load_config
+from stablerep.errors import ConfigError
+
+
+def _cfg(*overrides: str) -> Config:
+    return load_config("repro", list(overrides), require=("repro",), data_root="/tmp/r")
+
+
+def test_every_arm_sees_the_same_images_per_step() -> None:
+    cfg = _cfg()
+    assert repro.ARMS["random"].method == ""  # never trained: the evaluation's baseline
+    for name in REPRO_ARMS[1:]:
+        arm = repro.ARMS[name]
+        run = repro.arm_config(cfg, arm, 0, baseline=False, test_folder="")
+        assert run.train.captions_per_batch * run.train.crops_per_caption == 128, name
+        assert run.train.max_steps == cfg.train.max_steps
+        assert run.train.images_per_caption == max(arm.images_per_caption,
+                                                   2 if arm.method == "stablerep" else 1)
+    k8 = repro.arm_config(cfg, repro.ARMS["stablerep_k8"], 0, baseline=False, test_folder="")
+    assert (k8.train.method, k8.train.images_per_caption, k8.train.captions_per_batch) == (
+        "stablerep", 8, 16)
+    simclr = repro.arm_config(cfg, repro.ARMS["simclr"], 0, baseline=False, test_folder="")
+    assert (simclr.train.method, simclr.train.captions_per_batch) == ("simclr", 64)
+
+
+def test_run_folders_follow_arm_seed_and_settings() -> None:
+    cfg = _cfg()
+    arm = repro.ARMS["stablerep_k4"]
+    a = repro.arm_config(cfg, arm, 0, baseline=False, test_folder="/t")
+    assert a.train.out.startswith("/tmp/r/repro/runs/stablerep_k4-s0-")
+    assert a.eval.checkpoint == a.train.out and a.eval.out.endswith("/eval")
+    assert a.eval.datasets == ["sklearn:digits", "imagefolder:/t"] and a.eval.seed == 0
+    assert a.train.seed == 0 and a.repro is None
+    other_seed = repro.arm_config(cfg, arm, 1, baseline=False, test_folder="/t")
+    longer = repro.arm_config(_cfg("train.max_steps=9"), arm, 0, baseline=False,
+                              test_folder="/t")
+    folders = {a.train.out, other_seed.train.out, longer.train.out}
+    assert len(folders) == 3  # nothing of another setting is reused or overwritten
+    assert repro.arm_config(cfg, arm, 0, baseline=False, test_folder="/t").train.out == a.train.out
+
+
+def test_an_uneven_images_per_step_fails_naming_the_arm() -> None:
+    cfg = _cfg("repro.images_per_step=12")
+    with pytest.raises(ConfigError, match=r"repro.images_per_step: 12 images do not split into "
+                                          r"captions of 8 rows \(stablerep_k8\)"):
+        repro.arm_config(cfg, repro.ARMS["stablerep_k8"], 0, baseline=False, test_folder="")
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"arms": ["moco"]}, "repro.arms[0]: got 'moco', expected one of random, simclr"),
+    ({"arms": []}, "repro.arms: expected at least one arm"),
+    ({"arms": ["simclr", "simclr"]}, "repro.arms: each arm once"),
+    ({"seeds": [0, 0]}, "repro.seeds: expected distinct seeds, got [0, 0]"),
+    ({"images_per_step": 4}, "repro.images_per_step: got 4, expected a value >= 8"),
+])
+def test_bad_experiment_settings(section: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(Config, {"repro": section})
+    assert message in str(info.value)
+
+
+def test_summary_is_mean_and_sample_spread() -> None:
+    s = repro.summarise([0.5, 0.6, 0.7])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
+    assert (s["min"], s["max"], s["n"]) == (0.5, 0.7, 3)
+    assert repro.summarise([0.4])["std"] == 0.0
+    assert math.isclose(repro.summarise([1.0, 0.0])["std"], math.sqrt(0.5))
+
+
+def test_summary_table_and_figures() -> None:
+    summary = {"random": {"digits_probe": repro.summarise([0.8, 0.9])},
+               "stablerep_k4": {"digits_probe": repro.summarise([0.95, 0.97]),
+                                "digits_knn": repro.summarise([0.7])}}
+    table = repro.summary_table(summary, ["random", "stablerep_k4"])
+    lines = table.splitlines()
+    assert lines[0] == "| arm | digits linear probe | digits kNN |"
+    assert lines[2] == "| random | 85.0 ± 7.1 | - |"
+    assert lines[3] == "| stablerep_k4 | 96.0 ± 1.4 | 70.0 ± 0.0 |"
+    metrics = {"datasets": {"sklearn:digits": {"linear_probe": {"top1": 0.9},
+                                               "knn": {"top1": 0.5}}},
+               "baseline": {"datasets": {"sklearn:digits": {"linear_probe": {"top1": 0.8}}}}}
+    assert repro.run_figures(metrics, baseline=False, digits="sklearn:digits", test="") == {
+        "digits_probe": 0.9, "digits_knn": 0.5}
+    assert repro.run_figures(metrics, baseline=True, digits="sklearn:digits", test="") == {
+        "digits_probe": 0.8}
+    png = repro.plot(summary, ["random", "stablerep_k4"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    page = repro.report_html(table, png, {"seeds": [0, 1]})
+    assert "<td>96.0 ± 1.4</td>" in page and "data:image/png;base64," in page
+
+
+def test_the_held_out_set_is_an_image_folder_with_every_class_in_both_splits(
+        tmp_path: Path) -> None:
+    from stablerep import stages
+
+    cfg = _cfg("repro.test_captions=120", "repro.test_seed=5")
+    cfg = from_dict(Config, {**json.loads(json.dumps(_plain(cfg))), "data_root": str(tmp_path)})
+    test = repro.testset_config(cfg)
+    assert test.captions.seed == 5 and test.generate.images_per_caption == 3
+    assert test.captions.out == str(tmp_path / "testset" / "captions")
+    stages.run_captions(test)
+    stages.run_generate(test)
+    folder = tmp_path / "testset" / "folder"
+    counts = repro.export_image_folder(test.generate.out, str(folder))
+    classes = json.loads((folder / "classes.json").read_text())
+    assert counts["train"] + counts["test"] <= 360 and counts["test"] > 0
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (folder / split).iterdir()) == sorted(classes["classes"])
+    assert abs(counts["test"] / (counts["train"] + counts["test"]) - 1 / 3) < 0.1
+
+
+def _plain(cfg: Config) -> dict:
+    from stablerep.config import to_dict
+
+    return to_dict(cfg)
