@@ -31,6 +31,7 @@ import yaml
 
 from stablerep.devices import check_device
 from stablerep.errors import ConfigError
+from stablerep.procedural_grammar import INKS, SIZES, TEXTURES, TONES, WEIGHTS
 
 C = TypeVar("C")
 
@@ -134,6 +135,9 @@ class SyntheticCaptionsConfig:
         _check_choice("captions.synthetic.rewriter", self.rewriter, REWRITERS)
 
 
+ALL_INKS: tuple[str, ...] = tuple(dict.fromkeys(INKS["light"] + INKS["dark"]))
+"""Every ink colour of the procedural grammar, light-background inks first."""
+
 Typeface = Literal["handwritten", "sans-serif", "serif", "monospace"]
 
 
@@ -146,12 +150,11 @@ class ProceduralCaptionsConfig:
         default_factory=lambda: ["handwritten", "sans-serif", "serif", "monospace"])  # digits
     italic_prob: float = 0.25  # chance that a digit caption says italic
     style_prob: float = 1.0  # chance that a caption names weight, ink, background and size (else each image draws them)
-    weights: list[str] = field(default_factory=lambda: ["thin", "regular", "bold"])  # stroke weights captions name
-    inks: list[str] = field(default_factory=lambda: [
-        "black", "grey", "red", "green", "blue", "purple", "brown", "white", "yellow", "orange"])  # ink colours (each tone keeps those it allows)
-    textures: list[str] = field(default_factory=lambda: ["plain", "noisy", "gradient", "mottled"])  # background textures
-    tones: list[str] = field(default_factory=lambda: ["light", "dark"])  # background tones
-    sizes: list[str] = field(default_factory=lambda: ["small", "medium", "large"])  # size words
+    weights: list[str] = field(default_factory=lambda: list(WEIGHTS))  # stroke weights captions name
+    inks: list[str] = field(default_factory=lambda: list(ALL_INKS))  # ink colours (each tone keeps those it allows)
+    textures: list[str] = field(default_factory=lambda: list(TEXTURES))  # background textures
+    tones: list[str] = field(default_factory=lambda: list(TONES))  # background tones
+    sizes: list[str] = field(default_factory=lambda: list(SIZES))  # size words
     num_rows: int | None = None  # candidates to draw; default num_captions * oversample
     oversample: float = 1.25  # candidates per wanted caption (duplicates are dropped later)
 
@@ -162,10 +165,8 @@ class ProceduralCaptionsConfig:
             _check_choice(f"captions.procedural.typefaces[{i}]", face, typing.get_args(Typeface))
         _check_range("captions.procedural.italic_prob", self.italic_prob, low=0, high=1)
         _check_range("captions.procedural.style_prob", self.style_prob, low=0, high=1)
-        from stablerep.procedural_grammar import INKS, SIZES, TEXTURES, TONES, WEIGHTS
-
-        vocab = {"weights": WEIGHTS, "inks": tuple(dict.fromkeys(INKS["light"] + INKS["dark"])),
-                 "textures": TEXTURES, "tones": TONES, "sizes": SIZES}
+        vocab = {"weights": WEIGHTS, "inks": ALL_INKS, "textures": TEXTURES, "tones": TONES,
+                 "sizes": SIZES}
         for name, allowed in vocab.items():
             values = getattr(self, name)
             if not values:

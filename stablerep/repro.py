@@ -43,7 +43,6 @@ REPRO_DIR = "repro"
 TESTSET_DIR = "testset"
 TESTSET_FOLDER = "folder"  # the image folder the evaluation reads
 TESTSET_DONE = "classes.json"  # written last: the test set is complete
-PROCEDURAL_TEST = "procedural-test"  # the test set's name in the results
 
 # (metric key in results, data set key, metric path in metrics.json, label)
 METRICS: tuple[tuple[str, str, tuple[str, str], str], ...] = (
@@ -62,17 +61,16 @@ class Arm:
     name: str
     method: str  # train.method ("" = no training: the random-init baseline)
     images_per_caption: int  # train.images_per_caption (k)
-    rows_per_caption: int  # images per caption in a batch (k, 2 crops for simclr, 1 for clip)
 
 
 ARMS: dict[str, Arm] = {
-    "random": Arm("random", "", 1, 1),
-    "simclr": Arm("simclr", "simclr", 1, 2),
-    "stablerep_k2": Arm("stablerep_k2", "stablerep", 2, 2),
-    "stablerep_k4": Arm("stablerep_k4", "stablerep", 4, 4),
-    "stablerep_k8": Arm("stablerep_k8", "stablerep", 8, 8),
-    "stablerep_plus_k4": Arm("stablerep_plus_k4", "stablerep_plus", 4, 4),
-    "clip": Arm("clip", "clip", 1, 1),
+    "random": Arm("random", "", 1),
+    "simclr": Arm("simclr", "simclr", 1),
+    "stablerep_k2": Arm("stablerep_k2", "stablerep", 2),
+    "stablerep_k4": Arm("stablerep_k4", "stablerep", 4),
+    "stablerep_k8": Arm("stablerep_k8", "stablerep", 8),
+    "stablerep_plus_k4": Arm("stablerep_plus_k4", "stablerep_plus", 4),
+    "clip": Arm("clip", "clip", 1),
 }
 
 
@@ -109,23 +107,24 @@ def testset_config(cfg: Config) -> Config:
 
 def arm_config(cfg: Config, arm: Arm, seed: int, *, baseline: bool, test_folder: str
                ) -> Config:
-    """The train + eval config of one run (``arm`` at ``seed``), folders included."""
+    """The train + eval config of one trained run (``arm`` at ``seed``), folders included."""
     rc = _sections(cfg)
-    if rc.images_per_step % arm.rows_per_caption:
+    if not arm.method:
+        raise ValueError(f"{arm.name} is not trained: it is the evaluation's baseline")
+    images = stages.generate_inputs(cfg)[1]
+    train = dataclasses.replace(cfg.train, method=arm.method,
+                                images_per_caption=arm.images_per_caption)
+    rows = train.crops_per_caption  # k, 2 crops for simclr, 1 for clip
+    if rc.images_per_step % rows:
         raise ConfigError(f"repro.images_per_step: {rc.images_per_step} images do not split "
-                          f"into captions of {arm.rows_per_caption} rows ({arm.name})")
-    method = arm.method or "stablerep"
-    train = dataclasses.replace(
-        cfg.train, method=method, images_per_caption=max(arm.images_per_caption, 2)
-        if method == "stablerep" else arm.images_per_caption,
-        captions_per_batch=rc.images_per_step // arm.rows_per_caption, seed=seed,
-        data=[stages.generate_inputs(cfg)[1]], out="")
+                          f"into captions of {rows} rows ({arm.name})")
+    train = dataclasses.replace(train, captions_per_batch=rc.images_per_step // rows, seed=seed,
+                                data=[images], out="")
     datasets = list(cfg.eval.datasets)
     if test_folder:
         datasets.append(f"imagefolder:{test_folder}")
     evaluate = dataclasses.replace(cfg.eval, datasets=datasets, seed=seed, out="",
-                                   baseline="random" if baseline else "none",
-                                   images=stages.generate_inputs(cfg)[1])
+                                   baseline="random" if baseline else "none", images=images)
     run = dataclasses.replace(cfg, train=train, eval=evaluate, repro=None)
     key = fingerprint({"train": to_dict(train), "eval": to_dict(evaluate)})[:8]
     folder = storage.join(repro_dir(cfg), "runs", f"{arm.name}-s{seed}-{key}")
@@ -340,7 +339,7 @@ def run_repro(cfg: Config) -> dict[str, Any]:
     if not trained:
         raise ConfigError("repro.arms: the random arm is the baseline of a trained arm; "
                           "add at least one trained arm")
-    for arm in rc.arms:  # every run's config is checked before any work
+    for arm in trained:  # every run's config is checked before any work
         arm_config(cfg, ARMS[arm], rc.seeds[0], baseline=False, test_folder="")
     start = time.perf_counter()
     _, test_folder = make_data(cfg)

@@ -17,20 +17,21 @@ from stablerep.config import REPRO_ARMS, Config, from_dict, load_config
 from stablerep.errors import ConfigError
 
 
-def _cfg(*overrides: str) -> Config:
-    return load_config("repro", list(overrides), require=("repro",), data_root="/tmp/r")
+def _cfg(*overrides: str, data_root: str = "/tmp/r") -> Config:
+    return load_config("repro", list(overrides), require=("repro",), data_root=data_root)
 
 
 def test_every_arm_sees_the_same_images_per_step() -> None:
     cfg = _cfg()
     assert repro.ARMS["random"].method == ""  # never trained: the evaluation's baseline
+    with pytest.raises(ValueError, match="random is not trained"):
+        repro.arm_config(cfg, repro.ARMS["random"], 0, baseline=False, test_folder="")
     for name in REPRO_ARMS[1:]:
         arm = repro.ARMS[name]
         run = repro.arm_config(cfg, arm, 0, baseline=False, test_folder="")
         assert run.train.captions_per_batch * run.train.crops_per_caption == 128, name
         assert run.train.max_steps == cfg.train.max_steps
-        assert run.train.images_per_caption == max(arm.images_per_caption,
-                                                   2 if arm.method == "stablerep" else 1)
+        assert run.train.images_per_caption == arm.images_per_caption
     k8 = repro.arm_config(cfg, repro.ARMS["stablerep_k8"], 0, baseline=False, test_folder="")
     assert (k8.train.method, k8.train.images_per_caption, k8.train.captions_per_batch) == (
         "stablerep", 8, 16)
@@ -108,8 +109,7 @@ def test_the_held_out_set_is_an_image_folder_with_every_class_in_both_splits(
         tmp_path: Path) -> None:
     from stablerep import stages
 
-    cfg = _cfg("repro.test_captions=120", "repro.test_seed=5")
-    cfg = from_dict(Config, {**json.loads(json.dumps(_plain(cfg))), "data_root": str(tmp_path)})
+    cfg = _cfg("repro.test_captions=120", "repro.test_seed=5", data_root=str(tmp_path))
     test = repro.testset_config(cfg)
     assert test.captions.seed == 5 and test.generate.images_per_caption == 3
     assert test.captions.out == str(tmp_path / "testset" / "captions")
@@ -123,8 +123,3 @@ def test_the_held_out_set_is_an_image_folder_with_every_class_in_both_splits(
         assert sorted(p.name for p in (folder / split).iterdir()) == sorted(classes["classes"])
     assert abs(counts["test"] / (counts["train"] + counts["test"]) - 1 / 3) < 0.1
 
-
-def _plain(cfg: Config) -> dict:
-    from stablerep.config import to_dict
-
-    return to_dict(cfg)
