@@ -2,7 +2,7 @@
 #
 #   make demo    create .venv, install, run the pipeline locally (kfp.local; CPU, procedural
 #                digits, ./data/demo; DEMO=demo_sd for the tiny Stable Diffusion path)
-#   make repro   create .venv, install, run the miniature replication (./data/repro, ~20 min)
+#   make repro   create .venv, install, run the miniature replication (./data/repro, ~25 min on 2 cores)
 #   make compile compile the Kubeflow pipeline (pipelines/ and k8s/pipeline/)
 #   make test    create .venv, install, run the unit + integration tests
 #   make lint    ruff

@@ -1,5 +1,9 @@
 """Shared fixtures: real storage servers on loopback (a GCS-API emulator and an S3-API server).
 
+The tier of a test is its folder: everything under ``tests/integration`` carries the
+``integration`` marker and everything under ``tests/gpu`` the ``gpu`` marker, whether or not
+the file says so, so ``-m "not integration"`` selects exactly the unit tier.
+
 Both servers are started once per test session on free 127.0.0.1 ports. The environment is
 pointed at them the way a user's would be (STORAGE_EMULATOR_HOST for gcsfs, AWS_ENDPOINT_URL
 for s3fs/botocore), so the code under test takes its ordinary path.
@@ -20,6 +24,18 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+TIERS = {"integration": pytest.mark.integration, "gpu": pytest.mark.gpu}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier (see the module docstring)."""
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        parts = Path(str(item.path)).resolve().relative_to(tests).parts
+        mark = TIERS.get(parts[0]) if len(parts) > 1 else None
+        if mark is not None and mark.name not in {m.name for m in item.iter_markers()}:
+            item.add_marker(mark)
 
 
 def free_port() -> int:

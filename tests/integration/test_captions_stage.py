@@ -511,7 +511,9 @@ def test_cli_stopped_by_a_signal_leaves_no_spill(tmp_path: Path, signum: int,
                                                  status: int) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    cmd = [sys.executable, "-m", "stablerep.cli", "captions", "--num-captions", "300000",
+    # Five times more captions than the ~15 s a quiet machine needs for 300,000: the signal
+    # lands seconds after the first spill, long before the run could end, however fast it is.
+    cmd = [sys.executable, "-m", "stablerep.cli", "captions", "--num-captions", "1500000",
            "--set", "captions.spill_rows=1000", "--work-dir", str(work), "--out",
            str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,15 +1,17 @@
 """The four stage entry functions of stablerep.stages, called directly on tiny data.
 
-One data_root goes through all four, in this process, from the built-in ``procedural`` recipe
+The data goes through all four, in this process, from the built-in ``procedural`` recipe
 (loaded by name): 16 captions in 2 shards -> procedural images at 32 px, 3 per caption (one
 shard through ``shard=``, then the rest) -> 3 steps of a tiny ViT -> an evaluation on
-sklearn digits. Each result's fields are checked against what is on disk; a missing section
+sklearn digits. Each step's state is a module fixture that builds what it needs, so any test
+runs alone (``-k train`` included); the one-shard state keeps a folder of its own. Each result's fields are checked against what is on disk; a missing section
 is a ConfigError naming it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +46,26 @@ def single_process() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("stages")
+def partial(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, object]:
+    """(root, captions result, one-shard result): captions and only shard 1 of 2 drawn."""
+    root = tmp_path_factory.mktemp("partial")
+    captions = stages.run_captions(_cfg(root))
+    return root, captions, stages.run_generate(_cfg(root), shard=1)
+
+
+@pytest.fixture(scope="module")
+def full(partial, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """(root, result of drawing the rest): a copy of ``partial`` with shard 0 drawn too."""
+    root = tmp_path_factory.mktemp("full")
+    shutil.copytree(partial[0], root, dirs_exist_ok=True)
+    return root, stages.run_generate(_cfg(root, "generate.all_shards=true"))
+
+
+@pytest.fixture(scope="module")
+def trained(full) -> tuple[Path, object]:
+    """(root, training result): 3 steps on every shard of ``full``."""
+    root = full[0]
+    return root, stages.run_training(_cfg(root))
 
 
 def _cfg(root: Path, *extra: str):
@@ -53,8 +73,8 @@ def _cfg(root: Path, *extra: str):
                        require=("captions", "generate", "train", "eval"), data_root=str(root))
 
 
-def test_run_captions(root: Path) -> None:
-    result = stages.run_captions(_cfg(root))
+def test_run_captions(partial) -> None:
+    root, result, _ = partial
     manifest = json.loads((root / "captions" / "manifest.json").read_text())
     assert result.uri == str(root / "captions")
     assert result.manifest == str(root / "captions" / "manifest.json")
@@ -64,8 +84,8 @@ def test_run_captions(root: Path) -> None:
         "part-000000.parquet", "part-000001.parquet"]
 
 
-def test_run_generate_one_shard(root: Path) -> None:
-    one = stages.run_generate(_cfg(root), shard=1)
+def test_run_generate_one_shard(partial) -> None:
+    root, _, one = partial
     images = root / "images"
     assert one.uri == str(images)
     assert sorted(p.name for p in images.glob("shard-*.json")) == ["shard-000001.json"]
@@ -75,7 +95,8 @@ def test_run_generate_one_shard(root: Path) -> None:
     assert one.images_per_s > 0
 
 
-def test_run_training_refuses_a_missing_shard(root: Path) -> None:
+def test_run_training_refuses_a_missing_shard(partial) -> None:
+    root = partial[0]
     with pytest.raises(InputError) as e:
         stages.run_training(_cfg(root))
     assert str(e.value).startswith(f"{root / 'images' / 'shard-000000.json'}: missing; 1 of 2 "
@@ -83,17 +104,17 @@ def test_run_training_refuses_a_missing_shard(root: Path) -> None:
     assert not (root / "train").exists()
 
 
-def test_run_generate_the_rest(root: Path) -> None:
+def test_run_generate_the_rest(full) -> None:
+    root, rest = full
     images = root / "images"
-    rest = stages.run_generate(_cfg(root, "generate.all_shards=true"))
     assert (rest.shards_written, rest.shards_skipped) == (1, 1)
     docs = [json.loads(p.read_text()) for p in sorted(images.glob("shard-*.json"))]
     assert [d["shard"] for d in docs] == [0, 1]
     assert rest.images == docs[0]["num_samples"] and sum(d["num_samples"] for d in docs) == 48
 
 
-def test_run_training(root: Path) -> None:
-    result = stages.run_training(_cfg(root))
+def test_run_training(trained) -> None:
+    root, result = trained
     train = root / "train"
     lines = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
     latest = json.loads((train / "latest.json").read_text())
@@ -107,7 +128,8 @@ def test_run_training(root: Path) -> None:
     assert "model: vit_tiny" in (train / "config.yaml").read_text()
 
 
-def test_run_eval(root: Path) -> None:
+def test_run_eval(trained) -> None:
+    root = trained[0]
     result = stages.run_eval(_cfg(root))
     out = root / "eval"
     assert result.out == str(out)
