@@ -17,12 +17,14 @@ The table (the README's "Exit codes" repeats it):
  2      bad input or config: one ``error: ...`` line                  no
  130    interrupted (Ctrl-C, SIGINT)                                 yes
  137    killed by SIGKILL (out of memory, or a stop past the grace)   yes
+ 138    a peer process was lost (died, hung past the timeout)         yes
  143    stopped by SIGTERM (preempted, evicted, the job deleted)      yes
- 200    a peer process was lost (died, hung past the timeout)         yes
 =====  ==========================================================  ==========
 
-130, 137 and 143 are the shell's 128 + signal number; 200 is above 128 + 64 (the highest
-Linux signal), so no death by a signal reads as a lost peer.
+130, 137 and 143 are the shell's 128 + signal number. 138 (128 + SIGUSR1, a signal nothing
+sends these processes) is the status the Kubeflow Training Operator reserved for "a
+user-defined retryable error": its releases that retry only 130, 137, 138 and 143 restart a
+lost peer too, as do the later ones that retry every status of 128 or more.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_KILLED = 137  # 128 + SIGKILL: the OOM killer, or a kill after the grace period
 EXIT_TERMINATED = 143  # 128 + SIGTERM: preemption, eviction, deletion
-EXIT_PEER_LOST = 200
+EXIT_PEER_LOST = 138  # 128 + SIGUSR1: the code Kubeflow reserves for "retry me"
 #: Statuses at or above this are retried by Kubeflow's ``restartPolicy: ExitCode``.
 FIRST_RETRYABLE = 128
 

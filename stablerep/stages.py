@@ -257,7 +257,7 @@ def _fit(trainer: Trainer) -> TrainerResult:
 
     A lost peer is told by the exception's type: the trainer raises CollectiveError for a
     failed collective (gloo's transport errors included), NCCL and the store raise
-    torch.distributed.DistError subclasses. Both become a PeerLostError (exit status 200, which
+    torch.distributed.DistError subclasses. Both become a PeerLostError (exit status 138, which
     the job's failure policy restarts); any other exception keeps its type and traceback.
     """
     import torch.distributed as dist

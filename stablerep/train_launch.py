@@ -3,7 +3,7 @@
 torchrun (torch 2.14) exits with status 1 whenever a child fails, whatever the child's own
 status was (measured: a child exiting 2, 1, 130 or 143, or killed by SIGKILL or SIGTERM, all
 give 1). Kubeflow's ``restartPolicy: ExitCode`` reads only the container's status, so behind
-plain torchrun a bad config (2) and a lost peer (200) would look the same. This entry point
+plain torchrun a bad config (2) and a lost peer (138) would look the same. This entry point
 runs torchrun's launcher in this process with the same arguments and exits with the most
 telling of the children's statuses (:func:`job_exit_code`); when the launcher itself is
 stopped by a signal (the pod is preempted or deleted: SIGTERM) it exits with 128 + that
