@@ -287,6 +287,55 @@ def trainjob(cfg: ClusterConfig) -> dict[str, Any]:
             "spec": spec}
 
 
+#: The ClusterTrainingRuntime :func:`training_runtime` builds (``cluster.runtime`` names it).
+RUNTIME_NAME = "stablerep-torch"
+#: The label by which Kubeflow Trainer finds the replicated job its ``trainer`` section fills.
+_TRAINER_STEP = {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+
+
+def _restart_rules(container: str, action: str) -> list[dict[str, Any]]:
+    """Pod failure rules: a disruption (preemption, eviction) is not counted; a status of
+    1-127 (a bug, bad input) ends with ``action`` at once; anything else counts as usual."""
+    return [{"action": "Ignore",  # first: a preempted pod may also show a status of 1-127
+             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": action,
+             "onExitCodes": {"containerName": container, "operator": "In",
+                             "values": list(PERMANENT_EXIT_CODES)}}]
+
+
+def training_runtime(cfg: ClusterConfig) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 ClusterTrainingRuntime whose JobSet restarts by exit status.
+
+    A TrainJob's ``runtimePatches`` may change only pod templates, so the failure policy lives
+    here (set ``cluster.runtime`` to :data:`RUNTIME_NAME` to use it): the ``node`` Job fails at
+    once (``FailJob``, reason ``PodFailurePolicy``) when a pod exits 1-127, and the JobSet then
+    fails too; any other failure of a pod (128 and up: a lost peer, a kill, a stop) fails the
+    Job (``backoffLimit: 0``) and the JobSet restarts all of them, up to
+    ``cluster.backoff_limit`` times, resuming from ``latest.json``. An evicted or preempted pod
+    is replaced without counting.
+
+    Args:
+        cfg: the cluster config (``backoff_limit``; ``pod.image`` as the runtime's default).
+    """
+    pod_spec = {"restartPolicy": "Never",
+                "containers": [{"name": TRAINJOB_CONTAINER, "image": cfg.pod.image}]}
+    node = {"name": TRAINJOB_CONTAINER, "template": {
+        "metadata": {"labels": dict(_TRAINER_STEP)},
+        "spec": {"backoffLimit": 0,
+                 "podFailurePolicy": {"rules": _restart_rules(TRAINJOB_CONTAINER, "FailJob")},
+                 "template": {"spec": pod_spec}}}}
+    failure = {"maxRestarts": cfg.backoff_limit,
+               "rules": [{"name": "permanent-exit-status", "action": "FailJobSet",
+                          "onJobFailureReasons": ["PodFailurePolicy"]}]}
+    return {"apiVersion": TRAINJOB_API, "kind": "ClusterTrainingRuntime",
+            "metadata": {"name": RUNTIME_NAME,
+                         "labels": {"app.kubernetes.io/name": "stablerep",
+                                    "app.kubernetes.io/component": "train"}},
+            "spec": {"mlPolicy": {"numNodes": 1, "torch": {}},  # the torch plugin: PET_*
+                     "template": {"spec": {"failurePolicy": failure,
+                                           "replicatedJobs": [node]}}}}
+
+
 def training_job(cfg: ClusterConfig) -> dict[str, Any]:
     """The job of ``cfg.backend``: a PyTorchJob or a TrainJob."""
     return pytorchjob(cfg) if cfg.backend == "pytorchjob" else trainjob(cfg)
@@ -308,13 +357,7 @@ def generation_job(cfg: GenerationJobConfig) -> dict[str, Any]:
     spec = {"completionMode": "Indexed", "completions": cfg.shards,
             "parallelism": min(cfg.parallelism, cfg.shards),
             "backoffLimitPerIndex": cfg.backoff_limit_per_index,
-            "podFailurePolicy": {"rules": [
-                # first: a preempted pod may also show a status of 1-127
-                {"action": "Ignore",
-                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "FailIndex",
-                 "onExitCodes": {"containerName": GENERATE_CONTAINER, "operator": "In",
-                                 "values": list(PERMANENT_EXIT_CODES)}}]},
+            "podFailurePolicy": {"rules": _restart_rules(GENERATE_CONTAINER, "FailIndex")},
             "ttlSecondsAfterFinished": cfg.ttl_after_finished_s,
             "template": _template(cfg, container, "Never", "generate")}
     return {"apiVersion": "batch/v1", "kind": "Job",

@@ -121,3 +121,62 @@ def test_signal_deaths_read_as_128_plus_the_signal() -> None:
         "preempted", "none"])
 def test_the_wrapper_reports_the_most_telling_child_status(failures: dict, status: int) -> None:
     assert job_exit_code(failures) == status
+
+
+# ---------------------------------------------------------------------------- job policies
+
+PERMANENT = list(range(1, 128))
+DISRUPTION = {"action": "Ignore",
+              "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_pytorchjob_restarts_by_exit_status(k8s_check) -> None:
+    from stablerep.k8s import ClusterConfig, pytorchjob
+
+    job = pytorchjob(ClusterConfig(nodes=3, backoff_limit=5))
+    k8s_check(job)
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        # the operator restarts a pod that exited 128-255 and fails the job on 1-127
+        assert spec["restartPolicy"] == "ExitCode"
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"
+        container = spec["template"]["spec"]["containers"][0]
+        assert container["command"] == ["python", "-m", "stablerep.train_launch"]
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 5
+
+
+def test_training_runtime_fails_on_permanent_status_and_restarts_otherwise(k8s_check) -> None:
+    from stablerep.k8s import ClusterConfig
+    from stablerep.k8s.manifests import RUNTIME_NAME, training_runtime, trainjob
+
+    cfg = ClusterConfig(nodes=2, backend="trainjob", runtime=RUNTIME_NAME, backoff_limit=4)
+    runtime = training_runtime(cfg)
+    k8s_check(runtime)
+    assert runtime["kind"] == "ClusterTrainingRuntime"
+    assert runtime["metadata"]["name"] == RUNTIME_NAME and "namespace" not in runtime["metadata"]
+    jobset = runtime["spec"]["template"]["spec"]
+    assert jobset["failurePolicy"] == {
+        "maxRestarts": 4, "rules": [{"name": "permanent-exit-status", "action": "FailJobSet",
+                                     "onJobFailureReasons": ["PodFailurePolicy"]}]}
+    [node] = jobset["replicatedJobs"]
+    assert node["name"] == "node"
+    assert node["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    job = node["template"]["spec"]
+    assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["podFailurePolicy"]["rules"] == [
+        DISRUPTION, {"action": "FailJob", "onExitCodes": {
+            "containerName": "node", "operator": "In", "values": PERMANENT}}]
+    train = trainjob(cfg)
+    k8s_check(train)
+    assert train["spec"]["runtimeRef"]["name"] == RUNTIME_NAME
+    assert train["spec"]["trainer"]["command"] == ["python", "-m", "stablerep.train_launch"]
+
+
+def test_generation_job_fails_an_index_on_a_permanent_status(k8s_check) -> None:
+    from stablerep.k8s import GenerationJobConfig, generation_job
+
+    job = generation_job(GenerationJobConfig(shards=4, parallelism=2))
+    k8s_check(job)
+    assert job["spec"]["podFailurePolicy"]["rules"] == [
+        DISRUPTION, {"action": "FailIndex", "onExitCodes": {
+            "containerName": "generate", "operator": "In", "values": PERMANENT}}]
