@@ -56,7 +56,7 @@ KnnCallback = Callable[..., float]
 
 
 class TrainingError(StablerepError):
-    """Training cannot go on (a peer died, the loss diverged ...)."""
+    """Training cannot go on (the loss diverged ...); a lost peer is a PeerLostError."""
 
 
 def model_info(cfg: TrainConfig, feature_dim: int) -> dict[str, Any]:
