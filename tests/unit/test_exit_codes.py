@@ -20,6 +20,7 @@ from stablerep import cli
 from stablerep.distributed import CollectiveError, DistEnv, collectives, is_peer_failure
 from stablerep.errors import (
     EXIT_BUG,
+    EXIT_INTERRUPTED,
     EXIT_KILLED,
     EXIT_PEER_LOST,
     EXIT_TERMINATED,
@@ -86,6 +87,8 @@ def test_each_kind_of_failure_exits_with_its_status(monkeypatch: pytest.MonkeyPa
 
     status, err = _exit(monkeypatch, ConfigError("train.lr: got -1, expected > 0"))
     assert status == EXIT_USER_ERROR and err == "error: train.lr: got -1, expected > 0\n"
+    status, err = _exit(monkeypatch, KeyboardInterrupt())
+    assert status == EXIT_INTERRUPTED and err.endswith("error: interrupted\n")
 
 
 def test_statuses_split_into_permanent_and_retryable() -> None:
