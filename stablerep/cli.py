@@ -7,7 +7,9 @@ fixed set of values offer exactly the values of their config field (:func:`confi
 Every failure ends in one line on stderr: a user error (a bad value, file or path, or a
 command line click cannot parse) prints ``error: ...`` and exits with status 2; an unexpected
 exception is a bug and keeps its traceback, followed by ``error: internal error: ...``, exit
-status 1.
+status 1; a run stopped from outside (a lost peer: :class:`~stablerep.errors.RetryableError`)
+prints its line and exits with a status of 128 or more, which job failure policies retry. The
+table of statuses is in :mod:`stablerep.errors`.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from stablerep.config import (
     load_config,
 )
 from stablerep.devices import device_help
-from stablerep.errors import StablerepError
-
-EXIT_USER_ERROR = 2
-EXIT_BUG = 1
-EXIT_INTERRUPTED = 130
+from stablerep.errors import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    RetryableError,
+    StablerepError,
+)
 
 
 def _fail(message: str, status: int) -> NoReturn:
@@ -92,6 +96,8 @@ class _Group(click.Group):
             _fail("interrupted", EXIT_INTERRUPTED)
         except StablerepError as e:
             _fail(str(e), EXIT_USER_ERROR)
+        except RetryableError as e:  # a lost peer: the job's restart resumes the run
+            _fail(str(e), e.exit_code)
         except Exception as e:  # noqa: BLE001 - sorted into user path errors and bugs
             from stablerep.storage import describe_path_error
 

@@ -7,10 +7,16 @@ CPU) with a configurable timeout, and returns a :class:`DistEnv`. Everything els
 object; code runs unchanged as a single plain process without a process group.
 
 A lost peer surfaces in the next collective. NCCL and the c10d store raise
-``torch.distributed.DistError`` subclasses; gloo (torch 2.14) raises a plain ``RuntimeError``
-both when a peer's connection closes and when a collective times out. :func:`collectives`
-marks a region of collective calls so that either becomes a :class:`CollectiveError`, which
-callers catch by type.
+``torch.distributed.DistError`` subclasses (DistBackendError, DistNetworkError, DistStoreError).
+gloo (measured with torch 2.14.1) raises a plain ``RuntimeError`` whose message starts with the
+gloo transport source that failed: ``[.../gloo/transport/tcp/pair.cc:545] Read error ...
+Connection reset by peer`` when a peer's process dies, ``[.../gloo/transport/tcp/
+unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation`` when it hangs past the
+timeout. :func:`collectives` marks a region that runs collectives (under DDP the gradient
+all-reduce runs inside ``backward()``, so the region is the whole step) and raises those two
+kinds, and only those (:func:`is_peer_failure`), as :class:`CollectiveError`. Every other
+exception raised there (a shape error, a CUDA or cuDNN error, out of memory, a user error)
+passes through with its own type and traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from stablerep.devices import resolve_device
-from stablerep.errors import ConfigError
+from stablerep.errors import ConfigError, PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +56,34 @@ class DistEnv:
         return self.world_size > 1
 
 
-class CollectiveError(RuntimeError):
+#: What every gloo transport error message holds: the path of the gloo source that raised it.
+GLOO_TRANSPORT = "gloo/transport/"
+
+
+class CollectiveError(PeerLostError, RuntimeError):
     """A collective failed: a peer died, stopped responding past the timeout, or the
-    connection between ranks broke."""
+    connection between ranks broke. Exits with the "peer lost" status (a retryable one)."""
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failed collective rather than a bug or a user error.
+
+    True for ``torch.distributed.DistError`` and its subclasses, and for gloo's transport
+    errors (a ``RuntimeError`` whose message names a ``gloo/transport/`` source); False for
+    everything else, a ``RuntimeError`` of a shape mismatch or of CUDA included.
+    """
+    if isinstance(error, dist.DistError):
+        return True
+    return type(error) is RuntimeError and GLOO_TRANSPORT in str(error)
 
 
 @contextlib.contextmanager
 def collectives(env: DistEnv) -> Iterator[None]:
     """A region of collective calls (forward/backward under DDP, gathers, reductions).
 
-    In a distributed job a backend failure raised inside it (a ``DistError``, or gloo's plain
-    ``RuntimeError``) is raised as :class:`CollectiveError` from it; out-of-memory errors and
-    single-process runs pass through unchanged.
+    In a distributed job a peer failure raised inside it (:func:`is_peer_failure`) is raised
+    as :class:`CollectiveError` from it; any other exception, and everything in a
+    single-process run, passes through unchanged.
     """
     if not env.distributed:
         yield
@@ -70,10 +92,10 @@ def collectives(env: DistEnv) -> Iterator[None]:
         yield
     except CollectiveError:
         raise
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as e:  # DistError and friends are RuntimeErrors too
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    except RuntimeError as e:  # DistError and gloo's errors are RuntimeErrors
+        if not is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CollectiveError(f"{type(e).__name__}: {first}") from e
 
 

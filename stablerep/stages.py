@@ -253,24 +253,25 @@ def knn_callback(tc: TrainConfig, env: DistEnv) -> KnnCheck | None:
 
 
 def _fit(trainer: Trainer) -> TrainerResult:
-    """Run the trainer, turning a lost peer into one clear error.
+    """Run the trainer, turning a lost peer into one clear, retryable error.
 
     A lost peer is told by the exception's type: the trainer raises CollectiveError for a
-    failed collective (gloo's plain RuntimeError included), NCCL and the store raise
-    torch.distributed.DistError subclasses.
+    failed collective (gloo's transport errors included), NCCL and the store raise
+    torch.distributed.DistError subclasses. Both become a PeerLostError (exit status 138, which
+    the job's failure policy restarts); any other exception keeps its type and traceback.
     """
     import torch.distributed as dist
 
     from stablerep.distributed import CollectiveError
-    from stablerep.training.trainer import TrainingError
+    from stablerep.errors import PeerLostError
 
     try:
         return trainer.fit()
     except (CollectiveError, dist.DistError) as e:
         if not trainer.env.distributed:
             raise
-        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise TrainingError(
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise PeerLostError(
             f"rank {trainer.env.rank}: a peer process failed or stopped responding "
             f"({text}); restart the job: it resumes from the last checkpoint") from None
 

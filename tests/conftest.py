@@ -164,7 +164,8 @@ def chromium(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
 SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
 K8S_VERSION = "1.33.0"  # the oldest Kubernetes the manifests target (backoffLimitPerIndex GA)
 CRD_FILES = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml",
-             "TrainJob": "trainer.kubeflow.org_trainjobs.yaml"}
+             "TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
+             "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml"}
 
 
 def _unknown_fields(obj, schema: dict, path: str = "") -> list[str]:

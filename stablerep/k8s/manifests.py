@@ -1,10 +1,14 @@
 """Manifests as plain dicts: PyTorchJob, TrainJob, the Indexed generation Job, launcher RBAC.
 
 Every function takes a validated config (:mod:`stablerep.k8s.config`) and returns what
-``kubectl apply`` or the Kubernetes client accepts. Training pods run ``torchrun -m
-stablerep.train``: torchrun reads the ``PET_*`` variables the Training Operator (and Trainer
-v2's torch plugin) inject — node count, processes per node, node rank, master address and
-port — so the same command serves one node or many. Pods run as a non-root user with a
+``kubectl apply`` or the Kubernetes client accepts. Training pods run ``python -m
+stablerep.train_launch -m stablerep.train``: torchrun's launcher, reading the ``PET_*``
+variables the Training Operator (and Trainer v2's torch plugin) inject — node count, processes
+per node, node rank, master address and port — so the same command serves one node or many,
+but exiting with its children's status rather than torchrun's constant 1. The jobs' failure
+policies read that status (:mod:`stablerep.errors`): 1-127 (a bug, bad input) fails the job at
+once, 128 and up (a lost peer, a preempted or killed pod) restarts it, and the restarted run
+resumes from ``latest.json``. Pods run as a non-root user with a
 memory-backed ``/dev/shm`` for data-loader workers and no Istio sidecar (it would keep a
 finished pod alive and break the rendezvous). Their root filesystem is read-only: what a stage
 writes locally (staging, caches under ``HOME``, torchrun's error files) goes to an ``emptyDir``
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stablerep.errors import ConfigError
+from stablerep.errors import FIRST_RETRYABLE, ConfigError
 from stablerep.k8s.config import ClusterConfig, GenerationJobConfig, PodConfig
 
 PYTORCHJOB_API = "kubeflow.org/v1"
@@ -180,13 +184,24 @@ def _template(cfg: ClusterConfig | GenerationJobConfig, container: dict[str, Any
             "spec": _pod_spec(cfg.pod, container, restart_policy)}
 
 
+#: The training pods' entry point: torchrun that exits with its children's status.
+TRAIN_COMMAND = ["python", "-m", "stablerep.train_launch"]
+#: The exit statuses a restart cannot fix (a bug, bad input, a command that cannot run).
+PERMANENT_EXIT_CODES = list(range(1, FIRST_RETRYABLE))
+
+
 def _train_command(cfg: ClusterConfig) -> tuple[list[str], list[str]]:
-    return ["torchrun"], ["-m", "stablerep.train",
-                          *stage_args(cfg.recipe, cfg.data_root, cfg.overrides)]
+    return list(TRAIN_COMMAND), ["-m", "stablerep.train",
+                                 *stage_args(cfg.recipe, cfg.data_root, cfg.overrides)]
 
 
 def pytorchjob(cfg: ClusterConfig) -> dict[str, Any]:
     """A ``kubeflow.org/v1`` PyTorchJob: Master x1 (+ Worker x nodes-1), or elastic Workers.
+
+    Replicas restart by exit status (``restartPolicy: ExitCode``): the operator recreates a pod
+    that exited with 128 or more (up to ``runPolicy.backoffLimit`` times) and fails the job on
+    any other non-zero status. An elastic job must keep its size (min = max nodes): a run
+    resumes only at the world size that wrote its checkpoint.
 
     Args:
         cfg: the cluster config (backend is not consulted: this always builds a PyTorchJob).
@@ -196,8 +211,10 @@ def pytorchjob(cfg: ClusterConfig) -> dict[str, Any]:
     def replicas(n: int) -> dict[str, Any]:  # a fresh copy each: no YAML aliases
         container = _container(PYTORCH_CONTAINER, cfg.pod, command, args,
                                _env(cfg.recipe, cfg.data_root, cfg.pod))
-        return {"replicas": n, "restartPolicy": "OnFailure",
-                "template": _template(cfg, container, "OnFailure", "train")}
+        # ExitCode: the operator reads the status and recreates the pod (so the pod's own
+        # policy is Never); 1-127 fail the job, 128-255 restart it
+        return {"replicas": n, "restartPolicy": "ExitCode",
+                "template": _template(cfg, container, "Never", "train")}
 
     run_policy: dict[str, Any] = {"cleanPodPolicy": cfg.clean_pod_policy,
                                   "backoffLimit": cfg.backoff_limit,
@@ -206,6 +223,12 @@ def pytorchjob(cfg: ClusterConfig) -> dict[str, Any]:
         run_policy["activeDeadlineSeconds"] = cfg.active_deadline_s
     spec: dict[str, Any] = {"nprocPerNode": str(max(cfg.pod.gpus, 1)), "runPolicy": run_policy}
     if cfg.elastic_min_nodes is not None:
+        if cfg.elastic_min_nodes != cfg.elastic_max_nodes:
+            raise ConfigError(
+                f"cluster.elastic_min_nodes/elastic_max_nodes: got {cfg.elastic_min_nodes}/"
+                f"{cfg.elastic_max_nodes}, expected equal values: a run resumes only at the world "
+                "size that wrote its checkpoint; use a fixed node count (its restarts resume "
+                "from latest.json)")
         # elastic: every pod is a Worker and torchrun's c10d rendezvous admits min..max of them
         spec["elasticPolicy"] = {"rdzvBackend": "c10d", "minReplicas": cfg.elastic_min_nodes,
                                  "maxReplicas": cfg.elastic_max_nodes,
@@ -264,6 +287,55 @@ def trainjob(cfg: ClusterConfig) -> dict[str, Any]:
             "spec": spec}
 
 
+#: The ClusterTrainingRuntime :func:`training_runtime` builds (``cluster.runtime`` names it).
+RUNTIME_NAME = "stablerep-torch"
+#: The label by which Kubeflow Trainer finds the replicated job its ``trainer`` section fills.
+_TRAINER_STEP = {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+
+
+def _restart_rules(container: str, action: str) -> list[dict[str, Any]]:
+    """Pod failure rules: a disruption (preemption, eviction) is not counted; a status of
+    1-127 (a bug, bad input) ends with ``action`` at once; anything else counts as usual."""
+    return [{"action": "Ignore",  # first: a preempted pod may also show a status of 1-127
+             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": action,
+             "onExitCodes": {"containerName": container, "operator": "In",
+                             "values": list(PERMANENT_EXIT_CODES)}}]
+
+
+def training_runtime(cfg: ClusterConfig) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 ClusterTrainingRuntime whose JobSet restarts by exit status.
+
+    A TrainJob's ``runtimePatches`` may change only pod templates, so the failure policy lives
+    here (set ``cluster.runtime`` to :data:`RUNTIME_NAME` to use it): the ``node`` Job fails at
+    once (``FailJob``, reason ``PodFailurePolicy``) when a pod exits 1-127, and the JobSet then
+    fails too; any other failure of a pod (128 and up: a lost peer, a kill, a stop) fails the
+    Job (``backoffLimit: 0``) and the JobSet restarts all of them, up to
+    ``cluster.backoff_limit`` times, resuming from ``latest.json``. An evicted or preempted pod
+    is replaced without counting.
+
+    Args:
+        cfg: the cluster config (``backoff_limit``; ``pod.image`` as the runtime's default).
+    """
+    pod_spec = {"restartPolicy": "Never",
+                "containers": [{"name": TRAINJOB_CONTAINER, "image": cfg.pod.image}]}
+    node = {"name": TRAINJOB_CONTAINER, "template": {
+        "metadata": {"labels": dict(_TRAINER_STEP)},
+        "spec": {"backoffLimit": 0,
+                 "podFailurePolicy": {"rules": _restart_rules(TRAINJOB_CONTAINER, "FailJob")},
+                 "template": {"spec": pod_spec}}}}
+    failure = {"maxRestarts": cfg.backoff_limit,
+               "rules": [{"name": "permanent-exit-status", "action": "FailJobSet",
+                          "onJobFailureReasons": ["PodFailurePolicy"]}]}
+    return {"apiVersion": TRAINJOB_API, "kind": "ClusterTrainingRuntime",
+            "metadata": {"name": RUNTIME_NAME,
+                         "labels": {"app.kubernetes.io/name": "stablerep",
+                                    "app.kubernetes.io/component": "train"}},
+            "spec": {"mlPolicy": {"numNodes": 1, "torch": {}},  # the torch plugin: PET_*
+                     "template": {"spec": {"failurePolicy": failure,
+                                           "replicatedJobs": [node]}}}}
+
+
 def training_job(cfg: ClusterConfig) -> dict[str, Any]:
     """The job of ``cfg.backend``: a PyTorchJob or a TrainJob."""
     return pytorchjob(cfg) if cfg.backend == "pytorchjob" else trainjob(cfg)
@@ -272,9 +344,10 @@ def training_job(cfg: ClusterConfig) -> dict[str, Any]:
 def generation_job(cfg: GenerationJobConfig) -> dict[str, Any]:
     """A ``batch/v1`` Indexed Job: completion index i draws captions shard i.
 
-    A pod that exits 2 (bad input: retrying cannot help) fails its index at once; a pod
-    evicted or preempted (condition DisruptionTarget) is retried without counting against
-    ``backoff_limit_per_index``; other failures are retried up to that limit. Each pod runs
+    A pod evicted or preempted (condition DisruptionTarget) is retried without counting against
+    ``backoff_limit_per_index``; a pod that exits 1-127 (a bug or bad input: retrying cannot
+    help) fails its index at once; other failures (128 and up: killed, stopped) are retried up
+    to that limit. Each pod runs
     ``stablerep generate --shard-from-env``, which reads ``JOB_COMPLETION_INDEX``.
     """
     args = ["generate", *stage_args(cfg.recipe, cfg.data_root, cfg.overrides),
@@ -284,12 +357,7 @@ def generation_job(cfg: GenerationJobConfig) -> dict[str, Any]:
     spec = {"completionMode": "Indexed", "completions": cfg.shards,
             "parallelism": min(cfg.parallelism, cfg.shards),
             "backoffLimitPerIndex": cfg.backoff_limit_per_index,
-            "podFailurePolicy": {"rules": [
-                {"action": "FailIndex",
-                 "onExitCodes": {"containerName": GENERATE_CONTAINER, "operator": "In",
-                                 "values": [2]}},
-                {"action": "Ignore",
-                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+            "podFailurePolicy": {"rules": _restart_rules(GENERATE_CONTAINER, "FailIndex")},
             "ttlSecondsAfterFinished": cfg.ttl_after_finished_s,
             "template": _template(cfg, container, "Never", "generate")}
     return {"apiVersion": "batch/v1", "kind": "Job",

@@ -6,6 +6,8 @@ kustomize base per workload and an example overlay::
 
     <out>/base/training-pytorchjob/   PyTorchJob (Training Operator v1)
     <out>/base/training-trainjob/     TrainJob (Kubeflow Trainer v2, torch-distributed)
+    <out>/base/training-runtime/      ClusterTrainingRuntime stablerep-torch: restarts by exit
+                                      status (cluster-scoped; cluster.runtime selects it)
     <out>/base/generation/            Indexed Job, one completion per captions shard (and a
                                       NetworkPolicy admitting no ingress to its pods)
     <out>/base/rbac/                  the launcher's ServiceAccount, Role, RoleBinding
@@ -32,6 +34,7 @@ from stablerep.k8s.manifests import (
     generation_network_policy,
     launcher_rbac,
     pytorchjob,
+    training_runtime,
     trainjob,
 )
 from stablerep.k8s.validate import check_manifest
@@ -119,6 +122,8 @@ def render_files(recipe: K8sRecipe, *, config: str) -> dict[str, str]:
     check_world_size(recipe.cluster)
     jobs = {"training-pytorchjob": ("pytorchjob.yaml", [pytorchjob(recipe.cluster)]),
             "training-trainjob": ("trainjob.yaml", [trainjob(recipe.cluster)]),
+            "training-runtime": ("clustertrainingruntime.yaml",
+                                 [training_runtime(recipe.cluster)]),
             "generation": ("job.yaml", [generation_job(recipe.generation),
                                         generation_network_policy(recipe.generation)]),
             "rbac": ("launcher-rbac.yaml", launcher_rbac())}

@@ -34,10 +34,11 @@ from stablerep.contracts import (
     read_latest,
     write_latest,
 )
-from stablerep.errors import InputError
+from stablerep.errors import ConfigError, InputError
 from stablerep.torchfiles import read_torch
 
-__all__ = ["FORMAT", "LATEST", "VERSION", "check_compatible", "checkpoint_name",
+__all__ = ["FORMAT", "LATEST", "VERSION", "check_compatible", "check_world_size",
+           "checkpoint_name",
            "export_backbone", "load_checkpoint", "load_latest", "read_latest", "read_torch",
            "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -115,6 +116,27 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: str)
     if diffs:
         raise InputError(f"{where}: the checkpoint is of a different model ({'; '.join(diffs)}); "
                          "use another output folder or the matching config")
+
+
+def check_world_size(state: dict[str, Any], world_size: int, where: str) -> None:
+    """Refuse to resume a checkpoint written by another number of processes.
+
+    The data position it holds (epoch, micro-batches done) counts each process's own
+    micro-batches, read from streams cut per process (:mod:`stablerep.data.loader`); at another
+    world size the same count names other captions, so the rest of the epoch would repeat
+    some and skip others.
+
+    Args:
+        state: the loaded checkpoint (its ``world_size``).
+        world_size: this run's number of processes.
+        where: the training folder, named in the message.
+    """
+    saved = state.get("world_size")
+    if saved is not None and int(saved) != world_size:
+        raise ConfigError(
+            f"train.resume: the checkpoint was written by {saved} processes, this run has "
+            f"{world_size}; resume with {saved} processes (nodes x processes per node), or "
+            f"start over in another train.out (train.resume=false starts over in {where})")
 
 
 def export_backbone(out: str, backbone_state: dict[str, torch.Tensor],

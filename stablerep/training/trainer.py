@@ -56,7 +56,7 @@ KnnCallback = Callable[..., float]
 
 
 class TrainingError(StablerepError):
-    """Training cannot go on (a peer died, the loss diverged ...)."""
+    """Training cannot go on (the loss diverged ...); a lost peer is a PeerLostError."""
 
 
 def model_info(cfg: TrainConfig, feature_dim: int) -> dict[str, Any]:
@@ -329,6 +329,9 @@ class Trainer:
     def resume(self) -> bool:
         """Load ``latest.json``'s checkpoint if there is one (every rank reads it).
 
+        A checkpoint written by another number of processes is refused (ConfigError naming
+        both): its data position counts each process's micro-batches of per-process streams.
+
         Runs once: :meth:`fit` skips it when the caller already resumed (e.g. to check the
         checkpoint matches this model before writing anything).
         """
@@ -341,6 +344,7 @@ class Trainer:
         if state is None:
             return False
         ckpt.check_compatible(state["model_info"], self.info, self.out)
+        ckpt.check_world_size(state, self.env.world_size, self.out)
         self.core.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

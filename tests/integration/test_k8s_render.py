@@ -96,5 +96,5 @@ def test_render_bad_config_writes_nothing(tmp_path, cluster, message):
 def test_render_writes_the_tree(tmp_path):
     run = _render(tmp_path, {"nodes": 2, "recipe": "configs/cc12m.yaml"})
     assert run.returncode == 0, run.stderr
-    assert "9 files written" in run.stdout
+    assert "11 files written" in run.stdout
     assert (tmp_path / "out" / "base" / "training-pytorchjob" / "pytorchjob.yaml").exists()

@@ -35,7 +35,7 @@ CLUSTERS = {
                                                      "operator": "Exists",
                                                      "effect": "NoSchedule"}],
                                        priority_class="training", env={"NCCL_DEBUG": "WARN"})),
-    "elastic": ClusterConfig(nodes=2, elastic_min_nodes=1, elastic_max_nodes=4),
+    "elastic": ClusterConfig(nodes=2, elastic_min_nodes=2, elastic_max_nodes=2),
 }
 
 
@@ -53,7 +53,7 @@ def test_pytorchjob_roles_and_command():
     assert job["spec"]["nprocPerNode"] == "8"
     pod = specs["Worker"]["template"]
     c = pod["spec"]["containers"][0]
-    assert c["name"] == "pytorch" and c["command"] == ["torchrun"]
+    assert c["name"] == "pytorch" and c["command"] == ["python", "-m", "stablerep.train_launch"]
     assert c["args"] == ["-m", "stablerep.train", "--config", "$(STABLEREP_RECIPE)",
                          "--data-root", "$(STABLEREP_DATA_ROOT)", "--set", "train.epochs=15"]
     assert c["env"][:2] == [{"name": "STABLEREP_RECIPE", "value": "configs/cc12m.yaml"},
@@ -64,7 +64,9 @@ def test_pytorchjob_roles_and_command():
     assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["priorityClassName"] == "training"
-    assert specs["Master"]["restartPolicy"] == "OnFailure"
+    # restarts by exit status: 1-127 fail the job, 128 and up restart the pod
+    assert {v["restartPolicy"] for v in specs.values()} == {"ExitCode"}
+    assert {v["template"]["spec"]["restartPolicy"] for v in specs.values()} == {"Never"}
     run = job["spec"]["runPolicy"]
     assert run["activeDeadlineSeconds"] == 86_400 and run["cleanPodPolicy"] == "Running"
     master_only = pytorchjob(CLUSTERS["master-only"])["spec"]["pytorchReplicaSpecs"]
@@ -94,9 +96,11 @@ def test_generation_job_valid(k8s_check):
     assert spec["completionMode"] == "Indexed" and spec["completions"] == 64
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailIndex" and rules[0]["onExitCodes"]["values"] == [2]
-    assert rules[1] == {"action": "Ignore",
+    assert rules[0] == {"action": "Ignore",
                         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailIndex"
+    assert rules[1]["onExitCodes"] == {"containerName": "generate", "operator": "In",
+                                       "values": list(range(1, 128))}
     args = spec["template"]["spec"]["containers"][0]["args"]
     assert args[0] == "generate" and args[-1] == "--shard-from-env"
     assert generation_job(GenerationJobConfig(shards=3, parallelism=8))["spec"]["parallelism"] == 3
@@ -129,6 +133,8 @@ def test_webhook_rules_refuse(mutate, message):
     (lambda: ClusterConfig(pod=PodConfig(image=CPU_IMAGE, gpus=8)), "CPU-only image"),
     (lambda: ClusterConfig(pod=PodConfig(cpu="lots")), "cluster.pod.cpu"),
     (lambda: ClusterConfig(nodes=2, elastic_min_nodes=3, elastic_max_nodes=4), "elastic"),
+    (lambda: pytorchjob(ClusterConfig(nodes=2, elastic_min_nodes=1, elastic_max_nodes=4)),
+     "got 1/4, expected equal values: a run resumes only at the world size"),
     (lambda: trainjob(ClusterConfig(backend="trainjob",
                                     pod=PodConfig(env={"PET_NNODES": "2"}))), "PET_NNODES"),
     (lambda: trainjob(ClusterConfig(backend="trainjob",
