@@ -510,9 +510,25 @@ def train_step(values: Mapping[str, Any], *, run_id: str, task: str, dataset: An
         metrics: the KFP Metrics artifact (final loss, images/s, steps).
     """
     result = train(values, run_id=run_id, task=task)
+    describe_training(result, dataset=dataset, metrics=metrics)
+
+
+def describe_training(result: Any, *, dataset: Any, metrics: Any) -> None:
+    """The train step's artifacts from a :class:`~stablerep.contracts.TrainResult`.
+
+    Args:
+        result: the run's result.
+        dataset: the KFP Dataset artifact: the output URIs, steps and world size.
+        metrics: the KFP Metrics artifact: final loss, images/s (last logged window), steps.
+    """
+    from stablerep import storage
+    from stablerep.contracts import TRAIN_RESULT
+
     write_dataset(dataset, {"uri": result.out, "checkpoint": result.checkpoint,
-                            "backbone": result.backbone, "metrics": result.metrics,
-                            "steps": result.steps})
+                            "latest": result.latest, "backbone": result.backbone,
+                            "metrics": result.metrics,
+                            "result": storage.join(result.out, TRAIN_RESULT),
+                            "steps": result.steps, "world_size": result.world_size})
     log_metrics(metrics, {"final_loss": float(result.final_loss),
                           "images_per_s": float(result.images_per_s),
                           "steps": float(result.steps)})
@@ -562,36 +578,12 @@ def eval_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-@dataclass
-class LaunchedTraining:
-    """A training result read back from the files a torchrun or cluster job wrote."""
-
-    out: str
-    steps: int
-    final_loss: float
-    images_per_s: float
-    checkpoint: str
-    backbone: str
-    metrics: str
-
-
-def _read_training(out: str) -> LaunchedTraining:
-    from stablerep import storage
-
-    metrics = storage.join(out, "metrics.jsonl")
-    last: dict[str, Any] = {}
-    if storage.exists(metrics):
-        lines = [ln for ln in storage.read_text(metrics).splitlines() if ln.strip()]
-        last = json.loads(lines[-1]) if lines else {}
-    return LaunchedTraining(out=out, steps=int(last.get("step", 0)),
-                            final_loss=float(last.get("loss", float("nan"))),
-                            images_per_s=float(last.get("images_per_s", 0.0)),
-                            checkpoint=storage.join(out, "latest.json"),
-                            backbone=storage.join(out, "backbone.pt"), metrics=metrics)
-
-
-def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) -> LaunchedTraining:
+def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) -> Any:
+    """Train with torchrun over ``nproc`` processes of this pod; its ``result.json``."""
     import subprocess
+
+    from stablerep.contracts import read_train_result
+    from stablerep.stages import train_locations
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "-m", "stablerep.cli", "train", "--config", recipe, "--data-root", cfg.data_root]
@@ -599,17 +591,18 @@ def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) ->
         cmd += ["--set", text]
     if subprocess.run(cmd, check=False).returncode != 0:
         raise StablerepError(f"training (torchrun, {nproc} processes) failed; see its log above")
-    from stablerep import storage
-
-    return _read_training(cfg.train.out or storage.join(cfg.data_root, "train"))
+    return read_train_result(train_locations(cfg)[1])
 
 
 def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -> Any:
     """The train step: local (in this process, or torchrun over this pod's GPUs) or a job.
 
+    Returns the run's :class:`~stablerep.contracts.TrainResult`: what training returned in
+    this process, else the ``result.json`` that rank 0 of torchrun or of the job published.
+
     Args:
-        values: data_root, recipe, the validated overrides, train_backend, nodes,
-            gpus_per_node, node_selector, tolerations, image.
+        values: data_root, recipe, the validated overrides and the job's parameters
+            (:data:`JOB_PARAMS`).
         run_id: the pipeline run id (the cluster job's name derives from it and ``task``).
         task: the pipeline task name.
     """
@@ -624,10 +617,11 @@ def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -
         from stablerep.stages import run_training
 
         return run_training(cfg)
+    from stablerep.contracts import read_train_result
     from stablerep.k8s.launcher import LaunchConfig, launch
 
     done = launch(LaunchConfig(cluster=cluster_config(values), run_id=run_id, task=task))
-    return _read_training(done.train_out)
+    return read_train_result(done.train_out)
 
 
 # ---------------------------------------------------------------------------- compile

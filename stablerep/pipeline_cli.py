@@ -123,14 +123,14 @@ def run_local(recipe: str, data_root: str | None, sets: tuple[str, ...],
 
 def _summary(cfg: Any, seconds: float) -> str:
     """Where the report is and the headline numbers, trained vs baseline."""
-    from stablerep import storage
+    from stablerep import contracts, storage
     from stablerep.stages import eval_locations
 
     out = eval_locations(cfg).out
-    metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
+    metrics = json.loads(storage.read_text(storage.join(out, contracts.EVAL_METRICS)))
     values = lib.eval_metric_values(metrics)
     lines = [f"pipeline: finished in {seconds:.0f} s",
-             f"report: {os.path.abspath(storage.join(out, 'report.html'))}"]
+             f"report: {os.path.abspath(storage.join(out, contracts.REPORT_HTML))}"]
     for name in metrics.get("datasets", {}):
         row = [f"{name}:"]
         for key in ("probe_top1", "few_shot_mean", "knn_top1"):
