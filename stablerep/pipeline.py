@@ -783,7 +783,8 @@ def _uploaded_version(client: Any, package: Path, pipeline: str) -> tuple[str, s
 
 def submit(host: str, experiment: str, params: Mapping[str, Any], *,
            package: str | Path = PIPELINE_YAML, run_name: str = "",
-           namespace: str | None = None, pipeline: str = "") -> tuple[str, str]:
+           namespace: str | None = None, pipeline: str = "",
+           service_account: str = "") -> tuple[str, str]:
     """Create a run of the compiled pipeline; returns (run id, its UI URL).
 
     Parameter names and values are checked before anything is sent.
@@ -797,8 +798,14 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
         namespace: the Kubeflow profile namespace (multi-user installs).
         pipeline: upload the package as a version of this pipeline (reused when the same
             package was uploaded before) and run that version; "" = send the spec inline.
+        service_account: the Kubernetes service account the run's pods use ("" = the KFP
+            server's default); the launcher step creates the training job through it.
     """
     check_params(params)
+    if service_account:
+        from stablerep.k8s.config import check_dns_1123_subdomain
+
+        check_dns_1123_subdomain("--service-account", service_account)
     package = Path(package)
     if not package.is_file():
         raise InputError(f"{package}: no compiled pipeline there; run `make compile`")
@@ -813,11 +820,12 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
     if pipeline:
         pipeline_id, version_id = _uploaded_version(client, package, pipeline)
         run = client.run_pipeline(exp.experiment_id, name, params=dict(params),
-                                  pipeline_id=pipeline_id, version_id=version_id)
+                                  pipeline_id=pipeline_id, version_id=version_id,
+                                  service_account=service_account or None)
     else:
         run = client.create_run_from_pipeline_package(
             str(package), arguments=dict(params), run_name=name,
-            experiment_id=exp.experiment_id)
+            experiment_id=exp.experiment_id, service_account=service_account or None)
     return run.run_id, f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
 

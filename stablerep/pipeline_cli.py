@@ -72,9 +72,11 @@ def compile_cmd(out: str, k8s_out: str, image: str, parallelism: int) -> None:
               "it [default: send the spec inline with the run].")
 @click.option("--run-name", default="", help="Run display name [default: stablerep-<time>].")
 @click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user).")
+@click.option("--service-account", default="", metavar="NAME", help="Service account of the "
+              "run's pods [default: the KFP server's default].")
 def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...],
            params: tuple[str, ...], package: str, pipeline_name: str, run_name: str,
-           namespace: str | None) -> None:
+           namespace: str | None, service_account: str) -> None:
     """Create a run of the compiled pipeline on a Kubeflow Pipelines server.
 
     \b
@@ -84,7 +86,8 @@ def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...]
     """
     values = _params(recipe, sets, params)
     run_id, url = lib.submit(host, experiment, values, package=package, run_name=run_name,
-                             namespace=namespace, pipeline=pipeline_name)
+                             namespace=namespace, pipeline=pipeline_name,
+                             service_account=service_account)
     click.echo(f"run {run_id}")
     click.echo(f"url {url}")
 
