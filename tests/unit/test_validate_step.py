@@ -101,6 +101,8 @@ def test_cluster_recipe_missing_or_not_a_mapping(content, message, tmp_path):
     ({"service_account": "Train_SA"}, "parameter service_account: got 'Train_SA', expected a "
                                       "DNS-1123 name"),
     ({"queue_name": "team a"}, "parameter queue_name: got 'team a', expected a DNS-1123 name"),
+    ({"queue_name": "q" * 64}, "parameter queue_name: got 'qqqq"),  # a label value: <= 63
+    ({"service_account": "a" + ".a" * 127}, "parameter service_account: got 'a.a."),  # 255
     ({"priority_class": "High"}, "parameter priority_class: got 'High', expected a DNS-1123"),
     ({"train_backend": "trainjob", "priority_class": "high"},
      "parameter priority_class: a TrainJob cannot set it"),
@@ -113,8 +115,12 @@ def test_bad_job_parameter_named(params, message, tmp_path):
     assert _refused(params, tmp_path).startswith(message)
 
 
-def test_cpu_image_without_gpus_passes():
+def test_good_job_parameters_pass():
     lib.validate({"image": CPU_IMAGE, "gpus_per_node": 0, "nodes": 4}, local=False)
+    lib.validate({"queue_name": "q" * 63, "service_account": "a" + ".a" * 126,  # the longest
+                  "priority_class": "high", "tolerations": [
+                      {"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute",
+                       "tolerationSeconds": 30}, {"operator": "Exists"}]}, local=False)
 
 
 def test_parameters_win_over_the_cluster_recipe():
