@@ -24,6 +24,7 @@ def validate(
     scheduler: str, inference_steps: int, model: str, backbone: str, method: str,
     captions_per_batch: int, epochs: float, eval_datasets: list, train_backend: str,
     nodes: int, gpus_per_node: int, node_selector: dict, tolerations: list, image: str,
+    cluster_recipe: str, service_account: str, queue_name: str, priority_class: str,
 ) -> list:
     """Check every parameter: each stage's resolved config, the backend and its job.
 
@@ -51,14 +52,18 @@ def validate(
         node_selector: node selector of GPU pods.
         tolerations: tolerations of GPU pods.
         image: image of the training job's pods.
+        cluster_recipe: cluster recipe URI of the training job's other settings.
+        service_account: service account of the training job's pods.
+        queue_name: Kueue LocalQueue of the training job.
+        priority_class: PriorityClass of the training job's pods.
 
     Returns:
         The overrides every later step applies to the recipe (parameters, then overrides).
     """
     params = dict(locals())
-    from stablerep.pipeline import validate as check
+    from stablerep.pipeline import validate_step
 
-    return check(params)[1]
+    return validate_step(params)
 
 
 @_component
@@ -109,6 +114,7 @@ def generate_shard(data_root: str, recipe: str, overrides: list, images_per_capt
 @_component
 def train(data_root: str, recipe: str, overrides: list, train_backend: str, nodes: int,
           gpus_per_node: int, node_selector: dict, tolerations: list, image: str,
+          cluster_recipe: str, service_account: str, queue_name: str, priority_class: str,
           run_id: str, task_name: str, dataset: Output[Dataset], metrics: Output[Metrics]):
     """Training: torchrun in this pod (local) or a PyTorchJob/TrainJob this step launches.
 
@@ -122,22 +128,25 @@ def train(data_root: str, recipe: str, overrides: list, train_backend: str, node
         node_selector: node selector of the job's pods.
         tolerations: tolerations of the job's pods.
         image: image of the job's pods.
+        cluster_recipe: cluster recipe URI of the job's other settings.
+        service_account: service account of the job's pods.
+        queue_name: Kueue LocalQueue of the job.
+        priority_class: PriorityClass of the job's pods.
         run_id: the pipeline run id (the job's name derives from it).
         task_name: the pipeline task name.
         dataset: metadata of the training output (checkpoint, backbone, metrics URIs).
         metrics: final loss, images/s, steps.
     """
+    values = dict(locals())
     from stablerep.pipeline import train_step
 
-    train_step(dict(data_root=data_root, recipe=recipe, overrides=overrides,
-                    train_backend=train_backend, nodes=nodes, gpus_per_node=gpus_per_node,
-                    node_selector=node_selector, tolerations=tolerations, image=image),
-               run_id=run_id, task=task_name, dataset=dataset, metrics=metrics)
+    train_step(values, run_id=values.pop("run_id"), task=values.pop("task_name"),
+               dataset=values.pop("dataset"), metrics=values.pop("metrics"))
 
 
 @_component
-def evaluate(data_root: str, recipe: str, overrides: list, metrics: Output[Metrics], report_html: Output[HTML], report_md: Output[Markdown],
-             dataset: Output[Dataset]):
+def evaluate(data_root: str, recipe: str, overrides: list, metrics: Output[Metrics],
+             report_html: Output[HTML], report_md: Output[Markdown], dataset: Output[Dataset]):
     """Evaluation of the trained backbone in data_root and the baseline, with the report.
 
     Args:

@@ -75,6 +75,10 @@ def stablerep_pipeline(
     node_selector: dict = D["node_selector"],
     tolerations: list = D["tolerations"],
     image: str = D["image"],
+    cluster_recipe: str = D["cluster_recipe"],
+    service_account: str = D["service_account"],
+    queue_name: str = D["queue_name"],
+    priority_class: str = D["priority_class"],
 ):
     params = dict(locals())
     check = validate(**params).set_display_name("validate parameters")
@@ -97,6 +101,8 @@ def stablerep_pipeline(
 
     job = dict(train_backend=train_backend, nodes=nodes, gpus_per_node=gpus_per_node,
                node_selector=node_selector, tolerations=tolerations, image=image,
+               cluster_recipe=cluster_recipe, service_account=service_account,
+               queue_name=queue_name, priority_class=priority_class,
                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER)
     with dsl.If(train_backend == "local", name="train-here"):
         here = train(**common, **job).after(gen).set_display_name("train (local)")

@@ -14,6 +14,9 @@ writes, reads and checks them (every stage, the report and the components go thr
   ``stablerep.images``).
 - **checkpoints** (``train/``): ``ckpt-{step:08d}.pt`` and ``latest.json``
   ``{"step", "checkpoint", "sha256"}`` naming the newest.
+- **training result** (``train/``): ``result.json`` (kind ``stablerep.train.result``: steps,
+  final loss, images/s, world size, checkpoint / backbone / metrics URIs), written by rank 0
+  when a run ends.
 - **eval metrics** (``eval/``): ``metrics.json`` (written last), ``report.html``,
   ``report.md``.
 
@@ -524,6 +527,88 @@ def read_latest(out: str) -> str | None:
         got = type(doc).__name__ if not isinstance(doc, dict) else f"checkpoint={name!r}"
         raise InputError(f"{latest}: got {got}, expected {expected}")
     return storage.join(out, name)
+
+
+# ---------------------------------------------------------------------------- training result
+
+TRAIN_RESULT = "result.json"
+TRAIN_RESULT_KIND = "stablerep.train.result"
+STAGE_CONFIG = "config.yaml"
+"""The resolved config a stage writes beside its outputs (train/ and eval/)."""
+
+
+@dataclass
+class TrainResult:
+    """A finished training run: what rank 0 publishes as ``<train.out>/result.json``.
+
+    Every consumer (``stablerep train``, the pipeline's train step after torchrun or a cluster
+    job, the KFP metrics) reads this; none derives it from ``metrics.jsonl``.
+    """
+
+    out: str  # the training folder
+    steps: int  # optimizer steps reached (= the run's total)
+    final_loss: float  # mean loss over ranks of the last logged training step (NaN = unknown)
+    images_per_s: float  # images/s over all ranks in the last logged window (log_every steps)
+    world_size: int  # training processes
+    seconds: float  # wall time of the training loop in the process that finished the run
+    method: str  # training objective (train.method)
+    model: str  # timm backbone (train.model)
+    checkpoint: str  # the last ckpt-*.pt
+    latest: str  # latest.json, which names it
+    backbone: str  # the exported backbone.pt ("" on ranks other than 0)
+    metrics: str  # metrics.jsonl
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``result.json`` (an unknown loss is null)."""
+        doc: dict[str, Any] = {"kind": TRAIN_RESULT_KIND, "version": 1, **vars(self)}
+        if doc["final_loss"] != doc["final_loss"]:  # NaN is not JSON
+            doc["final_loss"] = None
+        return doc
+
+
+# Keys of result.json and the JSON types they take (null is allowed for final_loss only).
+_RESULT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "out": str, "steps": int, "final_loss": (int, float), "images_per_s": (int, float),
+    "world_size": int, "seconds": (int, float), "method": str, "model": str,
+    "checkpoint": str, "latest": str, "backbone": str, "metrics": str}
+
+
+def write_train_result(result: TrainResult) -> str:
+    """Publish ``<result.out>/result.json`` atomically (rank 0, after the run); its URI."""
+    uri = storage.join(result.out, TRAIN_RESULT)
+    storage.write_json(uri, result.to_json())
+    return uri
+
+
+def read_train_result(out: str) -> TrainResult:
+    """The ``result.json`` of the training folder ``out``.
+
+    Raises:
+        InputError: naming the file, when it is missing (the run did not finish), not a JSON
+            object, of another kind, or lacks a key or has one of the wrong type.
+    """
+    uri = storage.join(out, TRAIN_RESULT)
+    if not storage.exists(uri):
+        raise InputError(f"{uri}: no training result (the run has not finished; "
+                         "`stablerep train` writes it at the end)")
+    writer = "stablerep train"
+    doc = read_json_object(uri, "JSON training result", writer=writer)
+    if doc.get("kind") != TRAIN_RESULT_KIND:
+        raise InputError(f"{uri}: kind {doc.get('kind')!r}; expected {TRAIN_RESULT_KIND!r} "
+                         f"(the training result that `{writer}` writes)")
+    for key, kind in _RESULT_KEYS.items():
+        value = doc.get(key)
+        if key not in doc:
+            raise InputError(f"{uri}: missing key {key!r}; expected the training result that "
+                             f"`{writer}` writes")
+        if value is None and key == "final_loss":
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "number"
+            raise InputError(f"{uri}: key {key!r}: got {value!r}, expected {names}")
+    values = {k: doc[k] for k in _RESULT_KEYS}
+    values["final_loss"] = float("nan") if doc["final_loss"] is None else doc["final_loss"]
+    return TrainResult(**values)
 
 
 # ---------------------------------------------------------------------------- eval outputs

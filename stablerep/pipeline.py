@@ -8,9 +8,13 @@ thin: every decision lives here so that the CLI, the components and the tests sh
   Kubeflow UI shows.
 - :func:`build_config` turns ``recipe`` + parameters + ``overrides`` into one validated
   :class:`~stablerep.config.Config` (recipe < parameters < overrides).
-- :func:`validate` is what the pipeline's first step runs: every stage's resolved config is
-  built and checked, the training backend and its cluster settings too, so a bad value fails
-  in seconds naming the parameter.
+- :func:`validate` is what the pipeline's first step runs (:func:`validate_step`): every
+  stage's resolved config is built and checked, and for a cluster backend every check the
+  launcher makes before it sends a job (:func:`check_job`: world size against the batch, the
+  rendered PyTorchJob/TrainJob against the webhook rules, image against GPUs, Kubernetes
+  names), so a bad value fails in seconds naming the parameter.
+- :func:`cluster_config` builds that job: the cluster recipe (``cluster_recipe``) under the
+  pipeline's parameters.
 - :func:`compile_pipeline`, :func:`submit` (``kfp.Client``) and :func:`run_local`
   (``kfp.local`` with the subprocess runner) are what ``stablerep pipeline ...`` calls.
 """
@@ -18,6 +22,7 @@ thin: every decision lives here so that the CLI, the components and the tests sh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -120,9 +125,22 @@ PARAMS: tuple[Param, ...] = (
     Param("tolerations", list,
           [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
           "Tolerations (JSON list) of the GPU steps and the training job's pods."),
-    Param("image", str, CUDA_IMAGE, "Image of the training job's pods (cluster backends); default: the image the "
-          "pipeline was compiled with."),
+    Param("image", str, CUDA_IMAGE, "Image of the training job's pods (cluster backends); "
+          "default: the image the pipeline was compiled with."),
+    Param("cluster_recipe", str, "", "Cluster recipe URI (a YAML with a cluster: section, as "
+          "configs/k8s/cc12m_4x8.yaml) for the training job's other settings: CPU, memory, "
+          "/dev/shm, backoff, deadline, runtime, labels ... The pipeline's parameters win over "
+          "it. \"\" = the built-in job settings."),
+    Param("service_account", str, "", "Service account of the training job's pods (needs "
+          "access to data_root); \"\" = the cluster recipe's, else the namespace default."),
+    Param("queue_name", str, "", "Kueue LocalQueue that admits the training job; \"\" = the "
+          "cluster recipe's, else none."),
+    Param("priority_class", str, "", "PriorityClass of the training job's pods; \"\" = the "
+          "cluster recipe's, else the cluster default."),
 )
+#: The training job's settings: what :func:`cluster_config` reads (with the stage params).
+JOB_PARAMS = ("train_backend", "nodes", "gpus_per_node", "node_selector", "tolerations",
+              "image", "cluster_recipe", "service_account", "queue_name", "priority_class")
 PARAM_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
 _BY_NAME = {p.name: p for p in PARAMS}
 _BY_FIELD = {p.field: p for p in PARAMS if p.field}
@@ -165,6 +183,34 @@ def _check_value(p: Param, value: Any) -> None:
                           f"{p.minimum:g}")
 
 
+#: What the Pod schema allows in a toleration's operator and effect ("" = any effect).
+TOLERATION_OPERATORS = ("Exists", "Equal")
+TOLERATION_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def _check_toleration(where: str, tol: Mapping[str, Any]) -> None:
+    """A toleration's values as the Pod schema and the API server's rules take them."""
+    for key in ("key", "operator", "value", "effect"):
+        if key in tol and not isinstance(tol[key], str):
+            raise ConfigError(f"{where}.{key}: got {tol[key]!r}, expected a string")
+    seconds = tol.get("tolerationSeconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)):
+        raise ConfigError(f"{where}.tolerationSeconds: got {seconds!r}, expected an integer")
+    operator = tol.get("operator", "Equal")
+    if operator not in TOLERATION_OPERATORS:
+        raise ConfigError(f"{where}.operator: got {operator!r}, expected Exists or Equal")
+    if tol.get("effect", "") not in TOLERATION_EFFECTS:
+        raise ConfigError(f"{where}.effect: got {tol['effect']!r}, expected one of "
+                          "NoSchedule, PreferNoSchedule, NoExecute")
+    if operator == "Exists" and tol.get("value"):
+        raise ConfigError(f"{where}.value: got {tol['value']!r}; operator Exists takes no "
+                          "value")
+    if not tol.get("key") and operator != "Exists":
+        raise ConfigError(f"{where}.key: an empty key needs operator Exists")
+    if seconds is not None and tol.get("effect") != "NoExecute":
+        raise ConfigError(f"{where}.tolerationSeconds: only effect NoExecute takes it")
+
+
 def _check_scheduling(values: Mapping[str, Any]) -> None:
     for key, val in values["node_selector"].items():
         if not isinstance(val, str):
@@ -174,6 +220,7 @@ def _check_scheduling(values: Mapping[str, Any]) -> None:
         if not isinstance(tol, dict) or not tol or not set(tol) <= TOLERATION_KEYS:
             raise ConfigError(f"parameter tolerations[{i}]: got {tol!r}, expected an object "
                               f"of {', '.join(sorted(TOLERATION_KEYS))}")
+        _check_toleration(f"parameter tolerations[{i}]", tol)
     for i, text in enumerate(values["overrides"]):
         if not isinstance(text, str) or "=" not in text:
             raise ConfigError(f"parameter overrides[{i}]: got {text!r}, expected "
@@ -251,21 +298,106 @@ def check_backend(backend: str, *, local: bool) -> None:
                           "PyTorchJob/TrainJob)")
 
 
-def cluster_config(values: Mapping[str, Any]) -> Any:
-    """The training job of a cluster backend (:class:`stablerep.k8s.config.ClusterConfig`)."""
-    from stablerep.k8s.config import ClusterConfig, PodConfig
+#: Cluster config fields the pipeline's own parameters set (errors name the parameter).
+_JOB_FIELDS = {"cluster.pod.gpus": "gpus_per_node", "cluster.pod.image": "image",
+               "cluster.pod.node_selector": "node_selector",
+               "cluster.pod.tolerations": "tolerations",
+               "cluster.pod.service_account": "service_account",
+               "cluster.pod.priority_class": "priority_class", "cluster.queue_name": "queue_name",
+               "cluster.nodes": "nodes", "cluster.backend": "train_backend"}
 
+
+def _job_error(e: ConfigError, uri: str) -> ConfigError:
+    """A cluster config error as one line naming the parameter (or the cluster recipe)."""
+    text = " ".join(str(e).split())
+    field, _, rest = text.partition(":")
+    if field in _JOB_FIELDS:
+        return ConfigError(f"parameter {_JOB_FIELDS[field]}:{rest}")
+    if uri:
+        return ConfigError(f"parameter cluster_recipe ({uri}): {text}")
+    return ConfigError(f"parameter {text.replace('cluster.pod.', '').replace('cluster.', '')}")
+
+
+def recipe_cluster(uri: str) -> Any:
+    """The ``cluster:`` section of the cluster recipe at ``uri`` (the defaults for "")."""
+    from stablerep.k8s.config import ClusterConfig
+    from stablerep.k8s.render import load_recipe
+
+    if not uri:
+        return ClusterConfig()
     try:
-        pod = PodConfig(image=values["image"], gpus=values["gpus_per_node"],
-                        node_selector=dict(values["node_selector"]),
-                        tolerations=list(values["tolerations"]))
-        return ClusterConfig(backend=values["train_backend"], nodes=values["nodes"],
-                             recipe=values["recipe"], data_root=values["data_root"],
-                             overrides=stage_overrides(values), pod=pod)
+        return load_recipe(uri).cluster
+    except StablerepError as e:
+        text = " ".join(str(e).split())
+        raise ConfigError(f"parameter cluster_recipe: {text if uri in text else f'{uri}: {text}'}"
+                          ) from None
+
+
+def cluster_config(values: Mapping[str, Any]) -> Any:
+    """The training job of a cluster backend (:class:`stablerep.k8s.config.ClusterConfig`).
+
+    The cluster recipe (``cluster_recipe``) supplies the job's settings; the pipeline's
+    parameters win over it: backend, nodes, GPUs, image, node selector and tolerations
+    always, service account, queue and priority class when not empty. The job runs the
+    pipeline's recipe, data_root and overrides.
+
+    Args:
+        values: the checked parameters (:data:`JOB_PARAMS`, data_root, recipe, overrides).
+    """
+    uri = values.get("cluster_recipe", "")
+    base = recipe_cluster(uri)
+    pod = {"image": values["image"], "gpus": values["gpus_per_node"],
+           "node_selector": dict(values["node_selector"]),
+           "tolerations": list(values["tolerations"])}
+    pod.update({k: values[k] for k in ("service_account", "priority_class") if values.get(k)})
+    job = {"backend": values["train_backend"], "nodes": values["nodes"],
+           "recipe": values["recipe"], "data_root": values["data_root"],
+           "overrides": stage_overrides(values)}
+    if values.get("queue_name"):
+        job["queue_name"] = values["queue_name"]
+    try:
+        return dataclasses.replace(base, pod=dataclasses.replace(base.pod, **pod), **job)
     except ConfigError as e:
-        text = str(e).replace("cluster.pod.gpus", "gpus_per_node").replace(
-            "cluster.pod.", "").replace("cluster.", "")
-        raise ConfigError(f"parameter {text}") from None
+        raise _job_error(e, uri) from None
+
+
+def _image_tag(image: str) -> str:
+    return image.rsplit("/", 1)[-1].partition(":")[2].partition("@")[0]
+
+
+def check_job(cluster: Any, uri: str = "") -> None:
+    """Every check the launcher makes before it sends a job, naming the parameter.
+
+    The image matches the GPUs (a CUDA image on GPU-less pods is refused here, the reverse
+    by the cluster config), the recipe's batch splits over nodes x GPUs, and the rendered
+    PyTorchJob / TrainJob passes the operator's webhook rules.
+
+    Args:
+        cluster: the job (:func:`cluster_config`).
+        uri: the cluster recipe it came from ("" = none), for messages.
+    """
+    from stablerep.k8s.config import CPU_IMAGE
+    from stablerep.k8s.manifests import training_job
+    from stablerep.k8s.render import check_world_size
+    from stablerep.k8s.validate import check_manifest
+
+    tag = _image_tag(cluster.pod.image)
+    if cluster.pod.gpus == 0 and (tag == "cuda" or tag.endswith("-cuda")):
+        raise ConfigError(f"parameter image: {cluster.pod.image!r} is the CUDA image but "
+                          f"gpus_per_node is 0; use the CPU image (e.g. {CPU_IMAGE}) or "
+                          "request GPUs")
+    try:
+        check_world_size(cluster)
+    except ConfigError as e:
+        raise ConfigError(f"parameters nodes, gpus_per_node: {e}") from None
+    try:
+        check_manifest(training_job(cluster))
+    except ConfigError as e:
+        if str(e).startswith("cluster."):
+            raise _job_error(e, uri) from None
+        where = f"cluster_recipe ({uri})" if uri else "train_backend"
+        raise ConfigError(f"parameter {where}: the {cluster.backend} job is refused: {e}"
+                          ) from None
 
 
 def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[Config, list[str]]:
@@ -284,8 +416,27 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[C
                           f"reads {cfg.train.images_read_per_caption} per caption")
     check_backend(values["train_backend"], local=not _in_cluster() if local is None else local)
     if values["train_backend"] != "local":
-        cluster_config(values)
+        check_job(cluster_config(values), values["cluster_recipe"])
+    elif values["cluster_recipe"]:
+        recipe_cluster(values["cluster_recipe"])  # read and checked even when unused
     return cfg, stage_overrides(values)
+
+
+def validate_step(params: Mapping[str, Any]) -> list[str]:
+    """The validate component: :func:`validate`; bad input ends it with one line, exit 2.
+
+    Args:
+        params: every pipeline parameter.
+
+    Returns:
+        The overrides every later step applies to the recipe.
+    """
+    try:
+        return validate(params)[1]
+    except StablerepError as e:
+        sys.stdout.flush()
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------- components
@@ -359,9 +510,25 @@ def train_step(values: Mapping[str, Any], *, run_id: str, task: str, dataset: An
         metrics: the KFP Metrics artifact (final loss, images/s, steps).
     """
     result = train(values, run_id=run_id, task=task)
+    describe_training(result, dataset=dataset, metrics=metrics)
+
+
+def describe_training(result: Any, *, dataset: Any, metrics: Any) -> None:
+    """The train step's artifacts from a :class:`~stablerep.contracts.TrainResult`.
+
+    Args:
+        result: the run's result.
+        dataset: the KFP Dataset artifact: the output URIs, steps and world size.
+        metrics: the KFP Metrics artifact: final loss, images/s (last logged window), steps.
+    """
+    from stablerep import storage
+    from stablerep.contracts import TRAIN_RESULT
+
     write_dataset(dataset, {"uri": result.out, "checkpoint": result.checkpoint,
-                            "backbone": result.backbone, "metrics": result.metrics,
-                            "steps": result.steps})
+                            "latest": result.latest, "backbone": result.backbone,
+                            "metrics": result.metrics,
+                            "result": storage.join(result.out, TRAIN_RESULT),
+                            "steps": result.steps, "world_size": result.world_size})
     log_metrics(metrics, {"final_loss": float(result.final_loss),
                           "images_per_s": float(result.images_per_s),
                           "steps": float(result.steps)})
@@ -411,36 +578,12 @@ def eval_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-@dataclass
-class LaunchedTraining:
-    """A training result read back from the files a torchrun or cluster job wrote."""
-
-    out: str
-    steps: int
-    final_loss: float
-    images_per_s: float
-    checkpoint: str
-    backbone: str
-    metrics: str
-
-
-def _read_training(out: str) -> LaunchedTraining:
-    from stablerep import storage
-
-    metrics = storage.join(out, "metrics.jsonl")
-    last: dict[str, Any] = {}
-    if storage.exists(metrics):
-        lines = [ln for ln in storage.read_text(metrics).splitlines() if ln.strip()]
-        last = json.loads(lines[-1]) if lines else {}
-    return LaunchedTraining(out=out, steps=int(last.get("step", 0)),
-                            final_loss=float(last.get("loss", float("nan"))),
-                            images_per_s=float(last.get("images_per_s", 0.0)),
-                            checkpoint=storage.join(out, "latest.json"),
-                            backbone=storage.join(out, "backbone.pt"), metrics=metrics)
-
-
-def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) -> LaunchedTraining:
+def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) -> Any:
+    """Train with torchrun over ``nproc`` processes of this pod; its ``result.json``."""
     import subprocess
+
+    from stablerep.contracts import read_train_result
+    from stablerep.stages import train_locations
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "-m", "stablerep.cli", "train", "--config", recipe, "--data-root", cfg.data_root]
@@ -448,17 +591,18 @@ def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) ->
         cmd += ["--set", text]
     if subprocess.run(cmd, check=False).returncode != 0:
         raise StablerepError(f"training (torchrun, {nproc} processes) failed; see its log above")
-    from stablerep import storage
-
-    return _read_training(cfg.train.out or storage.join(cfg.data_root, "train"))
+    return read_train_result(train_locations(cfg)[1])
 
 
 def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -> Any:
     """The train step: local (in this process, or torchrun over this pod's GPUs) or a job.
 
+    Returns the run's :class:`~stablerep.contracts.TrainResult`: what training returned in
+    this process, else the ``result.json`` that rank 0 of torchrun or of the job published.
+
     Args:
-        values: data_root, recipe, the validated overrides, train_backend, nodes,
-            gpus_per_node, node_selector, tolerations, image.
+        values: data_root, recipe, the validated overrides and the job's parameters
+            (:data:`JOB_PARAMS`).
         run_id: the pipeline run id (the cluster job's name derives from it and ``task``).
         task: the pipeline task name.
     """
@@ -473,10 +617,11 @@ def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -
         from stablerep.stages import run_training
 
         return run_training(cfg)
+    from stablerep.contracts import read_train_result
     from stablerep.k8s.launcher import LaunchConfig, launch
 
     done = launch(LaunchConfig(cluster=cluster_config(values), run_id=run_id, task=task))
-    return _read_training(done.train_out)
+    return read_train_result(done.train_out)
 
 
 # ---------------------------------------------------------------------------- compile
@@ -638,7 +783,8 @@ def _uploaded_version(client: Any, package: Path, pipeline: str) -> tuple[str, s
 
 def submit(host: str, experiment: str, params: Mapping[str, Any], *,
            package: str | Path = PIPELINE_YAML, run_name: str = "",
-           namespace: str | None = None, pipeline: str = "") -> tuple[str, str]:
+           namespace: str | None = None, pipeline: str = "",
+           service_account: str = "") -> tuple[str, str]:
     """Create a run of the compiled pipeline; returns (run id, its UI URL).
 
     Parameter names and values are checked before anything is sent.
@@ -652,8 +798,14 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
         namespace: the Kubeflow profile namespace (multi-user installs).
         pipeline: upload the package as a version of this pipeline (reused when the same
             package was uploaded before) and run that version; "" = send the spec inline.
+        service_account: the Kubernetes service account the run's pods use ("" = the KFP
+            server's default); the launcher step creates the training job through it.
     """
     check_params(params)
+    if service_account:
+        from stablerep.k8s.config import check_dns_1123_subdomain
+
+        check_dns_1123_subdomain("--service-account", service_account)
     package = Path(package)
     if not package.is_file():
         raise InputError(f"{package}: no compiled pipeline there; run `make compile`")
@@ -668,11 +820,12 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
     if pipeline:
         pipeline_id, version_id = _uploaded_version(client, package, pipeline)
         run = client.run_pipeline(exp.experiment_id, name, params=dict(params),
-                                  pipeline_id=pipeline_id, version_id=version_id)
+                                  pipeline_id=pipeline_id, version_id=version_id,
+                                  service_account=service_account or None)
     else:
         run = client.create_run_from_pipeline_package(
             str(package), arguments=dict(params), run_name=name,
-            experiment_id=exp.experiment_id)
+            experiment_id=exp.experiment_id, service_account=service_account or None)
     return run.run_id, f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
 

@@ -72,9 +72,11 @@ def compile_cmd(out: str, k8s_out: str, image: str, parallelism: int) -> None:
               "it [default: send the spec inline with the run].")
 @click.option("--run-name", default="", help="Run display name [default: stablerep-<time>].")
 @click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user).")
+@click.option("--service-account", default="", metavar="NAME", help="Service account of the "
+              "run's pods [default: the KFP server's default].")
 def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...],
            params: tuple[str, ...], package: str, pipeline_name: str, run_name: str,
-           namespace: str | None) -> None:
+           namespace: str | None, service_account: str) -> None:
     """Create a run of the compiled pipeline on a Kubeflow Pipelines server.
 
     \b
@@ -84,7 +86,8 @@ def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...]
     """
     values = _params(recipe, sets, params)
     run_id, url = lib.submit(host, experiment, values, package=package, run_name=run_name,
-                             namespace=namespace, pipeline=pipeline_name)
+                             namespace=namespace, pipeline=pipeline_name,
+                             service_account=service_account)
     click.echo(f"run {run_id}")
     click.echo(f"url {url}")
 
@@ -123,14 +126,14 @@ def run_local(recipe: str, data_root: str | None, sets: tuple[str, ...],
 
 def _summary(cfg: Any, seconds: float) -> str:
     """Where the report is and the headline numbers, trained vs baseline."""
-    from stablerep import storage
+    from stablerep import contracts, storage
     from stablerep.stages import eval_locations
 
     out = eval_locations(cfg).out
-    metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
+    metrics = json.loads(storage.read_text(storage.join(out, contracts.EVAL_METRICS)))
     values = lib.eval_metric_values(metrics)
     lines = [f"pipeline: finished in {seconds:.0f} s",
-             f"report: {os.path.abspath(storage.join(out, 'report.html'))}"]
+             f"report: {os.path.abspath(storage.join(out, contracts.REPORT_HTML))}"]
     for name in metrics.get("datasets", {}):
         row = [f"{name}:"]
         for key in ("probe_top1", "few_shot_mean", "knn_top1"):

@@ -35,6 +35,7 @@ from typing import Any
 
 from stablerep import stages, storage
 from stablerep.config import Config, ReproConfig, fingerprint, to_dict
+from stablerep.contracts import EVAL_METRICS, REPORT_HTML
 from stablerep.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def run_arm(cfg: Config, arm: Arm, seed: int, test_folder: str, *, baseline: boo
             ) -> tuple[dict, float]:
     """Train (unless finished) and evaluate one run; (its metrics.json, seconds spent)."""
     run = arm_config(cfg, arm, seed, baseline=baseline, test_folder=test_folder)
-    metrics_uri = storage.join(run.eval.out, "metrics.json")
+    metrics_uri = storage.join(run.eval.out, EVAL_METRICS)
     if storage.exists(metrics_uri):
         return storage.read_json(metrics_uri, expect=dict), 0.0
     start = time.perf_counter()
@@ -373,11 +374,11 @@ def run_repro(cfg: Config) -> dict[str, Any]:
     storage.write_json(storage.join(out, "results.json"), result)
     storage.write_text(storage.join(out, "results.md"), table + "\n")
     storage.write_bytes(storage.join(out, "results.png"), png)
-    storage.write_text(storage.join(out, "report.html"), report_html(table, png, setup))
+    storage.write_text(storage.join(out, REPORT_HTML), report_html(table, png, setup))
     print(table, flush=True)
     print(f"repro: {len(rc.arms)} arms x {len(rc.seeds)} seeds in {wall / 60:.1f} min; "
           f"results in {storage.join(out, 'results.json')}, report "
-          f"{storage.join(out, 'report.html')}", flush=True)
+          f"{storage.join(out, REPORT_HTML)}", flush=True)
     return result
 
 

@@ -27,6 +27,7 @@ from stablerep.config import Config, TrainConfig, dump_yaml
 from stablerep.errors import ConfigError
 
 if TYPE_CHECKING:  # torch & co. load only when training runs
+    from stablerep.contracts import TrainResult
     from stablerep.distributed import DistEnv
     from stablerep.evaluation.knn import KnnCheck
     from stablerep.training.trainer import Trainer
@@ -59,19 +60,6 @@ class GenerateResult:
     images: int  # images written by this call
     images_per_s: float  # over the shards written (0.0 when none)
     failed_captions: int  # captions that failed in the shards written
-
-
-@dataclass
-class TrainResult:
-    """A finished training run (URIs are empty on ranks other than 0 where rank 0 writes)."""
-
-    out: str  # the training folder
-    steps: int  # optimizer steps reached
-    final_loss: float  # loss of the last logged step
-    images_per_s: float  # of the last metrics window
-    checkpoint: str  # the last ckpt-*.pt
-    backbone: str  # the exported backbone.pt
-    metrics: str  # metrics.jsonl
 
 
 @dataclass
@@ -128,9 +116,11 @@ class EvalLocations:
 
 def eval_locations(cfg: Config) -> EvalLocations:
     """Where the evaluation stage reads and writes."""
+    from stablerep import contracts  # pyarrow loads only when a stage runs
+
     ec = _section(cfg, "eval")
     ckpt = ec.checkpoint or storage.join(cfg.data_root, TRAIN_DIR)
-    metrics = ec.train_metrics or (storage.join(ckpt, "metrics.jsonl")
+    metrics = ec.train_metrics or (storage.join(ckpt, contracts.TRAIN_METRICS)
                                    if not ckpt.startswith("timm") else "")
     return EvalLocations(checkpoint=ckpt, out=ec.out or storage.join(cfg.data_root, EVAL_DIR),
                          images=ec.images or storage.join(cfg.data_root, IMAGES_DIR),
@@ -165,13 +155,15 @@ def run_captions(cfg: Config) -> CaptionsResult:
     Raises:
         ConfigError / InputError: bad input; nothing is written.
     """
+    from stablerep import contracts
     from stablerep.captions import make_captions
 
     cc = _section(cfg, "captions")
     target = captions_dir(cfg)
     check_outputs((_where(cc.out, "captions.out"), target), ("captions.work_dir", cc.work_dir))
     manifest = make_captions(cc, target)
-    return CaptionsResult(uri=manifest.uri, manifest=storage.join(manifest.uri, "manifest.json"),
+    return CaptionsResult(uri=manifest.uri, manifest=storage.join(manifest.uri,
+                                                                  contracts.CAPTIONS_MANIFEST),
                           count=manifest.count, num_shards=manifest.num_shards)
 
 
@@ -209,14 +201,22 @@ def run_training(cfg: Config) -> TrainResult:
 
     Sets up torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR ...; a
     single process without them), resumes from ``<out>/latest.json``, writes the resolved
-    config beside the outputs (rank 0), trains, and tears the process group down.
+    config beside the outputs (rank 0), trains, and tears the process group down. Rank 0
+    then publishes ``<out>/result.json`` (:class:`~stablerep.contracts.TrainResult`).
 
     Args:
         cfg: the whole config; its ``train`` section is used.
 
+    Returns:
+        The run's result (on ranks other than 0, without the backbone URI).
+
     Raises:
         ConfigError / InputError: bad input, before any step; TrainingError: a peer failed.
     """
+    import time
+
+    from stablerep.contracts import STAGE_CONFIG, write_train_result
+
     tc = _section(cfg, "train")
     data, out = train_locations(cfg)
     check_outputs((_where(tc.out, "train.out"), out))
@@ -228,14 +228,43 @@ def run_training(cfg: Config) -> TrainResult:
         trainer = Trainer(tc, data=data, out=out, env=env, knn_check=knn_callback(tc, env))
         trainer.resume()  # a checkpoint of another model fails here, before config.yaml
         if env.is_main:
-            storage.write_text(storage.join(trainer.out, "config.yaml"), dump_yaml(cfg))
-        result = _fit(trainer)
+            storage.write_text(storage.join(trainer.out, STAGE_CONFIG), dump_yaml(cfg))
+        started = time.perf_counter()
+        fitted = _fit(trainer)
+        result = _train_result(tc, trainer, fitted, time.perf_counter() - started)
     finally:
         distributed.teardown()
-    return TrainResult(out=trainer.out, steps=result.steps, final_loss=result.final_loss,
-                       images_per_s=result.images_per_s, checkpoint=result.checkpoint,
-                       backbone=result.backbone,
-                       metrics=storage.join(trainer.out, "metrics.jsonl"))
+    if env.is_main:
+        write_train_result(result)
+    return result
+
+
+def _train_result(tc: TrainConfig, trainer: Trainer, fitted: TrainerResult,
+                  seconds: float) -> TrainResult:
+    """The contract's result of a finished fit.
+
+    A run resumed after its last step logs nothing: its loss and rate are those of the
+    ``result.json`` the run published when it finished (NaN and 0 when there is none).
+    """
+    from stablerep.contracts import LATEST, TRAIN_METRICS, TrainResult, read_train_result
+    from stablerep.errors import InputError
+
+    out = trainer.out
+    result = TrainResult(out=out, steps=fitted.steps, final_loss=fitted.final_loss,
+                         images_per_s=fitted.images_per_s, world_size=trainer.env.world_size,
+                         seconds=round(seconds, 3), method=tc.method, model=tc.model,
+                         checkpoint=fitted.checkpoint, latest=storage.join(out, LATEST),
+                         backbone=fitted.backbone, metrics=storage.join(out, TRAIN_METRICS))
+    if fitted.final_loss == fitted.final_loss or not trainer.env.is_main:
+        return result
+    try:
+        earlier = read_train_result(out)
+    except InputError:
+        return result
+    if earlier.steps != result.steps:
+        return result
+    return dataclasses.replace(result, final_loss=earlier.final_loss,
+                               images_per_s=earlier.images_per_s, seconds=earlier.seconds)
 
 
 def knn_callback(tc: TrainConfig, env: DistEnv) -> KnnCheck | None:
@@ -290,6 +319,7 @@ def run_eval(cfg: Config) -> EvalResult:
     Raises:
         ConfigError / InputError: bad input, before any feature is extracted.
     """
+    from stablerep import contracts
     from stablerep.evaluation.stage import run_eval as evaluate
 
     ec = _section(cfg, "eval")
@@ -298,8 +328,8 @@ def run_eval(cfg: Config) -> EvalResult:
                   ("eval.feature_cache", ec.feature_cache), ("eval.data_cache", ec.data_cache))
     metrics = evaluate(ec, checkpoint=where.checkpoint, out=where.out, images=where.images,
                        train_metrics=where.train_metrics)
-    storage.write_text(storage.join(where.out, "config.yaml"), dump_yaml(cfg))
+    storage.write_text(storage.join(where.out, contracts.STAGE_CONFIG), dump_yaml(cfg))
     return EvalResult(out=where.out, metrics=metrics,
-                      metrics_uri=storage.join(where.out, "metrics.json"),
-                      report_html=storage.join(where.out, "report.html"),
-                      report_md=storage.join(where.out, "report.md"))
+                      metrics_uri=storage.join(where.out, contracts.EVAL_METRICS),
+                      report_html=storage.join(where.out, contracts.REPORT_HTML),
+                      report_md=storage.join(where.out, contracts.REPORT_MD))

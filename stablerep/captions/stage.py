@@ -46,6 +46,7 @@ from stablerep.contracts import (
 )
 from stablerep.contracts import (
     PART_SCHEMA,
+    STAGE_CONFIG,
     CaptionsManifest,
     ShardInfo,
     load_captions_manifest,
@@ -309,7 +310,7 @@ def _make_captions(cfg: CaptionsConfig, out: str) -> CaptionsManifest:
         summary=summary, config_fingerprint=fp,
         extra={"stablerep_version": __version__, "columns": PART_SCHEMA.names},
     )
-    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
+    storage.write_text(storage.join(out, STAGE_CONFIG), dump_yaml(cfg))
     write_captions_manifest(manifest)
     manifest.extra["elapsed_s"] = elapsed  # reported, not stored: the manifest stays stable
     manifest.extra["rows_per_s"] = counts.rows_read / max(elapsed, 1e-9)

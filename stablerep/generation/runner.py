@@ -40,6 +40,7 @@ from stablerep import storage
 from stablerep.config import GenerateConfig, dump_yaml, fingerprint, to_dict
 from stablerep.contracts import (
     SHARD_JSON_KIND,
+    STAGE_CONFIG,
     CaptionsManifest,
     TarShardWriter,
     load_captions_manifest,
@@ -479,7 +480,7 @@ class GenerationRun:
             log.warning("generate: %s holds shards of another config; no manifest written",
                         self.out)
             return False
-        storage.write_text(storage.join(self.out, "config.yaml"), dump_yaml(self.cfg))
+        storage.write_text(storage.join(self.out, STAGE_CONFIG), dump_yaml(self.cfg))
         write_images_manifest(self.out, docs, images_per_caption=self.cfg.images_per_caption,
                               fingerprint=self.fingerprint, captions=self.captions_uri)
         return True

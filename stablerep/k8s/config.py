@@ -37,6 +37,21 @@ def check_dns_1035(where: str, value: str) -> None:
                           "ending with '-')")
 
 
+def check_dns_1123_subdomain(where: str, value: str, *, max_len: int = 253) -> None:
+    """A Kubernetes object name that must be a DNS-1123 subdomain (service accounts, queues).
+
+    Args:
+        where: the field, for the message.
+        value: the name.
+        max_len: 253, or 63 for a name that is also a label value (a Kueue queue name).
+    """
+    parts = value.split(".") if value else [""]
+    if len(value) > max_len or not all(_DNS_1123.match(part) for part in parts):
+        raise ConfigError(f"{where}: got {value!r}, expected a DNS-1123 name (at most {max_len} "
+                          "lower-case letters, digits, '-' and '.', starting and ending with a "
+                          "letter or digit)")
+
+
 def _check_quantity(where: str, value: str) -> None:
     if not _QUANTITY.match(str(value)):
         raise ConfigError(f"{where}: got {value!r}, expected a Kubernetes quantity such as "
@@ -87,6 +102,8 @@ class PodConfig:
         if self.priority_class and not _DNS_1123.match(self.priority_class):
             raise ConfigError(f"{where}.priority_class: got {self.priority_class!r}, "
                               "expected a DNS-1123 name")
+        if self.service_account:
+            check_dns_1123_subdomain(f"{where}.service_account", self.service_account)
 
 
 @dataclass
@@ -110,9 +127,12 @@ class ClusterConfig:
     elastic_max_nodes: int | None = None
     elastic_max_restarts: int = 3  # elastic: restarts of the worker group
     labels: dict[str, str] = field(default_factory=dict)  # extra labels on the job and pods
+    queue_name: str = ""  # Kueue LocalQueue admitting the job ("" = no queue label)
 
     def __post_init__(self) -> None:
         check_dns_1035("cluster.name", self.name)
+        if self.queue_name:
+            check_dns_1123_subdomain("cluster.queue_name", self.queue_name, max_len=63)
         if self.namespace and (len(self.namespace) > 63 or not _DNS_1123.match(self.namespace)):
             raise ConfigError(f"cluster.namespace: got {self.namespace!r}, expected a DNS-1123 "
                               "label")

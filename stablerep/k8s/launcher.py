@@ -437,11 +437,12 @@ class Launcher:
             if outcome == "failed":
                 self._delete_job("the launch did not succeed")
         out = _train_out(self.cfg.cluster)
-        from stablerep.storage import join
+        from stablerep import contracts, storage
 
         print(f"launch: {where} succeeded; checkpoints in {out}", file=sys.stderr, flush=True)
         return LaunchResult(self.name, self.namespace, self.kind.kind, attached, out,
-                            join(out, "latest.json"), join(out, "backbone.pt"),
+                            storage.join(out, contracts.LATEST),
+                            storage.join(out, contracts.BACKBONE),
                             time.monotonic() - started)
 
 

@@ -32,6 +32,8 @@ GENERATE_CONTAINER = "generate"
 #: Variables the Trainer v2 torch plugin sets; a TrainJob must not set them itself.
 TORCH_PLUGIN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
                     "PET_MASTER_PORT")
+#: The label Kueue admits a job by (its LocalQueue's name).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LAUNCHER = "stablerep-launcher"  # the launcher's ServiceAccount, Role and RoleBinding
 _NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
 _SHM = "dshm"
@@ -190,6 +192,11 @@ TRAIN_COMMAND = ["python", "-m", "stablerep.train_launch"]
 PERMANENT_EXIT_CODES = list(range(1, FIRST_RETRYABLE))
 
 
+def _job_labels(cfg: ClusterConfig) -> dict[str, str]:
+    """The training job's own labels: the config's, and Kueue's queue label when queued."""
+    return {**cfg.labels, QUEUE_LABEL: cfg.queue_name} if cfg.queue_name else dict(cfg.labels)
+
+
 def _train_command(cfg: ClusterConfig) -> tuple[list[str], list[str]]:
     return list(TRAIN_COMMAND), ["-m", "stablerep.train",
                                  *stage_args(cfg.recipe, cfg.data_root, cfg.overrides)]
@@ -239,7 +246,7 @@ def pytorchjob(cfg: ClusterConfig) -> dict[str, Any]:
         if cfg.nodes > 1:
             spec["pytorchReplicaSpecs"]["Worker"] = replicas(cfg.nodes - 1)
     return {"apiVersion": PYTORCHJOB_API, "kind": "PyTorchJob",
-            "metadata": _metadata(cfg.name, cfg.namespace, cfg.labels, "train", cfg.pod),
+            "metadata": _metadata(cfg.name, cfg.namespace, _job_labels(cfg), "train", cfg.pod),
             "spec": spec}
 
 
@@ -283,7 +290,7 @@ def trainjob(cfg: ClusterConfig) -> dict[str, Any]:
     if cfg.active_deadline_s is not None:
         spec["activeDeadlineSeconds"] = cfg.active_deadline_s
     return {"apiVersion": TRAINJOB_API, "kind": "TrainJob",
-            "metadata": _metadata(cfg.name, cfg.namespace, cfg.labels, "train", cfg.pod),
+            "metadata": _metadata(cfg.name, cfg.namespace, _job_labels(cfg), "train", cfg.pod),
             "spec": spec}
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from stablerep import storage
 from stablerep.config import TrainConfig, to_dict
+from stablerep.contracts import TRAIN_METRICS
 from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
 from stablerep.data.shards import ShardRef, discover
 from stablerep.distributed import (
@@ -200,7 +201,7 @@ class MetricsLog:
 
     def resume(self, step: int) -> None:
         """Keep the lines of steps up to ``step`` from an earlier run."""
-        uri = storage.join(self.out, "metrics.jsonl")
+        uri = storage.join(self.out, TRAIN_METRICS)
         if self.enabled and storage.exists(uri):
             self.lines = [ln for ln in storage.read_text(uri).splitlines()
                           if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -219,7 +220,7 @@ class MetricsLog:
         """Publish metrics.jsonl and the TensorBoard files to ``out``."""
         if not self.enabled:
             return
-        storage.write_text(storage.join(self.out, "metrics.jsonl"),
+        storage.write_text(storage.join(self.out, TRAIN_METRICS),
                            "\n".join(self.lines) + ("\n" if self.lines else ""))
         if self.writer is not None:
             self.writer.flush()

@@ -63,6 +63,9 @@ def test_run_local_tiny_pipeline(tmp_path):
     assert Path(_artifact(root, "evaluate", "report_md")["uri"]).read_text()
     train = _artifact(root, "train", "metrics")["metadata"]
     assert train["steps"] == 2 and math.isfinite(train["final_loss"])
+    result = json.loads((root / "train" / "result.json").read_text())  # what the step logged
+    assert (train["final_loss"], train["images_per_s"]) == (result["final_loss"],
+                                                            result["images_per_s"])
     caps = _artifact(root, "captions", "dataset")["metadata"]
     assert caps["count"] == 8 and caps["num_shards"] == 2
     assert caps["uri"] == str(root / "captions")
@@ -87,4 +90,7 @@ def test_first_step_fails_naming_the_parameter(tmp_path, capfd):
         validate(**params)
     text = capfd.readouterr()
     assert "parameter inference_steps: got 0, expected a value >= 1" in text.out + text.err
+    # the step's own output: one error line and exit status 2, no traceback
+    assert "error: parameter inference_steps: got 0" in text.out + text.err
+    assert "Traceback" not in text.out + text.err
     assert not (tmp_path / "r").exists()

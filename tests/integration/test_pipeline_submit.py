@@ -157,3 +157,25 @@ def test_bad_parameter_is_refused_before_any_request(param, expected):
     assert out.returncode == 2
     assert out.stderr.startswith(expected), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_service_account_is_the_runs():
+    with kfp_fake.kfp_server() as (url, state):
+        for extra in ([], ["--upload", "stablerep"]):
+            out = _run([sys.executable, "-m", "stablerep.cli", "pipeline", "submit", "--host",
+                        url, "--experiment", "E", "--service-account", "stablerep-runner",
+                        *extra])
+            assert out.returncode == 0, out.stdout + out.stderr
+        runs = state.posted("/runs")
+    assert [r["service_account"] for r in runs] == ["stablerep-runner"] * 2
+
+
+def test_bad_service_account_is_refused_before_any_request():
+    with kfp_fake.kfp_server() as (url, state):
+        out = _run([sys.executable, "-m", "stablerep.cli", "pipeline", "submit", "--host", url,
+                    "--experiment", "E", "--service-account", "Runner_SA"])
+        assert state.requests == []
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: --service-account: got 'Runner_SA', expected a DNS-1123 name (at most 253 "
+        "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"]

@@ -126,6 +126,9 @@ def test_run_training(trained) -> None:
     assert result.final_loss == pytest.approx(lines[-1]["loss"])
     assert result.images_per_s == lines[-1]["images_per_s"] > 0
     assert "model: vit_tiny" in (train / "config.yaml").read_text()
+    from stablerep.contracts import read_train_result
+
+    assert read_train_result(str(train)) == result  # rank 0 published it
 
 
 def test_run_eval(trained) -> None:

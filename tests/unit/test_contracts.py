@@ -147,3 +147,67 @@ def test_a_missing_shard_is_named(tmp_path: Path) -> None:
     contracts.check_complete(folder, {**records, **{
         f"{folder}/shard-00000{i}.json": {**_record(i, 2), "num_shards": 4} for i in (1, 2)}})
     contracts.check_complete(folder, {"a.json": {"tar": "a.tar"}})  # hand-made: not checked
+
+
+# ---------------------------------------------------------------------------- training result
+
+
+def _result(out: Path, **changes) -> contracts.TrainResult:
+    values = dict(out=str(out), steps=40, final_loss=2.5, images_per_s=812.25, world_size=16,
+                  seconds=12.5, method="stablerep", model="vit_tiny_patch16_224",
+                  checkpoint=str(out / "ckpt-00000040.pt"), latest=str(out / "latest.json"),
+                  backbone=str(out / "backbone.pt"), metrics=str(out / "metrics.jsonl"))
+    return contracts.TrainResult(**{**values, **changes})
+
+
+def test_train_result_round_trip(tmp_path: Path) -> None:
+    result = _result(tmp_path)
+    uri = contracts.write_train_result(result)
+    assert uri == str(tmp_path / contracts.TRAIN_RESULT) == str(tmp_path / "result.json")
+    doc = json.loads(Path(uri).read_text())
+    assert doc["kind"] == "stablerep.train.result" and doc["version"] == 1
+    assert doc["final_loss"] == 2.5 and doc["world_size"] == 16
+    assert contracts.read_train_result(str(tmp_path)) == result
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # nothing staged left
+
+
+def test_train_result_unknown_loss_is_null(tmp_path: Path) -> None:
+    contracts.write_train_result(_result(tmp_path, final_loss=float("nan")))
+    assert json.loads((tmp_path / "result.json").read_text())["final_loss"] is None
+    back = contracts.read_train_result(str(tmp_path))
+    assert back.final_loss != back.final_loss and back.steps == 40
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("steps"), "missing key 'steps'; expected the training result that "
+                               "`stablerep train` writes"),
+    (lambda d: d.update(steps="40"), "key 'steps': got '40', expected int"),
+    (lambda d: d.update(world_size=True), "key 'world_size': got True, expected int"),
+    (lambda d: d.update(images_per_s=None), "key 'images_per_s': got None, expected number"),
+    (lambda d: d.update(backbone=3), "key 'backbone': got 3, expected str"),
+    (lambda d: d.update(kind="stablerep.images"), "kind 'stablerep.images'; expected "
+                                                  "'stablerep.train.result' (the training "
+                                                  "result that `stablerep train` writes)"),
+])
+def test_train_result_wrong_key_named(edit, message, tmp_path: Path) -> None:
+    doc = _result(tmp_path).to_json()
+    edit(doc)
+    (tmp_path / "result.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError) as e:
+        contracts.read_train_result(str(tmp_path))
+    assert str(e.value) == f"{tmp_path / 'result.json'}: {message}"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no training result (the run has not finished"),
+    ("[1, 2]", "a JSON list; expected the JSON training result (an object)"),
+    ("{not json", "not valid JSON"),
+])
+def test_train_result_missing_or_not_an_object(content, message, tmp_path: Path) -> None:
+    if content is not None:
+        (tmp_path / "result.json").write_text(content)
+    with pytest.raises(InputError) as e:
+        contracts.read_train_result(str(tmp_path))
+    text = str(e.value)
+    assert text.startswith(str(tmp_path / "result.json")) and message in text, text
+    assert "\n" not in text
