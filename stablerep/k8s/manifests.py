@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from stablerep.errors import ConfigError
-from stablerep.k8s.config import ClusterConfig, GenerationJobConfig, PodConfig
+from stablerep.k8s.config import QUEUE_LABEL, ClusterConfig, GenerationJobConfig, PodConfig
 
 PYTORCHJOB_API = "kubeflow.org/v1"
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
@@ -185,6 +185,11 @@ def _train_command(cfg: ClusterConfig) -> tuple[list[str], list[str]]:
                           *stage_args(cfg.recipe, cfg.data_root, cfg.overrides)]
 
 
+def _job_labels(cfg: ClusterConfig) -> dict[str, str]:
+    """The training job's own labels: cfg.labels, and Kueue's queue label when queue_name is set."""
+    return {**cfg.labels, QUEUE_LABEL: cfg.queue_name} if cfg.queue_name else cfg.labels
+
+
 def pytorchjob(cfg: ClusterConfig) -> dict[str, Any]:
     """A ``kubeflow.org/v1`` PyTorchJob: Master x1 (+ Worker x nodes-1), or elastic Workers.
 
@@ -216,7 +221,7 @@ def pytorchjob(cfg: ClusterConfig) -> dict[str, Any]:
         if cfg.nodes > 1:
             spec["pytorchReplicaSpecs"]["Worker"] = replicas(cfg.nodes - 1)
     return {"apiVersion": PYTORCHJOB_API, "kind": "PyTorchJob",
-            "metadata": _metadata(cfg.name, cfg.namespace, cfg.labels, "train", cfg.pod),
+            "metadata": _metadata(cfg.name, cfg.namespace, _job_labels(cfg), "train", cfg.pod),
             "spec": spec}
 
 
@@ -260,7 +265,7 @@ def trainjob(cfg: ClusterConfig) -> dict[str, Any]:
     if cfg.active_deadline_s is not None:
         spec["activeDeadlineSeconds"] = cfg.active_deadline_s
     return {"apiVersion": TRAINJOB_API, "kind": "TrainJob",
-            "metadata": _metadata(cfg.name, cfg.namespace, cfg.labels, "train", cfg.pod),
+            "metadata": _metadata(cfg.name, cfg.namespace, _job_labels(cfg), "train", cfg.pod),
             "spec": spec}
 
 
@@ -317,17 +322,20 @@ def launcher_rbac(namespace: str = "") -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding for the training launcher in one namespace.
 
     The Role grants exactly what the launcher does (a test records its calls against a live
-    fake API server): create, get, list, watch and delete training jobs of both kinds; list
-    pods, get their logs and list events, to stream the log and say why a job is stuck.
+    fake API server): create, get, list, watch, patch (re-own on attach) and delete training
+    jobs of both kinds; get and list pods (its own pod names the pipeline run's Workflow; the
+    master's restarts), get their logs and list events, to stream the log and say why a job
+    is stuck; get Argo ``workflows``, to tell a cancelled run from an evicted launcher.
     """
     meta = _metadata(LAUNCHER, namespace, {}, "launcher")
-    job_verbs = ["create", "get", "list", "watch", "delete"]
+    job_verbs = ["create", "get", "list", "watch", "patch", "delete"]
     rules = [
         {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": job_verbs},
         {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": job_verbs},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+        {"apiGroups": ["argoproj.io"], "resources": ["workflows"], "verbs": ["get"]},
     ]
     subject = {"kind": "ServiceAccount", "name": LAUNCHER}
     if namespace:
