@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -39,28 +38,24 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from stablerep.errors import StablerepError
+from stablerep.k8s.api import Api, LaunchError, _reason, say
 from stablerep.k8s.config import QUEUE_LABEL, ClusterConfig, check_dns_1035
 from stablerep.k8s.follow import LogFollower, container_state, gated, restarts, stuck_reason
-from stablerep.k8s.manifests import PYTORCHJOB_API, TRAINJOB_API, training_job
+from stablerep.k8s.manifests import training_job
 from stablerep.k8s.owner import WORKFLOW_API, Owner, pod_namespace, stopping, workflow_of
-from stablerep.k8s.retry import ApiUnreachable, Retrier, is_transient, take_over_retries
+from stablerep.k8s.retry import ApiUnreachable, Retrier, is_transient
 from stablerep.k8s.validate import check_manifest
 
 log = logging.getLogger(__name__)
 
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-RBAC_HINT = "apply the launcher's RBAC (kubectl apply -k k8s/base/rbac -n NAMESPACE)"
 #: The longest the SIGTERM path waits for the API (a pod's grace period is 30 s by default).
 SIGTERM_API_S = 15.0
-
-
-class LaunchError(StablerepError):
-    """The training job could not be started, failed, or was stopped; its message is one line."""
 
 
 class _Abandon(LaunchError):
@@ -73,52 +68,6 @@ class _Abandon(LaunchError):
 
 class _Cancelled(BaseException):
     """SIGTERM arrived: unwind to the clean-up (a BaseException, so nothing swallows it)."""
-
-
-@dataclass(frozen=True)
-class JobKind:
-    """Where one kind of training job lives in the API, and how its pods are labelled."""
-
-    kind: str
-    api_version: str
-    plural: str
-    pod_selector: str  # label selector of the job's pods; {name} = job name
-    master_selector: str  # selector of the pod whose log is streamed
-    done: tuple[str, ...]  # condition types meaning success
-    operator: str  # what to install when the group is not served
-    suspend_path: tuple[str, ...]  # where in spec the job is suspended (a queue holds it)
-
-    @property
-    def group(self) -> str:
-        return self.api_version.split("/")[0]
-
-    @property
-    def version(self) -> str:
-        return self.api_version.split("/")[1]
-
-    @property
-    def resource(self) -> str:
-        return self.plural
-
-    def suspended(self, job: dict[str, Any]) -> bool:
-        """Whether the job is held (spec.runPolicy.suspend / spec.suspend is true)."""
-        node: Any = job.get("spec") or {}
-        for key in self.suspend_path:
-            node = node.get(key) if isinstance(node, dict) else None
-        return node is True
-
-
-KINDS = {
-    "pytorchjob": JobKind(
-        "PyTorchJob", PYTORCHJOB_API, "pytorchjobs", "training.kubeflow.org/job-name={name}",
-        "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
-        ("Succeeded",), "the Kubeflow Training Operator (PyTorchJob)", ("runPolicy", "suspend")),
-    "trainjob": JobKind(
-        "TrainJob", TRAINJOB_API, "trainjobs", "jobset.sigs.k8s.io/jobset-name={name}",
-        "jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0",
-        ("Complete", "Succeeded"), "Kubeflow Trainer v2 (TrainJob)", ("suspend",)),
-}
-_OTHER = {"pytorchjob": "trainjob", "trainjob": "pytorchjob"}
 
 
 def _check_seconds(name: str, value: float | None, optional: bool = False) -> None:
@@ -201,123 +150,7 @@ def _train_out(cluster: ClusterConfig) -> str:
     return out or join(data_root or "./data", "train")
 
 
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-class _Api:
-    """The launcher's API calls: each retried through :class:`Retrier`, 403 / an unserved
-    group turned into one clear LaunchError."""
-
-    def __init__(self, cfg: LaunchConfig, api_client: Any, namespace: str, name: str):
-        from kubernetes import client
-
-        self.cfg = cfg
-        self.kind = KINDS[cfg.cluster.backend]
-        self.namespace = namespace
-        self.name = name
-        take_over_retries(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.retrier = Retrier(cfg.api_unreachable_s, cfg.backoff_s, cfg.backoff_max_s, _say)
-
-    def _translate(self, e: Any, verb: str, resource: str) -> LaunchError | None:
-        """403 and an unserved API group as one clear LaunchError; None for anything else."""
-        if e.status == 403:
-            return LaunchError(f"forbidden: cannot {verb} {resource} in namespace "
-                               f"{self.namespace!r} ({_reason(e)}); {RBAC_HINT}")
-        if e.status == 404 and resource == self.kind.plural and not _is_status(e):
-            return LaunchError(
-                f"{self.kind.operator} is not installed on this cluster ("
-                f"{self.kind.api_version} {self.kind.plural} is not served); install it, "
-                f"or use train_backend={_OTHER[self.cfg.cluster.backend]} / local")
-        return None
-
-    def call(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any,
-             **kwargs: Any) -> Any:
-        """One API call, retried while the API is in trouble; 403 etc. as LaunchError."""
-        from kubernetes.client.rest import ApiException
-
-        limit = self.cfg.request_timeout_s  # (connect, read): the client ignores a float
-        kwargs.setdefault("_request_timeout", (limit, limit))
-        try:
-            return self.retrier.call(f"{verb} {resource}", fn, *args, **kwargs)
-        except ApiException as e:
-            raise (self._translate(e, verb, resource) or e) from None
-
-    def job_call(self, verb: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        k = self.kind
-        return self.call(verb, k.plural, fn, k.group, k.version, self.namespace, k.plural,
-                         *args, **kwargs)
-
-    def get_json(self, resource: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """GET returning the parsed object, or None when it does not exist (404)."""
-        from kubernetes.client.rest import ApiException
-
-        try:
-            resp = self.call("get", resource, fn, *args, _preload_content=False)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return json.loads(resp.data)
-
-    def get_job(self) -> dict[str, Any] | None:
-        from kubernetes.client.rest import ApiException
-
-        try:
-            return self.job_call("get", self.custom.get_namespaced_custom_object, self.name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def list_job(self) -> tuple[dict[str, Any] | None, str]:
-        """(the job or None, the list's resourceVersion to watch from)."""
-        listing = self.job_call("list", self.custom.list_namespaced_custom_object,
-                                field_selector=f"metadata.name={self.name}")
-        items = listing.get("items", [])
-        return (items[0] if items else None), listing["metadata"]["resourceVersion"]
-
-    def watch(self, resource_version: str | None) -> Iterator[dict[str, Any]]:
-        """Job events from ``resource_version``; ends on timeout; raises ApiException(410)."""
-        from kubernetes import watch
-        from kubernetes.client.rest import ApiException
-
-        k = self.kind
-        kwargs: dict[str, Any] = {"field_selector": f"metadata.name={self.name}",
-                                  "timeout_seconds": self.cfg.watch_timeout_s,
-                                  "_request_timeout": (self.cfg.request_timeout_s,
-                                                       self.cfg.watch_timeout_s
-                                                       + self.cfg.request_timeout_s)}
-        if resource_version:
-            kwargs["resource_version"] = resource_version
-        try:
-            yield from watch.Watch().stream(self.custom.list_namespaced_custom_object, k.group,
-                                            k.version, self.namespace, k.plural, **kwargs)
-        except ApiException as e:
-            raise (self._translate(e, "watch", k.plural) or e) from None
-
-    def pods(self, selector: str) -> list[dict[str, Any]]:
-        resp = self.call("list", "pods", self.core.list_namespaced_pod, self.namespace,
-                         label_selector=selector.format(name=self.name),
-                         _preload_content=False)
-        return json.loads(resp.data).get("items", [])
-
-    def warnings(self, name: str) -> list[str]:
-        """Warning events' messages about the object ``name`` (oldest first)."""
-        resp = self.call("list", "events", self.core.list_namespaced_event, self.namespace,
-                         field_selector=f"involvedObject.name={name}", _preload_content=False)
-        return [e.get("message", "") for e in json.loads(resp.data).get("items", [])
-                if e.get("type") == "Warning"]
-
-    def workflow(self, namespace: str, name: str) -> dict[str, Any] | None:
-        group, version, plural = WORKFLOW_API
-        return self.get_json("workflows", self.custom.get_namespaced_custom_object, group,
-                             version, namespace, plural, name)
-
-
-class Launcher(_Api):
+class Launcher(Api):
     """Creates one training job and follows it to its end. See the module docstring."""
 
     def __init__(self, cfg: LaunchConfig, api_client: Any, namespace: str):
@@ -349,7 +182,7 @@ class Launcher(_Api):
                 wf_uid = ((self.workflow(pod_ns, wf_name) or {}).get("metadata") or {}).get(
                     "uid", "")
         if pod_ns != self.namespace:  # owners must live in the job's namespace
-            _say(f"launch: the launcher runs in namespace {pod_ns!r}, the job in "
+            say(f"launch: the launcher runs in namespace {pod_ns!r}, the job in "
                  f"{self.namespace!r}: the job has no owner (deleting the run does not "
                  "collect it)")
         elif wf_name and wf_uid:
@@ -369,7 +202,7 @@ class Launcher(_Api):
         self.job_call("patch", self.custom.patch_namespaced_custom_object, self.name,
                       {"metadata": {"ownerReferences": kept + [self.owner.reference()]}})
         was = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in refs) or "no owner"
-        _say(f"launch: {self.where} is now owned by Workflow {self.owner.name} (was: {was})")
+        say(f"launch: {self.where} is now owned by Workflow {self.owner.name} (was: {was})")
 
     def run_stopping(self) -> str:
         """Why the pipeline run is being stopped, "" while it runs (or outside a workflow)."""
@@ -411,9 +244,9 @@ class Launcher(_Api):
         try:
             self.job_call("delete", self.custom.delete_namespaced_custom_object, self.name,
                           body={"propagationPolicy": "Background"})
-            _say(f"launch: deleted {self.where} ({why})")
+            say(f"launch: deleted {self.where} ({why})")
         except (ApiException, StablerepError) as e:
-            _say(f"launch: could not delete {self.where}: {e}")
+            say(f"launch: could not delete {self.where}: {e}")
 
     # ------------------------------------------------------------------ following
 
@@ -486,7 +319,7 @@ class Launcher(_Api):
                                  self.namespace, tail_lines=self.cfg.log_tail_lines,
                                  previous=previous)
                 if previous:
-                    _say(f"launch: {name} restarted {restarts(pod)} time(s); its last log "
+                    say(f"launch: {name} restarted {restarts(pod)} time(s); its last log "
                          "lines are from the previous container run")
                 return name, str(text).splitlines()
         return "", []
@@ -501,7 +334,7 @@ class Launcher(_Api):
             return self._queued(job, now, "pods scheduling-gated")
         if self._admitted is None:
             if self._queued_since is not None:
-                _say(f"launch: {self.where} was admitted after "
+                say(f"launch: {self.where} was admitted after "
                      f"{now - self._queued_since:.0f}s in the queue")
             self._admitted, self._queued_since = now, None
         self._check_pods(pods, now)
@@ -519,7 +352,7 @@ class Launcher(_Api):
         where = f"Kueue queue {queue!r}" if queue else "a queue"
         if now - self._reported >= self.cfg.report_every_s:
             self._reported = now
-            _say(f"launch: {self.where} is queued in {where} ({how}) for {now - since:.0f}s; "
+            say(f"launch: {self.where} is queued in {where} ({how}) for {now - since:.0f}s; "
                  "waiting for admission")
         limit = self.cfg.queue_timeout_s
         if limit is not None and now - since > limit:
@@ -575,13 +408,13 @@ class Launcher(_Api):
         self.find_owner()
         job = self.get_job()
         if job is None and self.create_job():
-            _say(f"launch: created {self.where}"
+            say(f"launch: created {self.where}"
                  + (f" (owned by {self.owner.kind} {self.owner.name})" if self.owner else ""))
             return False
         job = job or self.get_job()
         if job is None:
             raise LaunchError(f"{self.where} was deleted while the launcher attached to it")
-        _say(f"launch: attached to existing {self.where}")
+        say(f"launch: attached to existing {self.where}")
         self.reown(job)
         return True
 
@@ -608,7 +441,7 @@ class Launcher(_Api):
         out = _train_out(self.cfg.cluster)
         from stablerep.storage import join
 
-        _say(f"launch: {self.where} succeeded; checkpoints in {out}")
+        say(f"launch: {self.where} succeeded; checkpoints in {out}")
         return LaunchResult(self.name, self.namespace, self.kind.kind, attached, out,
                             join(out, "latest.json"), join(out, "backbone.pt"),
                             time.monotonic() - started)
@@ -619,12 +452,12 @@ class Launcher(_Api):
             self.delete_job(f"the launcher was cancelled ({signal_name})")
             raise LaunchError(f"{self.where}: cancelled ({signal_name}); the job was deleted")
         self.retrier = Retrier(min(SIGTERM_API_S, self.cfg.api_unreachable_s),
-                               self.cfg.backoff_s, self.cfg.backoff_max_s, _say)
+                               self.cfg.backoff_s, self.cfg.backoff_max_s, say)
         try:
             why = self.run_stopping()
         except Exception as e:  # noqa: BLE001 (the run's state is unknown: keep the job)
             why = ""
-            _say(f"launch: could not read pipeline run {self.run_ref[1]} ({e}); keeping the "
+            say(f"launch: could not read pipeline run {self.run_ref[1]} ({e}); keeping the "
                  "job")
         if why:
             self.delete_job(why)
@@ -637,21 +470,6 @@ class Launcher(_Api):
         for follower in self._followers.values():
             follower.stop(wait_s=2.0)
         self._followers.clear()
-
-
-def _is_status(e: Any) -> bool:
-    """Whether an ApiException carries a Kubernetes Status (an object 404, not a route 404)."""
-    try:
-        return json.loads(e.body or "").get("kind") == "Status"
-    except (ValueError, AttributeError):
-        return False
-
-
-def _reason(e: Any) -> str:
-    try:
-        return json.loads(e.body or "").get("message") or str(e.reason)
-    except (ValueError, AttributeError):
-        return str(e.reason)
 
 
 @contextlib.contextmanager
