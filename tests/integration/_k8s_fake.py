@@ -278,11 +278,26 @@ class _Handler(BaseHTTPRequestHandler):
                           "code": code})
 
     def _start_stream(self, content_type: str) -> None:
+        """A chunked answer, as a real API server streams a watch or a log follow."""
         self.send_response(200)
         self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+
+    def _chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+    def _streamed(self, content_type: str, body: Any, *args: Any) -> None:
+        """Run ``body(*args)`` as a chunked stream, ending it however the body returns."""
+        self._start_stream(content_type)
+        try:
+            body(*args)
+        finally:
+            self.wfile.write(b"0\r\n\r\n")
 
     # ------------------------------------------------------------------ routing
 
@@ -385,7 +400,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._status(404, "NotFound", f'{plural} "{name}" not found')
             return self._send(200, obj)
         if verb == "watch":
-            return self._watch(plural, ns, query)
+            return self._streamed("application/json", self._watch, plural, ns, query)
         items = self._select(plural, ns, query)
         self._send(200, {"apiVersion": "v1", "kind": "List", "items": items,
                          "metadata": {"resourceVersion": str(self.kube.rv)}})
@@ -410,7 +425,6 @@ class _Handler(BaseHTTPRequestHandler):
         field = query.get("fieldSelector", "")
         wanted = field.split("=", 1)[1] if field.startswith("metadata.name=") else None
         timeout = min(float(query.get("timeoutSeconds", WATCH_CAP_S)), WATCH_CAP_S)
-        self._start_stream("application/json")
         since = query.get("resourceVersion")
         with kube.cond:
             if kube.expire:
@@ -418,13 +432,13 @@ class _Handler(BaseHTTPRequestHandler):
                 gone = {"type": "ERROR", "object": {
                     "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
                     "reason": "Expired", "message": f"too old resource version: {since}"}}
-                self.wfile.write((json.dumps(gone) + "\n").encode())
+                self._chunk((json.dumps(gone) + "\n").encode())
                 return
             last = int(since) if since else kube.rv
             if not since:  # a watch without a version starts with the current objects
                 for obj in self._select(plural, ns, query):
-                    self.wfile.write((json.dumps({"type": "ADDED", "object": obj}) + "\n")
-                                     .encode())
+                    self._chunk((json.dumps({"type": "ADDED", "object": obj}) + "\n")
+                                .encode())
         deadline = time.monotonic() + timeout
         while True:
             with kube.cond:
@@ -438,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
                     kube.cond.wait(min(left, 0.2))
                     continue
             for rv, kind, obj in events:
-                self.wfile.write((json.dumps({"type": kind, "object": obj}) + "\n").encode())
+                self._chunk((json.dumps({"type": kind, "object": obj}) + "\n").encode())
                 last = rv
             self.wfile.flush()
 
@@ -483,12 +497,11 @@ class _Handler(BaseHTTPRequestHandler):
             tail = int(query["tailLines"]) if "tailLines" in query else len(lines)
             text = "".join(f"{line}\n" for line in lines[len(lines) - tail:])
             return self._send(200, text.encode(), "text/plain")
-        self._follow_log(ns, pod, run)
+        self._streamed("text/plain", self._follow_log, ns, pod, run)
 
     def _follow_log(self, ns: str, pod: str, run: int) -> None:
         """Stream one container run's log until it exits (or the server stops)."""
         kube = self.kube
-        self._start_stream("text/plain")
         sent = 0
         while not kube.stopping:
             with kube.cond:
@@ -497,8 +510,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if not new and not done:
                     kube.cond.wait(0.2)
                     continue
-            self.wfile.write("".join(f"{line}\n" for line in new).encode())
-            self.wfile.flush()
+            self._chunk("".join(f"{line}\n" for line in new).encode())
             sent += len(new)
             if done:
                 return
