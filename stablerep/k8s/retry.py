@@ -78,7 +78,7 @@ def take_over_retries(api_client: Any) -> None:
 class Retrier:
     """Retries transient API failures; raises :class:`ApiUnreachable` past the bound.
 
-    Thread-safe: the log streamer and the follower share one run of failures.
+    Thread-safe (one run of failures, whichever thread meets it).
 
     Args:
         unreachable_s: longest unbroken run of failures before giving up.

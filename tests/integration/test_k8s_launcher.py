@@ -418,6 +418,31 @@ def test_api_trouble_mid_run_is_retried_and_the_job_kept(cluster, capfd, verb, r
     assert cluster.kube.get("pytorchjobs", NS, JOB) is not None
 
 
+def test_trouble_on_get_create_and_logs_is_retried_and_the_log_complete(cluster, capfd):
+    kube = cluster.kube
+    kube.inject("get", "pytorchjobs", ("status", 503))
+    kube.inject("create", "pytorchjobs", ("drop",))
+    kube.inject("get", "pods/log", ("status", 500), ("drop",))
+
+    def operator(job: str) -> None:
+        _running(cluster, job)
+        kube.append_log(NS, f"{job}-master-0", "train: step 10 loss 5.41")
+        time.sleep(0.8)
+        kube.append_log(NS, f"{job}-master-0", "train: step 20 loss 4.97", done=True)
+        _succeed(cluster, job)
+
+    cluster.on_create(operator)
+    result = launch(_config(), client=cluster.client)
+    out, err = capfd.readouterr()
+    assert not result.attached
+    assert "API trouble on get pytorchjobs: HTTP 503" in err
+    assert "API trouble on create pytorchjobs: ProtocolError" in err
+    assert not kube.faults[("get", "pods/log")], "both log faults were met"
+    lines = out.splitlines()
+    assert lines.count("train: step 10 loss 5.41") == 1 and lines.count(
+        "train: step 20 loss 4.97") == 1, out
+
+
 def test_create_that_timed_out_but_worked_attaches(cluster, capfd):
     cluster.kube.inject("create", "pytorchjobs", ("late", 2.0))
     cluster.on_create(lambda job: (time.sleep(2.5), _succeed(cluster, job)))
