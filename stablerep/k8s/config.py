@@ -26,6 +26,8 @@ CleanPodPolicy = Literal["None", "Running", "All"]
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: The label Kueue reads a workload's LocalQueue from.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
@@ -127,12 +129,15 @@ class ClusterConfig:
     elastic_max_nodes: int | None = None
     elastic_max_restarts: int = 3  # elastic: restarts of the worker group
     labels: dict[str, str] = field(default_factory=dict)  # extra labels on the job and pods
-    queue_name: str = ""  # Kueue LocalQueue admitting the job ("" = no queue label)
+    queue_name: str = ""  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name); "" = none
 
     def __post_init__(self) -> None:
         check_dns_1035("cluster.name", self.name)
-        if self.queue_name:
-            check_dns_1123_subdomain("cluster.queue_name", self.queue_name, max_len=63)
+        if self.queue_name and (len(self.queue_name) > 63
+                                or not _DNS_1123.match(str(self.queue_name))):
+            raise ConfigError(f"cluster.queue_name: got {self.queue_name!r}, expected the name "
+                              "of a Kueue LocalQueue (a DNS-1123 label: at most 63 lower-case "
+                              "letters, digits and '-')")
         if self.namespace and (len(self.namespace) > 63 or not _DNS_1123.match(self.namespace)):
             raise ConfigError(f"cluster.namespace: got {self.namespace!r}, expected a DNS-1123 "
                               "label")

@@ -1,28 +1,36 @@
-"""The training launcher: create (or attach to) a PyTorchJob / TrainJob, follow it, clean up.
+"""The training launcher: create (or attach to) a PyTorchJob / TrainJob and follow it.
 
 What a pipeline step or a laptop runs to train on a cluster::
 
     result = launch(LaunchConfig(cluster=cluster_config, run_id=RUN_ID, task="train"))
 
 - **Idempotent.** The job's name derives from the pipeline run and task (or is given); an
-  existing job of that name is attached to, never created twice, and one that already
-  succeeded returns at once.
-- **Nothing left behind.** The job is owned by the launcher's own pod (``POD_NAME`` /
-  ``POD_UID`` from the downward API), so Kubernetes collects it with the pod; on SIGTERM (a
-  cancelled run), failure or timeout the launcher deletes it itself. Success keeps it until
-  its TTL.
-- **Watches.** It follows the job with a watch from the last resourceVersion, re-listing on
-  ``410 Gone`` or a dropped connection, and streams the master pod's log to its own output.
-- **Says why it is stuck.** Pods that stay Pending (unschedulable, image pull back-off) or
-  crash-loop past ``schedule_timeout_s`` fail the launch with the reason from the pod's
-  conditions, container states and events, naming the pod; the job is deleted.
+  existing job of that name is attached to, never created twice (a create that timed out but
+  succeeded answers 409 and is attached to), and one that already succeeded returns at once.
+- **The job lives as long as the run, not the launcher pod.** In a pipeline the job is owned
+  by the run's Argo Workflow (:mod:`stablerep.k8s.owner`): deleting the run garbage-collects
+  it; an evicted, preempted or drained launcher pod leaves it running and the step's retry
+  attaches (re-owning it if needed) and follows it to its end. On SIGTERM the launcher reads
+  the Workflow: stopped, terminated or gone -> the job is deleted (cancelled); still running
+  -> the job is left for the retry. Outside a workflow (a laptop) SIGTERM / Ctrl-C deletes it.
+- **The API's trouble is not the job's.** 5xx, 429, timeouts and dropped connections on any
+  call are retried with capped backoff (:mod:`stablerep.k8s.retry`); past
+  ``api_unreachable_s`` the launch fails and leaves the job running.
+- **Queued is not stuck.** A job a queue holds (suspended by Kueue, scheduling-gated pods) is
+  reported as queued and waited for (``queue_timeout_s``, default forever); the schedule and
+  run timeouts count from admission.
+- **Only real failures delete.** ``timeout_s``, ``queue_timeout_s`` and a pod stuck past
+  ``schedule_timeout_s`` after admission (unschedulable, image pull, crash loop) delete the
+  job. A job that Failed is kept until its TTL; the operator's reason and the master's last
+  log lines are printed. Success keeps it until its TTL.
+- **Logs.** The master pod's log is copied to stdout across container restarts
+  (:mod:`stablerep.k8s.follow`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -30,68 +38,44 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from stablerep.errors import StablerepError
-from stablerep.k8s.config import ClusterConfig, check_dns_1035
-from stablerep.k8s.manifests import PYTORCHJOB_API, TRAINJOB_API, training_job
+from stablerep.k8s.api import Api, LaunchError, _reason, say
+from stablerep.k8s.config import QUEUE_LABEL, ClusterConfig, check_dns_1035
+from stablerep.k8s.follow import LogFollower, container_state, gated, restarts, stuck_reason
+from stablerep.k8s.manifests import training_job
+from stablerep.k8s.owner import WORKFLOW_API, Owner, pod_namespace, stopping, workflow_of
+from stablerep.k8s.retry import ApiUnreachable, Retrier, is_transient
 from stablerep.k8s.validate import check_manifest
 
 log = logging.getLogger(__name__)
 
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-RBAC_HINT = "apply the launcher's RBAC (kubectl apply -k k8s/base/rbac -n NAMESPACE)"
-#: Container states that mean a pod will not make progress by itself.
-STUCK_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CrashLoopBackOff",
-                 "CreateContainerConfigError", "CreateContainerError")
+#: The longest the SIGTERM path waits for the API (a pod's grace period is 30 s by default).
+SIGTERM_API_S = 15.0
 
 
-class LaunchError(StablerepError):
-    """The training job could not be started, failed, or was stopped; its message is one line."""
+class _Abandon(LaunchError):
+    """A real failure of the launch (timeout, stuck pod, queue timeout, cancel): delete the job."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
 
 
 class _Cancelled(BaseException):
     """SIGTERM arrived: unwind to the clean-up (a BaseException, so nothing swallows it)."""
 
 
-@dataclass(frozen=True)
-class JobKind:
-    """Where one kind of training job lives in the API, and how its pods are labelled."""
-
-    kind: str
-    api_version: str
-    plural: str
-    pod_selector: str  # label selector of the job's pods; {name} = job name
-    master_selector: str  # selector of the pod whose log is streamed
-    done: tuple[str, ...]  # condition types meaning success
-    operator: str  # what to install when the group is not served
-
-    @property
-    def group(self) -> str:
-        return self.api_version.split("/")[0]
-
-    @property
-    def version(self) -> str:
-        return self.api_version.split("/")[1]
-
-    @property
-    def resource(self) -> str:
-        return self.plural
-
-
-KINDS = {
-    "pytorchjob": JobKind(
-        "PyTorchJob", PYTORCHJOB_API, "pytorchjobs", "training.kubeflow.org/job-name={name}",
-        "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
-        ("Succeeded",), "the Kubeflow Training Operator (PyTorchJob)"),
-    "trainjob": JobKind(
-        "TrainJob", TRAINJOB_API, "trainjobs", "jobset.sigs.k8s.io/jobset-name={name}",
-        "jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0",
-        ("Complete", "Succeeded"), "Kubeflow Trainer v2 (TrainJob)"),
-}
-_OTHER = {"pytorchjob": "trainjob", "trainjob": "pytorchjob"}
+def _check_seconds(name: str, value: float | None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise LaunchError(f"{name}: got {value!r}, expected a number of seconds > 0"
+                          + (" or None" if optional else ""))
 
 
 @dataclass
@@ -102,20 +86,31 @@ class LaunchConfig:
     run_id: str = ""  # the pipeline run (the job name derives from run_id + task)
     task: str = "train"  # the pipeline task
     job_name: str = ""  # explicit job name (wins over run_id/task)
-    schedule_timeout_s: float = 900.0  # how long pods may stay stuck before the launch fails
-    timeout_s: float | None = None  # whole-run limit (None = none)
+    schedule_timeout_s: float = 900.0  # how long pods may stay stuck after admission
+    timeout_s: float | None = None  # run limit from admission (None = none)
+    queue_timeout_s: float | None = None  # how long a queue may hold the job (None = forever)
     watch_timeout_s: int = 30  # one watch request's length (the loop re-watches)
     log_tail_lines: int = 30  # master log lines quoted when the job fails
     stream_logs: bool = True  # copy the master pod's log to this process's stdout
+    api_unreachable_s: float = 600.0  # API failing this long: fail the step, keep the job
+    request_timeout_s: float = 60.0  # one API request's connect/read limit
+    backoff_s: float = 1.0  # first wait after an API failure (doubles, capped)
+    backoff_max_s: float = 30.0  # longest wait between retries
+    report_every_s: float = 60.0  # how often a queued job is reported
+    workflow_poll_s: float = 30.0  # how often the pipeline run is checked for a cancel
 
     def __post_init__(self) -> None:
         if self.job_name:
             check_dns_1035("job_name", self.job_name)
-        if self.schedule_timeout_s <= 0:
-            raise LaunchError(f"schedule_timeout_s: got {self.schedule_timeout_s}, "
-                              "expected > 0")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise LaunchError(f"timeout_s: got {self.timeout_s}, expected > 0 or None")
+        for name in ("schedule_timeout_s", "api_unreachable_s", "request_timeout_s",
+                     "backoff_s", "backoff_max_s", "report_every_s", "workflow_poll_s"):
+            _check_seconds(name, getattr(self, name))
+        for name in ("timeout_s", "queue_timeout_s"):
+            _check_seconds(name, getattr(self, name), optional=True)
+        if isinstance(self.watch_timeout_s, bool) or not isinstance(self.watch_timeout_s, int) \
+                or self.watch_timeout_s < 1:
+            raise LaunchError(f"watch_timeout_s: got {self.watch_timeout_s!r}, expected an "
+                              "integer >= 1")
 
 
 @dataclass
@@ -141,15 +136,6 @@ def job_name(run_id: str, task: str, default: str) -> str:
     return f"{stem}-{digest}"
 
 
-def _owner_reference() -> list[dict[str, Any]]:
-    """The launcher's pod as owner (downward API env), or [] outside a pod."""
-    name, uid = os.environ.get("POD_NAME", ""), os.environ.get("POD_UID", "")
-    if not (name and uid):
-        return []
-    return [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid,
-             "blockOwnerDeletion": False, "controller": False}]
-
-
 def _train_out(cluster: ClusterConfig) -> str:
     """Where the job writes checkpoints: train.out of its recipe, else <data_root>/train."""
     from stablerep.config import load_config
@@ -164,62 +150,70 @@ def _train_out(cluster: ClusterConfig) -> str:
     return out or join(data_root or "./data", "train")
 
 
-class Launcher:
+class Launcher(Api):
     """Creates one training job and follows it to its end. See the module docstring."""
 
     def __init__(self, cfg: LaunchConfig, api_client: Any, namespace: str):
-        from kubernetes import client
-
-        self.cfg = cfg
-        self.kind = KINDS[cfg.cluster.backend]
-        self.namespace = namespace
-        self.name = cfg.job_name or job_name(cfg.run_id, cfg.task, cfg.cluster.name)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
+        super().__init__(cfg, api_client, namespace,
+                         cfg.job_name or job_name(cfg.run_id, cfg.task, cfg.cluster.name))
+        self.where = f"{self.kind.kind} {namespace}/{self.name}"
+        self.owner: Owner | None = None  # what the job is (to be) owned by
+        self.run_ref: tuple[str, str] | None = None  # (namespace, name) of the Workflow
         self._stuck_since: dict[str, float] = {}
-        self._log_threads: dict[str, threading.Thread] = {}
-        self._stop_logs = threading.Event()
+        self._followers: dict[str, LogFollower] = {}
+        self._admitted: float | None = None  # when the queue let the job run
+        self._queued_since: float | None = None
+        self._reported = 0.0
+        self._polled = time.monotonic()
 
-    # ------------------------------------------------------------------ API calls
+    # ------------------------------------------------------------------ ownership
 
-    def _translate(self, e: Any, verb: str, resource: str) -> LaunchError | None:
-        """403 and an unserved API group as one clear LaunchError; None for anything else."""
-        if e.status == 403:
-            return LaunchError(f"forbidden: cannot {verb} {resource} in namespace "
-                               f"{self.namespace!r} ({_reason(e)}); {RBAC_HINT}")
-        if e.status == 404 and resource == self.kind.plural and not _is_status(e):
-            return LaunchError(
-                f"{self.kind.operator} is not installed on this cluster ("
-                f"{self.kind.api_version} {self.kind.plural} is not served); install it, "
-                f"or use train_backend={_OTHER[self.cfg.cluster.backend]} / local")
-        return None
+    def find_owner(self) -> None:
+        """The run's Workflow (from the launcher pod), else that pod; nothing outside a pod."""
+        pod_name, pod_uid = os.environ.get("POD_NAME", ""), os.environ.get("POD_UID", "")
+        if not pod_name:
+            return
+        pod_ns = pod_namespace(self.namespace)
+        pod = self.get_json("pods", self.core.read_namespaced_pod, pod_name, pod_ns)
+        wf_name, wf_uid = workflow_of(pod or {})
+        if wf_name:
+            self.run_ref = (pod_ns, wf_name)
+            if not wf_uid:
+                wf_uid = ((self.workflow(pod_ns, wf_name) or {}).get("metadata") or {}).get(
+                    "uid", "")
+        if pod_ns != self.namespace:  # owners must live in the job's namespace
+            say(f"launch: the launcher runs in namespace {pod_ns!r}, the job in "
+                 f"{self.namespace!r}: the job has no owner (deleting the run does not "
+                 "collect it)")
+        elif wf_name and wf_uid:
+            self.owner = Owner("Workflow", "/".join(WORKFLOW_API[:2]), wf_name, wf_uid)
+        elif pod_uid or pod:
+            uid = pod_uid or pod["metadata"].get("uid", "")
+            self.owner = Owner("Pod", "v1", pod_name, uid) if uid else None
 
-    def _call(self, verb: str, resource: str, fn: Callable[..., Any], *args: Any,
-              **kwargs: Any) -> Any:
-        """One API call, with 403 / an unserved group turned into LaunchError."""
-        from kubernetes.client.rest import ApiException
+    def reown(self, job: dict[str, Any]) -> None:
+        """Make the run's Workflow the job's owner when it is not (an attach after a retry)."""
+        if self.owner is None or not self.owner.workflow:
+            return
+        refs = job.get("metadata", {}).get("ownerReferences") or []
+        if any(r.get("uid") == self.owner.uid for r in refs):
+            return
+        kept = [r for r in refs if r.get("kind") not in ("Pod", "Workflow")]
+        self.job_call("patch", self.custom.patch_namespaced_custom_object, self.name,
+                      {"metadata": {"ownerReferences": kept + [self.owner.reference()]}})
+        was = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in refs) or "no owner"
+        say(f"launch: {self.where} is now owned by Workflow {self.owner.name} (was: {was})")
 
-        try:
-            return fn(*args, **kwargs)
-        except ApiException as e:
-            raise (self._translate(e, verb, resource) or e) from None
+    def run_stopping(self) -> str:
+        """Why the pipeline run is being stopped, "" while it runs (or outside a workflow)."""
+        if self.run_ref is None:
+            return ""
+        return stopping(self.workflow(*self.run_ref))
 
-    def _job_call(self, verb: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        k = self.kind
-        return self._call(verb, k.plural, fn, k.group, k.version, self.namespace, k.plural,
-                          *args, **kwargs)
+    # ------------------------------------------------------------------ create, delete
 
-    def _get_job(self) -> dict[str, Any] | None:
-        from kubernetes.client.rest import ApiException
-
-        try:
-            return self._job_call("get", self.custom.get_namespaced_custom_object, self.name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def _create_job(self) -> dict[str, Any]:
+    def create_job(self) -> bool:
+        """Create the job; False when it already exists (a retried create that had worked)."""
         from kubernetes.client.rest import ApiException
 
         manifest = training_job(self.cfg.cluster)
@@ -228,251 +222,255 @@ class Launcher:
         if self.cfg.run_id:
             labels["stablerep.dev/run-hash"] = hashlib.sha256(
                 self.cfg.run_id.encode()).hexdigest()[:16]
-        owners = _owner_reference()
-        if owners:
-            manifest["metadata"]["ownerReferences"] = owners
+        if self.owner is not None:
+            manifest["metadata"]["ownerReferences"] = [self.owner.reference()]
         check_manifest(manifest)
         try:
-            job = self._job_call("create", self.custom.create_namespaced_custom_object,
-                                 manifest)
+            self.job_call("create", self.custom.create_namespaced_custom_object, manifest)
         except ApiException as e:
+            if e.status == 409:
+                return False
             if e.status == 404 and "namespace" in (e.body or "").lower():
                 raise LaunchError(f"namespace {self.namespace!r} does not exist on this "
                                   "cluster; create it or pass another --namespace") from None
             if e.status == 422:
-                raise LaunchError(f"the cluster refused {self.kind.kind} {self.name}: "
-                                  f"{_reason(e)}") from None
+                raise LaunchError(f"the cluster refused {self.where}: {_reason(e)}") from None
             raise
-        return job
+        return True
 
-    def _delete_job(self, why: str) -> None:
+    def delete_job(self, why: str) -> None:
         from kubernetes.client.rest import ApiException
 
         try:
-            self._job_call("delete", self.custom.delete_namespaced_custom_object, self.name,
-                           body={"propagationPolicy": "Background"})
-            print(f"launch: deleted {self.kind.kind} {self.namespace}/{self.name} ({why})",
-                  file=sys.stderr, flush=True)
-        except (ApiException, LaunchError) as e:
-            print(f"launch: could not delete {self.kind.kind} {self.namespace}/{self.name}: "
-                  f"{e}", file=sys.stderr, flush=True)
-
-    def _pods(self, selector: str) -> list[dict[str, Any]]:
-        resp = self._call("list", "pods", self.core.list_namespaced_pod, self.namespace,
-                          label_selector=selector.format(name=self.name),
-                          _preload_content=False)
-        return json.loads(resp.data).get("items", [])
-
-    def _events(self, name: str) -> list[dict[str, Any]]:
-        resp = self._call("list", "events", self.core.list_namespaced_event, self.namespace,
-                          field_selector=f"involvedObject.name={name}", _preload_content=False)
-        return json.loads(resp.data).get("items", [])
-
-    def _log_tail(self) -> list[str]:
-        from kubernetes.client.rest import ApiException
-
-        lines: list[str] = []
-        with contextlib.suppress(ApiException, LaunchError):
-            for pod in self._pods(self.kind.master_selector)[:1]:
-                text = self._call("get", "pods/log", self.core.read_namespaced_pod_log,
-                                  pod["metadata"]["name"], self.namespace,
-                                  tail_lines=self.cfg.log_tail_lines)
-                lines = str(text).splitlines()
-        return lines
+            self.job_call("delete", self.custom.delete_namespaced_custom_object, self.name,
+                          body={"propagationPolicy": "Background"})
+            say(f"launch: deleted {self.where} ({why})")
+        except (ApiException, StablerepError) as e:
+            say(f"launch: could not delete {self.where}: {e}")
 
     # ------------------------------------------------------------------ following
 
-    def _watch(self, resource_version: str | None) -> Iterator[dict[str, Any]]:
-        """Job events from ``resource_version``; ends on timeout; raises ApiException(410)."""
-        from kubernetes import watch
-        from kubernetes.client.rest import ApiException
-
-        k = self.kind
-        kwargs: dict[str, Any] = {"field_selector": f"metadata.name={self.name}",
-                                  "timeout_seconds": self.cfg.watch_timeout_s}
-        if resource_version:
-            kwargs["resource_version"] = resource_version
-        try:
-            yield from watch.Watch().stream(self.custom.list_namespaced_custom_object, k.group,
-                                            k.version, self.namespace, k.plural, **kwargs)
-        except ApiException as e:
-            raise (self._translate(e, "watch", k.plural) or e) from None
-
-    def _list_job(self) -> tuple[dict[str, Any] | None, str]:
-        """(the job or None, the list's resourceVersion to watch from)."""
-        listing = self._job_call("list", self.custom.list_namespaced_custom_object,
-                                 field_selector=f"metadata.name={self.name}")
-        items = listing.get("items", [])
-        return (items[0] if items else None), listing["metadata"]["resourceVersion"]
-
-    def follow(self, started: float) -> dict[str, Any]:
+    def follow(self) -> dict[str, Any]:
         """Follow the job until it succeeds (returned) or fails/stalls (LaunchError)."""
-        import urllib3
-        from kubernetes.client.rest import ApiException
-
-        job, rv = self._list_job()
+        job, rv = self.list_job()
         while True:
             if job is None:
-                raise LaunchError(f"{self.kind.kind} {self.namespace}/{self.name} was deleted "
-                                  "by someone else while it ran")
+                raise LaunchError(self._gone())
             if self._finished(job):
                 return job
-            self._check_pods(started)
-            self._check_deadline(started)
-            try:
-                for event in self._watch(rv):
-                    obj = event["raw_object"]
-                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
-                    job = None if event["type"] == "DELETED" else obj
-                    break  # re-check after every change
-            except ApiException as e:
-                if e.status != 410:
-                    raise
+            self._check_progress(job)
+            job, rv = self._next(job, rv)
+
+    def _next(self, job: dict[str, Any], rv: str) -> tuple[dict[str, Any] | None, str]:
+        """The job after its next change (or after one watch's length), and the version."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            for event in self.watch(rv):
+                self.retrier.ok()
+                obj = event["raw_object"]
+                rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                return (None if event["type"] == "DELETED" else obj), rv
+            return job, rv
+        except ApiException as e:
+            if e.status != 410 and not is_transient(e):
+                raise
+            if e.status == 410:
                 log.info("launch: watch expired (410 Gone); re-listing")
-                job, rv = self._list_job()
-            except (urllib3.exceptions.HTTPError, ConnectionError) as e:
-                log.info("launch: watch connection dropped (%s); re-listing", e)
-                time.sleep(1.0)
-                job, rv = self._list_job()
+            else:
+                self.retrier.failed(e, f"watch {self.kind.plural}")
+        except Exception as e:  # noqa: BLE001 (dropped connections, timeouts)
+            if not is_transient(e):
+                raise
+            self.retrier.failed(e, f"watch {self.kind.plural}")
+        return self.list_job()
+
+    def _gone(self) -> str:
+        why = self.run_stopping()
+        if why:
+            return f"{self.where} was garbage-collected: {why}"
+        return f"{self.where} was deleted by someone else while it ran"
 
     def _finished(self, job: dict[str, Any]) -> bool:
-        """True on success; raises LaunchError on failure; False while it runs."""
+        """True on success; raises LaunchError on failure (the job is kept); False meanwhile."""
         conditions = {c.get("type"): c for c in job.get("status", {}).get("conditions") or []
                       if c.get("status") == "True"}
         if any(t in conditions for t in self.kind.done):
             return True
-        if "Failed" in conditions:
-            c = conditions["Failed"]
-            tail = self._log_tail()
-            for line in tail:
-                print(f"[{self.name} master] {line}", file=sys.stderr)
-            last = f"; last log line: {tail[-1].strip()}" if tail else ""
-            raise LaunchError(f"{self.kind.kind} {self.namespace}/{self.name} failed: "
-                              f"{c.get('reason', 'Failed')}: {c.get('message', '')}".rstrip(": ")
-                              + last)
-        return False
+        if "Failed" not in conditions:
+            return False
+        c = conditions["Failed"]
+        pod, tail = self._log_tail()
+        for line in tail:
+            print(f"[{self.name} master] {line}", file=sys.stderr)
+        last = f"; last log line: {tail[-1].strip()}" if tail else ""
+        keep = f"; the job is kept until its TTL (kubectl logs {pod} -n {self.namespace})" \
+            if pod else "; the job is kept until its TTL"
+        raise LaunchError(f"{self.where} failed: {c.get('reason', 'Failed')}: "
+                          f"{c.get('message', '')}".rstrip(": ") + last + keep)
 
-    def _check_deadline(self, started: float) -> None:
-        limit = self.cfg.timeout_s
-        if limit is not None and time.monotonic() - started > limit:
-            raise LaunchError(f"{self.kind.kind} {self.namespace}/{self.name} did not finish "
-                              f"within timeout_s={limit:g}s")
+    def _log_tail(self) -> tuple[str, list[str]]:
+        """(master pod, its last log lines): the previous container's when it restarted."""
+        with contextlib.suppress(Exception):  # the tail illustrates the failure; never fatal
+            for pod in self.pods(self.kind.master_selector)[:1]:
+                name = pod["metadata"]["name"]
+                previous = restarts(pod) > 0 and container_state(pod) != "terminated"
+                text = self.call("get", "pods/log", self.core.read_namespaced_pod_log, name,
+                                 self.namespace, tail_lines=self.cfg.log_tail_lines,
+                                 previous=previous)
+                if previous:
+                    say(f"launch: {name} restarted {restarts(pod)} time(s); its last log "
+                         "lines are from the previous container run")
+                return name, str(text).splitlines()
+        return "", []
 
-    def _check_pods(self, started: float) -> None:
-        """Stream new master logs; fail when a pod stays stuck past schedule_timeout_s."""
+    def _check_progress(self, job: dict[str, Any]) -> None:
+        """Queue, pods, deadline and the pipeline run: raise when the launch cannot go on."""
         now = time.monotonic()
-        pods = self._pods(self.kind.pod_selector)
-        if not pods and now - started > self.cfg.schedule_timeout_s:
-            events = [e.get("message", "") for e in self._events(self.name)
-                      if e.get("type") == "Warning"]
-            raise LaunchError(f"{self.kind.kind} {self.namespace}/{self.name}: no pods after "
-                              f"{self.cfg.schedule_timeout_s:g}s"
-                              + (f" ({events[-1]})" if events else ""))
+        if self.kind.suspended(job):
+            return self._queued(job, now, "suspended")
+        pods = self.pods(self.kind.pod_selector)
+        if pods and all(gated(p) for p in pods):
+            return self._queued(job, now, "pods scheduling-gated")
+        if self._admitted is None:
+            if self._queued_since is not None:
+                say(f"launch: {self.where} was admitted after "
+                     f"{now - self._queued_since:.0f}s in the queue")
+            self._admitted, self._queued_since = now, None
+        self._check_pods(pods, now)
+        limit = self.cfg.timeout_s
+        if limit is not None and now - self._admitted > limit:
+            raise _Abandon(f"{self.where} did not finish within timeout_s={limit:g}s",
+                           "timeout_s exceeded")
+        self._poll_run(now)
+
+    def _queued(self, job: dict[str, Any], now: float, how: str) -> None:
+        """A queue holds the job: report it now and then; fail past queue_timeout_s."""
+        self._admitted, self._stuck_since = None, {}
+        since = self._queued_since = self._queued_since or now
+        queue = (job.get("metadata", {}).get("labels") or {}).get(QUEUE_LABEL, "")
+        where = f"Kueue queue {queue!r}" if queue else "a queue"
+        if now - self._reported >= self.cfg.report_every_s:
+            self._reported = now
+            say(f"launch: {self.where} is queued in {where} ({how}) for {now - since:.0f}s; "
+                 "waiting for admission")
+        limit = self.cfg.queue_timeout_s
+        if limit is not None and now - since > limit:
+            raise _Abandon(f"{self.where} was not admitted by {where} within "
+                           f"queue_timeout_s={limit:g}s", "queue_timeout_s exceeded")
+        self._poll_run(now)
+
+    def _poll_run(self, now: float) -> None:
+        """Every workflow_poll_s: a stopped or deleted pipeline run cancels the launch."""
+        if self.run_ref is None or now - self._polled < self.cfg.workflow_poll_s:
+            return
+        self._polled = now
+        why = self.run_stopping()
+        if why:
+            raise _Abandon(f"{self.where}: cancelled ({why}); the job was deleted", why)
+
+    def _check_pods(self, pods: list[dict[str, Any]], now: float) -> None:
+        """Stream the master's log; fail when a pod stays stuck past schedule_timeout_s."""
+        admitted, limit = self._admitted or now, self.cfg.schedule_timeout_s
+        if not pods and now - admitted > limit:
+            events = self.warnings(self.name)
+            raise _Abandon(f"{self.where}: no pods {limit:g}s after admission"
+                           + (f" ({events[-1]})" if events else ""), "no pods")
         for pod in pods:
             name = pod["metadata"]["name"]
-            reason = _stuck_reason(pod)
+            reason = stuck_reason(pod)
             if reason is None:
                 self._stuck_since.pop(name, None)
-            else:
-                since = self._stuck_since.setdefault(name, now)
-                if now - since > self.cfg.schedule_timeout_s:
-                    warnings = [e.get("message", "") for e in self._events(name)
-                                if e.get("type") == "Warning"]
-                    detail = f"; event: {warnings[-1]}" if warnings else ""
-                    raise LaunchError(f"pod {name} of {self.kind.kind} {self.name} is stuck: "
-                                      f"{reason} (for more than "
-                                      f"{self.cfg.schedule_timeout_s:g}s){detail}")
-            if self.cfg.stream_logs and pod.get("status", {}).get("phase") in ("Running",
-                                                                                  "Succeeded"):
-                self._start_log_stream(pod)
+            elif now - self._stuck_since.setdefault(name, now) > limit:
+                warnings = self.warnings(name)
+                detail = f"; event: {warnings[-1]}" if warnings else ""
+                raise _Abandon(f"pod {name} of {self.kind.kind} {self.name} is stuck: {reason} "
+                               f"(for more than {limit:g}s){detail}", "a pod is stuck")
+            if self.cfg.stream_logs and pod.get("status", {}).get("phase") in (
+                    "Running", "Succeeded", "Failed"):
+                self._start_log(pod)
 
-    def _start_log_stream(self, pod: dict[str, Any]) -> None:
+    def _start_log(self, pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
         labels = pod["metadata"].get("labels", {})
         wanted = dict(kv.split("=", 1) for kv in
                       self.kind.master_selector.format(name=self.name).split(","))
-        if name in self._log_threads or any(labels.get(k) != v for k, v in wanted.items()):
+        if name in self._followers or any(labels.get(k) != v for k, v in wanted.items()):
             return
-        thread = threading.Thread(target=self._copy_log, args=(name,), daemon=True)
-        self._log_threads[name] = thread
-        thread.start()
-
-    def _copy_log(self, pod: str) -> None:
-        """Copy one pod's log to stdout, line by line, until it ends."""
-        with contextlib.suppress(Exception):  # a log is a courtesy: never fail the launch
-            resp = self.core.read_namespaced_pod_log(pod, self.namespace, follow=True,
-                                                     _preload_content=False)
-            for raw in resp.stream(4096, decode_content=True):
-                if self._stop_logs.is_set():
-                    break
-                sys.stdout.write(raw.decode("utf-8", "replace"))
-                sys.stdout.flush()
+        self._followers[name] = LogFollower(self.core, self.retrier, self.namespace, name,
+                                            self.cfg.request_timeout_s)
+        self._followers[name].start()
 
     # ------------------------------------------------------------------ the launch
 
-    def run(self) -> LaunchResult:
-        """Create or attach, follow to the end, clean up on anything but success."""
-        started = time.monotonic()
-        job = self._get_job()
-        attached = job is not None
-        where = f"{self.kind.kind} {self.namespace}/{self.name}"
+    def start(self) -> bool:
+        """Create the job, or attach to it (re-owning it); True when it existed."""
+        self.find_owner()
+        job = self.get_job()
+        if job is None and self.create_job():
+            say(f"launch: created {self.where}"
+                 + (f" (owned by {self.owner.kind} {self.owner.name})" if self.owner else ""))
+            return False
+        job = job or self.get_job()
         if job is None:
-            self._create_job()
-            print(f"launch: created {where}", file=sys.stderr, flush=True)
-        else:
-            print(f"launch: attached to existing {where}", file=sys.stderr, flush=True)
-        outcome = "failed"
+            raise LaunchError(f"{self.where} was deleted while the launcher attached to it")
+        say(f"launch: attached to existing {self.where}")
+        self.reown(job)
+        return True
+
+    def run(self) -> LaunchResult:
+        """Create or attach, follow to the end; delete the job only on a real failure."""
+        started = time.monotonic()
+        attached = False
         try:
             with _sigterm_raises():
-                self.follow(started)
-            outcome = "succeeded"
-        except _Cancelled:
-            outcome = "cancelled"
-            self._delete_job("the launcher was cancelled (SIGTERM)")
-            raise LaunchError(f"{where}: cancelled (SIGTERM); the job was deleted") from None
+                attached = self.start()
+                self.follow()
+        except (_Cancelled, KeyboardInterrupt) as e:
+            self._stop_logs()
+            self._stopped("SIGTERM" if isinstance(e, _Cancelled) else "Ctrl-C")
+        except _Abandon as e:
+            self._stop_logs()
+            self.delete_job(e.why)
+            raise
+        except ApiUnreachable as e:
+            raise LaunchError(f"{self.where}: {e}; the job (if created) is left running: a "
+                              "retry of this step attaches to it") from None
         finally:
-            self._stop_logs.set()
-            for thread in self._log_threads.values():
-                thread.join(timeout=2.0)
-            if outcome == "failed":
-                self._delete_job("the launch did not succeed")
+            self._stop_logs()
         out = _train_out(self.cfg.cluster)
         from stablerep import contracts, storage
 
-        print(f"launch: {where} succeeded; checkpoints in {out}", file=sys.stderr, flush=True)
+        say(f"launch: {self.where} succeeded; checkpoints in {out}")
         return LaunchResult(self.name, self.namespace, self.kind.kind, attached, out,
                             storage.join(out, contracts.LATEST),
                             storage.join(out, contracts.BACKBONE),
                             time.monotonic() - started)
 
+    def _stopped(self, signal_name: str) -> None:
+        """The launcher is being stopped: delete the job for a cancel, keep it for an evict."""
+        if self.run_ref is None:  # a laptop or a plain pod: stopping the launcher cancels
+            self.delete_job(f"the launcher was cancelled ({signal_name})")
+            raise LaunchError(f"{self.where}: cancelled ({signal_name}); the job was deleted")
+        self.retrier = Retrier(min(SIGTERM_API_S, self.cfg.api_unreachable_s),
+                               self.cfg.backoff_s, self.cfg.backoff_max_s, say)
+        try:
+            why = self.run_stopping()
+        except Exception as e:  # noqa: BLE001 (the run's state is unknown: keep the job)
+            why = ""
+            say(f"launch: could not read pipeline run {self.run_ref[1]} ({e}); keeping the "
+                 "job")
+        if why:
+            self.delete_job(why)
+            raise LaunchError(f"{self.where}: cancelled ({why}); the job was deleted")
+        raise LaunchError(f"{self.where}: the launcher pod was stopped ({signal_name}: evicted, "
+                          f"preempted or drained) while pipeline run {self.run_ref[1]} goes "
+                          "on; the job is left running and a retry of this step attaches to it")
 
-def _is_status(e: Any) -> bool:
-    """Whether an ApiException carries a Kubernetes Status (an object 404, not a route 404)."""
-    try:
-        return json.loads(e.body or "").get("kind") == "Status"
-    except (ValueError, AttributeError):
-        return False
-
-
-def _reason(e: Any) -> str:
-    try:
-        return json.loads(e.body or "").get("message") or str(e.reason)
-    except (ValueError, AttributeError):
-        return str(e.reason)
-
-
-def _stuck_reason(pod: dict[str, Any]) -> str | None:
-    """Why a pod cannot make progress (unschedulable, image pull, crash loop), else None."""
-    status = pod.get("status", {})
-    if status.get("phase") == "Pending":
-        for cond in status.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                return f"{cond.get('reason', 'Unschedulable')}: {cond.get('message', '')}"
-    for cs in status.get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in STUCK_REASONS:
-            return f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
-    return None
+    def _stop_logs(self) -> None:
+        for follower in self._followers.values():
+            follower.stop(wait_s=2.0)
+        self._followers.clear()
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from stablerep.errors import FIRST_RETRYABLE, ConfigError
-from stablerep.k8s.config import ClusterConfig, GenerationJobConfig, PodConfig
+from stablerep.k8s.config import QUEUE_LABEL, ClusterConfig, GenerationJobConfig, PodConfig
 
 PYTORCHJOB_API = "kubeflow.org/v1"
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
@@ -32,8 +32,6 @@ GENERATE_CONTAINER = "generate"
 #: Variables the Trainer v2 torch plugin sets; a TrainJob must not set them itself.
 TORCH_PLUGIN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
                     "PET_MASTER_PORT")
-#: The label Kueue admits a job by (its LocalQueue's name).
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LAUNCHER = "stablerep-launcher"  # the launcher's ServiceAccount, Role and RoleBinding
 _NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
 _SHM = "dshm"
@@ -392,17 +390,20 @@ def launcher_rbac(namespace: str = "") -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding for the training launcher in one namespace.
 
     The Role grants exactly what the launcher does (a test records its calls against a live
-    fake API server): create, get, list, watch and delete training jobs of both kinds; list
-    pods, get their logs and list events, to stream the log and say why a job is stuck.
+    fake API server): create, get, list, watch, patch (re-own on attach) and delete training
+    jobs of both kinds; get and list pods (its own pod names the pipeline run's Workflow; the
+    master's restarts), get their logs and list events, to stream the log and say why a job
+    is stuck; get Argo ``workflows``, to tell a cancelled run from an evicted launcher.
     """
     meta = _metadata(LAUNCHER, namespace, {}, "launcher")
-    job_verbs = ["create", "get", "list", "watch", "delete"]
+    job_verbs = ["create", "get", "list", "watch", "patch", "delete"]
     rules = [
         {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": job_verbs},
         {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": job_verbs},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+        {"apiGroups": ["argoproj.io"], "resources": ["workflows"], "verbs": ["get"]},
     ]
     subject = {"kind": "ServiceAccount", "name": LAUNCHER}
     if namespace:

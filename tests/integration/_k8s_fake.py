@@ -1,12 +1,23 @@
 """A small stateful Kubernetes API server on loopback, for the launcher's tests.
 
 It speaks the part of the API the launcher uses, over real HTTP, to the real kubernetes
-client: custom objects (create, get, list, watch from a resourceVersion, delete) for the
-groups it serves, pods (list by label selector), pod logs (tail and follow) and events (list
-by involved object). Every change bumps a global resourceVersion and is kept as a watch event;
+client: custom objects (create, get, list, watch from a resourceVersion, merge-patch, delete)
+for the groups it serves (the training jobs, and Argo's ``workflows``), pods (get, list by
+label selector), pod logs (tail, ``previous``, and follow until the container exits: one log
+per container run, ``restartCount`` being the run) and events (list by involved object).
+Every change bumps a global resourceVersion and is kept as a watch event;
 :meth:`FakeKube.expire_watches` answers the next watches with ``410 Gone``, as a real server
 does once the watch's resourceVersion has been compacted away. A group it does not serve
-answers the plain-text ``404 page not found`` of a real API server; a (verb, resource) in ``forbidden`` answers 403.
+answers the plain-text ``404 page not found`` of a real API server; a (verb, resource) in
+``forbidden`` answers 403.
+
+Deleting an object deletes the objects whose ownerReferences name its uid, recursively, as
+the garbage collector does (in the background). With :attr:`FakeKube.kueue` set, a job
+created with Kueue's queue label starts suspended, as Kueue's webhook does, until
+:meth:`admit`. :meth:`inject` queues faults per (verb, resource): an HTTP status (500, 429
+with ``Retry-After``), a dropped connection, a slow answer; :attr:`outage` answers every
+request with 503.
+
 Tests play the operator by calling :meth:`set_status`, :meth:`put_pod`, :meth:`append_log`
 and :meth:`add_event`; :attr:`requests` records every (verb, resource) the client used.
 """
@@ -23,7 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-WATCH_CAP_S = 5.0  # longest a watch or log follow stays open, whatever the client asks
+WATCH_CAP_S = 5.0  # longest a watch stays open, whatever the client asks
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+_SUSPEND = {"pytorchjobs": ("runPolicy",), "trainjobs": ()}  # where spec.*.suspend lives
 
 _CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/"
                      r"(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$")
@@ -47,13 +60,18 @@ class FakeKube:
         self.namespaces = set(namespaces)
         self.forbidden: set[tuple[str, str]] = set()  # (verb, resource) answered with 403
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (plural, ns, name)
-        self.logs: dict[tuple[str, str], list[str]] = {}
-        self.logs_done: set[tuple[str, str]] = set()
+        self.logs: dict[tuple[str, str, int], list[str]] = {}  # (ns, pod, run) -> lines
+        self.logs_done: set[tuple[str, str, int]] = set()  # container runs that exited
         self.events: list[dict[str, Any]] = []
         self.history: list[tuple[int, str, str, str, dict[str, Any]]] = []
         self.expire = 0  # the next this-many watch requests get 410 Gone
         self.rv = 0
         self.requests: list[tuple[str, str]] = []
+        self.queries: list[tuple[str, str, dict[str, str]]] = []  # (verb, resource, query)
+        self.faults: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+        self.outage = False  # every request answers 503
+        self.kueue = False  # jobs with the queue label are created suspended
+        self.stopping = False
         self.on_create: list[Any] = []  # callbacks(plural, ns, obj) after a create
         self.cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -75,6 +93,7 @@ class FakeKube:
 
     def stop(self) -> None:
         with self.cond:
+            self.stopping = True
             self.cond.notify_all()
         if self._server is not None:
             self._server.shutdown()
@@ -93,6 +112,9 @@ class FakeKube:
             obj = copy.deepcopy(obj)
             obj["metadata"].update(namespace=ns, uid=str(uuid.uuid4()),
                                    creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            if self.kueue and plural in _SUSPEND and QUEUE_LABEL in obj["metadata"].get(
+                    "labels", {}):
+                self._spec_parent(plural, obj)["suspend"] = True
             self.objects[(plural, ns, obj["metadata"]["name"])] = obj
             self._bump("ADDED", plural, ns, obj)
             created = copy.deepcopy(obj)
@@ -113,27 +135,96 @@ class FakeKube:
                 for t, r, m in conditions)
             self._bump("MODIFIED", plural, ns, obj)
 
+    @staticmethod
+    def _spec_parent(plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+        node = obj.setdefault("spec", {})
+        for key in _SUSPEND[plural]:
+            node = node.setdefault(key, {})
+        return node
+
+    def admit(self, plural: str, ns: str, name: str) -> None:
+        """Kueue admits the job: its suspend flag turns false."""
+        with self.cond:
+            obj = self.objects.get((plural, ns, name))
+            if obj is not None:
+                self._spec_parent(plural, obj)["suspend"] = False
+                self._bump("MODIFIED", plural, ns, obj)
+
+    def patch(self, plural: str, ns: str, name: str, body: dict[str, Any]
+              ) -> dict[str, Any] | None:
+        """A JSON merge patch (RFC 7386): maps merge, None removes, anything else replaces."""
+        def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+            for key, value in patch.items():
+                if value is None:
+                    target.pop(key, None)
+                elif isinstance(value, dict) and isinstance(target.get(key), dict):
+                    merge(target[key], value)
+                else:
+                    target[key] = copy.deepcopy(value)
+
+        with self.cond:
+            obj = self.objects.get((plural, ns, name))
+            if obj is None:
+                return None
+            merge(obj, body)
+            self._bump("MODIFIED", plural, ns, obj)
+            return copy.deepcopy(obj)
+
     def delete(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
+        """Delete an object, then (as the garbage collector) every object it owns."""
         with self.cond:
             obj = self.objects.pop((plural, ns, name), None)
-            if obj is not None:
-                self._bump("DELETED", plural, ns, obj)
-            return obj
+            if obj is None:
+                return None
+            self._bump("DELETED", plural, ns, obj)
+            uid = obj["metadata"].get("uid")
+            owned = [key for key, o in self.objects.items() if key[1] == ns and uid and any(
+                r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])]
+        for key in owned:
+            self.delete(*key)
+        return obj
 
-    def put_pod(self, ns: str, name: str, labels: dict[str, str], status: dict[str, Any]
-                ) -> None:
+    def inject(self, verb: str, resource: str, *faults: tuple[Any, ...]) -> None:
+        """Answer the next requests of (verb, resource) with these faults, one each:
+        ``("status", code)``, ``("status", 429, retry_after_s)``, ``("drop",)``,
+        ``("slow", seconds)`` (answer late), ``("late", seconds)`` (do the work, then answer
+        late)."""
         with self.cond:
+            self.faults.setdefault((verb, resource), []).extend(faults)
+
+    def take_fault(self, verb: str, resource: str) -> tuple[Any, ...] | None:
+        with self.cond:
+            queue = self.faults.get((verb, resource))
+            return queue.pop(0) if queue else None
+
+    def put_pod(self, ns: str, name: str, labels: dict[str, str], status: dict[str, Any],
+                owners: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        with self.cond:
+            old = self.objects.get(("pods", ns, name))
+            uid = old["metadata"]["uid"] if old else str(uuid.uuid4())
             pod = {"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": name, "namespace": ns, "labels": labels},
+                   "metadata": {"name": name, "namespace": ns, "labels": labels, "uid": uid},
                    "status": status}
+            if owners:
+                pod["metadata"]["ownerReferences"] = owners
             self.objects[("pods", ns, name)] = pod
             self._bump("MODIFIED", "pods", ns, pod)
+            return copy.deepcopy(pod)
 
-    def append_log(self, ns: str, pod: str, *lines: str, done: bool = False) -> None:
+    def run_of(self, ns: str, pod: str) -> int:
+        """The pod's current container run: its first container's restartCount."""
+        obj = self.objects.get(("pods", ns, pod)) or {}
+        statuses = obj.get("status", {}).get("containerStatuses") or [{}]
+        return int(statuses[0].get("restartCount") or 0)
+
+    def append_log(self, ns: str, pod: str, *lines: str, done: bool = False,
+                   run: int | None = None) -> None:
+        """Log lines of a container run (default: the current one); done = it exited."""
         with self.cond:
-            self.logs.setdefault((ns, pod), []).extend(lines)
+            run = self.run_of(ns, pod) if run is None else run
+            self.logs.setdefault((ns, pod, run), []).extend(lines)
             if done:
-                self.logs_done.add((ns, pod))
+                self.logs_done.add((ns, pod, run))
             self.cond.notify_all()
 
     def add_event(self, ns: str, involved: str, type_: str, reason: str, message: str) -> None:
@@ -174,6 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        time.sleep(getattr(self, "late", 0))
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -186,19 +278,40 @@ class _Handler(BaseHTTPRequestHandler):
                           "code": code})
 
     def _start_stream(self, content_type: str) -> None:
+        """A chunked answer, as a real API server streams a watch or a log follow."""
         self.send_response(200)
         self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
 
+    def _chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+    def _streamed(self, content_type: str, body: Any, *args: Any) -> None:
+        """Run ``body(*args)`` as a chunked stream, ending it however the body returns."""
+        self._start_stream(content_type)
+        try:
+            body(*args)
+        finally:
+            self.wfile.write(b"0\r\n\r\n")
+
     # ------------------------------------------------------------------ routing
 
     def _route(self, method: str) -> None:
+        try:
+            self._dispatch(method)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout)
+            self.close_connection = True
+
+    def _dispatch(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.body = json.loads(self.rfile.read(length)) if length else {}
         url = urlparse(self.path)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        query = self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         m = _CUSTOM.match(url.path)
         if m and (m["group"], m["version"], m["plural"]) in self.kube.served:
             return self._custom(method, m["plural"], m["ns"], m["name"], query)
@@ -218,12 +331,43 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _allowed(self, verb: str, resource: str, ns: str) -> bool:
         self.kube.requests.append((verb, resource))
+        self.kube.queries.append((verb, resource, dict(self.query)))
+        if self.kube.outage:
+            self._status(503, "ServiceUnavailable", "the server is currently unable to handle "
+                         "the request")
+            return False
+        fault = self.kube.take_fault(verb, resource)
+        if fault is not None:
+            return self._fault(fault)
         if (verb, resource) in self.kube.forbidden:
             self._status(403, "Forbidden", f'{resource} is forbidden: User '
                          f'"system:serviceaccount:{ns}:default" cannot {verb} resource '
                          f'"{resource}" in the namespace "{ns}"')
             return False
         return True
+
+    def _fault(self, fault: tuple[Any, ...]) -> bool:
+        """Play one injected fault; True when the request then goes on (a slow answer)."""
+        if fault[0] == "slow":
+            time.sleep(fault[1])
+            return True
+        if fault[0] == "late":  # do the work, then answer too late (a timed-out create)
+            self.late = fault[1]
+            return True
+        if fault[0] == "drop":  # close the connection without an answer
+            self.close_connection = True
+            return False
+        code = fault[1]
+        data = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "message": f"injected fault {code}", "code": code}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if len(fault) > 2:
+            self.send_header("Retry-After", str(fault[2]))
+        self.end_headers()
+        self.wfile.write(data)
+        return False
 
     def _custom(self, method: str, plural: str, ns: str, name: str | None,
                 query: dict[str, str]) -> None:
@@ -245,13 +389,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._status(404, "NotFound", f'{plural} "{name}" not found',
                                     name=name, kind=plural)
             return self._send(200, obj)
+        if verb == "patch":
+            obj = self.kube.patch(plural, ns, name, self.body)
+            if obj is None:
+                return self._status(404, "NotFound", f'{plural} "{name}" not found')
+            return self._send(200, obj)
         if verb == "delete":
             obj = self.kube.delete(plural, ns, name)
             if obj is None:
                 return self._status(404, "NotFound", f'{plural} "{name}" not found')
             return self._send(200, obj)
         if verb == "watch":
-            return self._watch(plural, ns, query)
+            return self._streamed("application/json", self._watch, plural, ns, query)
         items = self._select(plural, ns, query)
         self._send(200, {"apiVersion": "v1", "kind": "List", "items": items,
                          "metadata": {"resourceVersion": str(self.kube.rv)}})
@@ -276,7 +425,6 @@ class _Handler(BaseHTTPRequestHandler):
         field = query.get("fieldSelector", "")
         wanted = field.split("=", 1)[1] if field.startswith("metadata.name=") else None
         timeout = min(float(query.get("timeoutSeconds", WATCH_CAP_S)), WATCH_CAP_S)
-        self._start_stream("application/json")
         since = query.get("resourceVersion")
         with kube.cond:
             if kube.expire:
@@ -284,13 +432,13 @@ class _Handler(BaseHTTPRequestHandler):
                 gone = {"type": "ERROR", "object": {
                     "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
                     "reason": "Expired", "message": f"too old resource version: {since}"}}
-                self.wfile.write((json.dumps(gone) + "\n").encode())
+                self._chunk((json.dumps(gone) + "\n").encode())
                 return
             last = int(since) if since else kube.rv
             if not since:  # a watch without a version starts with the current objects
                 for obj in self._select(plural, ns, query):
-                    self.wfile.write((json.dumps({"type": "ADDED", "object": obj}) + "\n")
-                                     .encode())
+                    self._chunk((json.dumps({"type": "ADDED", "object": obj}) + "\n")
+                                .encode())
         deadline = time.monotonic() + timeout
         while True:
             with kube.cond:
@@ -304,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
                     kube.cond.wait(min(left, 0.2))
                     continue
             for rv, kind, obj in events:
-                self.wfile.write((json.dumps({"type": kind, "object": obj}) + "\n").encode())
+                self._chunk((json.dumps({"type": kind, "object": obj}) + "\n").encode())
                 last = rv
             self.wfile.flush()
 
@@ -322,6 +470,12 @@ class _Handler(BaseHTTPRequestHandler):
                      and (involved is None or e["involvedObject"]["name"] == involved)]
             return self._send(200, {"kind": "EventList", "apiVersion": "v1", "items": items,
                                     "metadata": {"resourceVersion": str(self.kube.rv)}})
+        if resource == "pods" and name:
+            pod = self.kube.get("pods", ns, name)
+            if pod is None:
+                return self._status(404, "NotFound", f'pods "{name}" not found',
+                                    name=name, kind="pods")
+            return self._send(200, pod)
         if resource == "pods":
             return self._send(200, {"kind": "PodList", "apiVersion": "v1",
                                     "items": self._select("pods", ns, query),
@@ -332,22 +486,31 @@ class _Handler(BaseHTTPRequestHandler):
         kube = self.kube
         if kube.get("pods", ns, pod or "") is None:
             return self._status(404, "NotFound", f'pods "{pod}" not found')
+        run = kube.run_of(ns, pod)
+        if query.get("previous", "").lower() in ("true", "1"):
+            run -= 1
+            if run < 0:
+                return self._status(400, "BadRequest", f'previous terminated container in pod '
+                                    f'"{pod}" not found')
         if query.get("follow", "").lower() not in ("true", "1"):
-            lines = kube.logs.get((ns, pod), [])
+            lines = kube.logs.get((ns, pod, run), [])
             tail = int(query["tailLines"]) if "tailLines" in query else len(lines)
             text = "".join(f"{line}\n" for line in lines[len(lines) - tail:])
             return self._send(200, text.encode(), "text/plain")
-        self._start_stream("text/plain")
-        sent, deadline = 0, time.monotonic() + WATCH_CAP_S
-        while time.monotonic() < deadline:
+        self._streamed("text/plain", self._follow_log, ns, pod, run)
+
+    def _follow_log(self, ns: str, pod: str, run: int) -> None:
+        """Stream one container run's log until it exits (or the server stops)."""
+        kube = self.kube
+        sent = 0
+        while not kube.stopping:
             with kube.cond:
-                lines = kube.logs.get((ns, pod), [])
-                new, done = lines[sent:], (ns, pod) in kube.logs_done
+                lines = kube.logs.get((ns, pod, run), [])
+                new, done = lines[sent:], (ns, pod, run) in kube.logs_done
                 if not new and not done:
                     kube.cond.wait(0.2)
                     continue
-            self.wfile.write("".join(f"{line}\n" for line in new).encode())
-            self.wfile.flush()
+            self._chunk("".join(f"{line}\n" for line in new).encode())
             sent += len(new)
             if done:
                 return
@@ -360,3 +523,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:  # noqa: N802
         self._route("DELETE")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._route("PATCH")
