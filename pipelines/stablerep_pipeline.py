@@ -114,7 +114,9 @@ def stablerep_pipeline(
         _resources(launcher, "1", "2Gi", timeout_s=14 * 24 * HOUR)
         kubernetes.use_field_path_as_env(launcher, "POD_NAME", "metadata.name")
         kubernetes.use_field_path_as_env(launcher, "POD_UID", "metadata.uid")
-        launcher.set_caching_options(False)
+        # An evicted or preempted launcher pod leaves its job running (the job is owned by
+        # the run's Workflow): the retry attaches to it and follows it to the end.
+        launcher.set_caching_options(False).set_retry(num_retries=3, backoff_duration="30s")
 
     ev = evaluate(**common).after(here, launcher).set_display_name("evaluate")
     _resources(ev, "8", "64Gi", timeout_s=24 * HOUR, shm="16Gi")

@@ -106,6 +106,8 @@ def test_kubernetes_settings_compiled_in(fresh):
     for comp in spec["components"].values():
         tasks.update(comp.get("dag", {}).get("tasks", {}))
     assert tasks["generate-shard"]["retryPolicy"]["maxRetryCount"] == 3
+    # an evicted launcher's retry attaches to the job it left running
+    assert tasks["train-2"]["retryPolicy"]["maxRetryCount"] == 3
     for name in ("generate-shard", "train", "train-2", "evaluate"):
         assert tasks[name]["cachingOptions"] == {}, name  # caching off
     assert tasks["captions"]["cachingOptions"]["enableCache"] is True
