@@ -147,3 +147,33 @@ def test_a_missing_shard_is_named(tmp_path: Path) -> None:
     contracts.check_complete(folder, {**records, **{
         f"{folder}/shard-00000{i}.json": {**_record(i, 2), "num_shards": 4} for i in (1, 2)}})
     contracts.check_complete(folder, {"a.json": {"tar": "a.tar"}})  # hand-made: not checked
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_shards": "2"}, "'num_shards' is str; expected int"),
+    ({"num_shards": 5}, "'num_shards' is 5 but 'shards' lists 1; expected them equal"),
+    ({"version": 1.5}, "'version' is float; expected int"),
+    ({"count": -1}, "'count' is -1; expected >= 0"),
+])
+def test_a_captions_manifest_of_the_wrong_types_is_refused(tmp_path: Path, change: dict,
+                                                           message: str) -> None:
+    doc = {"kind": contracts.CAPTIONS_KIND, "version": 1, "count": 2, "num_shards": 1,
+           "seed": 0, "source": {}, "summary": {}, "config_fingerprint": "x",
+           "shards": [{"index": 0, "path": contracts.part_name(0), "first_caption_id": 0,
+                       "num_captions": 2, "sha256": "ab" * 32, "bytes": 10}]}
+    contracts.load_captions_manifest(str(_json(tmp_path / "manifest.json", doc)))
+    _json(tmp_path / "manifest.json", {**doc, **change})
+    with pytest.raises(InputError, match=f"manifest.json: {message}$"):
+        contracts.load_captions_manifest(str(tmp_path))
+
+
+def test_a_shard_record_with_a_count_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
+    bad = _json(tmp_path / "shard-000000.json", {"tar": "shard-000000.tar", "num_captions": "2",
+                                                 "num_samples": 4, "images_per_caption": 2})
+    with pytest.raises(InputError, match="field num_captions: got '2', expected an integer"):
+        contracts.shard_ref(str(tmp_path), str(bad), verify=False)
+
+
+def _json(path: Path, doc: dict) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
