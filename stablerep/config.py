@@ -292,6 +292,9 @@ class GenerateConfig:
 
 # ---------------------------------------------------------------------------- training
 
+#: The largest seed numpy and torch accept (seeds are 32-bit).
+SEED_MAX = 2**32 - 1
+
 #: ViT arguments that must be positive integers for timm to build a model.
 _VIT_INT_KWARGS = ("depth", "embed_dim", "num_heads", "patch_size")
 
@@ -520,6 +523,9 @@ class ReproConfig:
             raise ConfigError(f"repro.arms: each arm once, got {self.arms}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"repro.seeds: expected distinct seeds, got {self.seeds}")
+        for i, seed in enumerate(self.seeds):
+            _check_range(f"repro.seeds[{i}]", seed, low=0, high=SEED_MAX)
+        _check_range("repro.test_seed", self.test_seed, low=0, high=SEED_MAX)
         _check_range("repro.images_per_step", self.images_per_step, low=8)
         _check_range("repro.test_captions", self.test_captions, low=0)
         _check_range("repro.test_images_per_caption", self.test_images_per_caption, low=1)
