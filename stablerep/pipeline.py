@@ -724,6 +724,10 @@ def check_endpoint(flag: str, url: str) -> None:
                           "Pipelines API, e.g. http://localhost:8080")
 
 
+#: Seconds the connect, and then the answer, of the KFP API's health check may take.
+ENDPOINT_TIMEOUT_S = 30.0
+
+
 @contextlib.contextmanager
 def _endpoint_errors(host: str) -> Iterator[None]:
     """An endpoint that cannot be reached or answers with an error: one line naming it."""
@@ -734,6 +738,7 @@ def _endpoint_errors(host: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - kfp brings it
         ApiException = urllib3.exceptions.HTTPError  # noqa: N806
     try:
+        _probe(host)  # the kfp client waits forever on a silent endpoint
         yield
     except urllib3.exceptions.HTTPError as e:
         reason = getattr(e, "reason", None) or e
@@ -743,6 +748,18 @@ def _endpoint_errors(host: str) -> Iterator[None]:
     except ApiException as e:
         raise ConfigError(f"--host {host}: the Kubeflow Pipelines API answered {e.status} "
                           f"{e.reason}; check the URL, --namespace and your access") from None
+    except TimeoutError as e:  # kfp's health check gave up after its retries
+        raise ConfigError(f"--host {host}: the Kubeflow Pipelines API is not healthy "
+                          f"({_first_line(e)}); check the URL and the server") from None
+
+
+def _probe(host: str) -> None:
+    """GET the health endpoint once, with timeouts; any HTTP answer counts as reachable."""
+    import urllib3
+
+    timeout = urllib3.Timeout(connect=ENDPOINT_TIMEOUT_S, read=ENDPOINT_TIMEOUT_S)
+    urllib3.PoolManager().request("GET", f"{host.rstrip('/')}/apis/v2beta1/healthz",
+                                  timeout=timeout, retries=False, redirect=False)
 
 
 def _first_line(value: Any) -> str:

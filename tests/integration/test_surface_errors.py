@@ -19,7 +19,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -372,3 +372,42 @@ def test_a_captions_manifest_of_the_wrong_types_is_refused_where_read(work: Path
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "num_shards": "1"}))
     _check(work, ["generate", "--captions", "caps", "--out", "out", "--backend", "tiny",
                   "--device", "cpu"], "caps/manifest.json: 'num_shards' is str; expected int")
+
+
+# ---------------------------------------------------------------------------- silent endpoints
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that accepts connections (into its backlog) and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield s.getsockname()[1]
+
+
+def test_submit_to_an_endpoint_that_never_answers_names_it(
+        silent_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stablerep import pipeline as lib
+    from stablerep.errors import ConfigError
+
+    monkeypatch.setattr(lib, "ENDPOINT_TIMEOUT_S", 0.5)
+    host = f"http://127.0.0.1:{silent_port}"
+    with pytest.raises(ConfigError) as info:
+        lib.submit(host, "e", {}, package=PACKAGE)
+    assert str(info.value).startswith(f"--host {host}: cannot reach the Kubeflow Pipelines API")
+    assert "timed out" in str(info.value)
+
+
+def test_launch_to_an_api_server_that_never_answers_names_it(
+        silent_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stablerep.k8s import access
+    from stablerep.k8s.launcher import LaunchError, api_client
+
+    monkeypatch.setattr(access, "PROBE_TIMEOUT_S", (0.5, 0.5))
+    server = f"http://127.0.0.1:{silent_port}"
+    kubeconfig = _write(tmp_path / "kc", _kubeconfig(server))
+    with pytest.raises(LaunchError) as info:
+        api_client(kubeconfig=str(kubeconfig))
+    assert str(info.value).startswith(f"API server {server}: cannot be reached (")
+    assert "timed out" in str(info.value)
