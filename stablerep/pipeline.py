@@ -692,6 +692,12 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
             package was uploaded before) and run that version; "" = send the spec inline.
     """
     check_submission(host, params, package)
+    if namespace is not None:
+        from stablerep.k8s.rules import check_dns_label
+
+        check_dns_label("--namespace", namespace)
+    if not experiment.strip():
+        raise ConfigError("--experiment: got '', expected an experiment name")
     package = Path(package)
     with _endpoint_errors(host):
         return _create_run(host, experiment, params, package=package, run_name=run_name,

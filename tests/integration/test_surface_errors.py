@@ -411,3 +411,23 @@ def test_launch_to_an_api_server_that_never_answers_names_it(
         api_client(kubeconfig=str(kubeconfig))
     assert str(info.value).startswith(f"API server {server}: cannot be reached (")
     assert "timed out" in str(info.value)
+
+
+def test_a_steps_internal_error_keeps_its_traceback_and_a_user_error_is_held_back() -> None:
+    import io
+
+    from stablerep.pipeline import _failed_task, _StepOutput
+
+    out = io.StringIO()
+    steps = _StepOutput(out)
+    steps.write("    step log line\n    Traceback (most recent call last):\n"
+                '      File "x.py", line 1, in f\n    stablerep.errors.InputError: bad.tsv: '
+                "missing\n    after\n")
+    assert steps.user_error == "bad.tsv: missing"
+    assert out.getvalue() == "    step log line\n    after\n"
+    steps.write("    Traceback (most recent call last):\n      File \"y.py\", line 2, in g\n"
+                "    KeyError: 'k'\n")
+    assert "Traceback" in out.getvalue() and "KeyError: 'k'" in out.getvalue()
+    assert _failed_task("Pipeline \x1b[95m'stablerep'\x1b[0m finished with status FAILURE. "
+                        "Inner task failed: \x1b[96m'generate-shard'\x1b[0m inside "
+                        "'for-loop-1'.") == "generate-shard"
