@@ -522,7 +522,8 @@ def api_client(*, kubeconfig: str = "", context: str = "") -> tuple[Any, str]:
         config.load_kube_config(config_file=str(path), context=chosen["name"],
                                 client_configuration=cfg)
     except (ConfigException, OSError, TypeError, AttributeError, KeyError) as e:
-        raise LaunchError(f"kubeconfig {path}: not usable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LaunchError(f"kubeconfig {path}: not usable ({why})") from None
     access.check_server(cfg.host, path, LaunchError)
     api = client.ApiClient(cfg)
     access.probe(api, cfg.host, LaunchError)

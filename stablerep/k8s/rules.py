@@ -44,7 +44,7 @@ TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 def check_image(where: str, image: Any) -> None:
-    """An image reference as the container runtime parses it: ``[host[:port]/]path[:tag][@digest]``."""
+    """An image reference as a container runtime parses it: [host[:port]/]path[:tag][@digest]."""
     found = _REFERENCE.match(image) if isinstance(image, str) else None
     if not found or len(found.group("name")) > _NAME_MAX:
         raise ConfigError(f"{where}: got {image!r}, expected an image reference "
@@ -74,7 +74,7 @@ def check_label_key(where: str, key: Any) -> None:
 
 
 def check_label_value(where: str, value: Any) -> None:
-    """A label or node-selector value: at most 63 of [A-Za-z0-9._-], alphanumeric ends; may be empty."""
+    """A label or node-selector value: at most 63 of [A-Za-z0-9._-], alphanumeric ends, or ''."""
     if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
         raise ConfigError(f"{where}: got {value!r}, expected a label value (at most 63 letters, "
                           "digits, '-', '_' or '.', starting and ending with a letter or digit, "
