@@ -20,6 +20,7 @@ stage's outputs (:func:`dump_yaml`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -70,6 +71,8 @@ def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 def _check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}: got {value!r}, expected a finite number")
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ConfigError(f"{name}: got {value!r}, expected a value {bound}")
@@ -289,6 +292,38 @@ class GenerateConfig:
 
 # ---------------------------------------------------------------------------- training
 
+#: The largest seed numpy and torch accept (seeds are 32-bit).
+SEED_MAX = 2**32 - 1
+
+#: ViT arguments that must be positive integers for timm to build a model.
+_VIT_INT_KWARGS = ("depth", "embed_dim", "num_heads", "patch_size")
+
+
+def _check_vit_shape(model: str, image_size: int, kwargs: dict[str, Any]) -> None:
+    """Refuse model kwargs that cannot build a ViT (checked without building it).
+
+    Args:
+        model: the timm name (its ``patch<N>`` part is the patch size unless overridden).
+        image_size: the training resolution.
+        kwargs: ``train.model_kwargs``.
+    """
+    for key in _VIT_INT_KWARGS:
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"train.model_kwargs.{key}: got {value!r}, expected a positive "
+                              "integer")
+    found = re.search(r"patch(\d+)", model)
+    patch = kwargs.get("patch_size", int(found.group(1)) if found else None)
+    if patch is not None and (image_size < patch or image_size % patch):
+        raise ConfigError(f"train.image_size: got {image_size}, expected a multiple of the "
+                          f"patch size {patch} (and >= it)")
+    dim, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise ConfigError(f"train.model_kwargs.num_heads: got {heads}, expected a divisor of "
+                          f"train.model_kwargs.embed_dim {dim}")
+
+
 @dataclass
 class TrainConfig:
     """StableRep training: n captions x k images per step, multi-positive contrastive loss."""
@@ -353,6 +388,7 @@ class TrainConfig:
             if isinstance(value, (dict, list)) or value is None:
                 raise ConfigError(f"train.model_kwargs.{key}: got {value!r}, expected a "
                                   "number, a string or true/false")
+        _check_vit_shape(self.model, self.image_size, self.model_kwargs)
         for name in ("head_hidden_dim", "head_out_dim", "embed_dim", "text_width", "text_layers",
                      "text_heads", "text_context", "captions_per_batch", "grad_accum_steps",
                      "log_every", "checkpoint_every", "keep_checkpoints", "shuffle_buffer"):
@@ -487,6 +523,9 @@ class ReproConfig:
             raise ConfigError(f"repro.arms: each arm once, got {self.arms}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"repro.seeds: expected distinct seeds, got {self.seeds}")
+        for i, seed in enumerate(self.seeds):
+            _check_range(f"repro.seeds[{i}]", seed, low=0, high=SEED_MAX)
+        _check_range("repro.test_seed", self.test_seed, low=0, high=SEED_MAX)
         _check_range("repro.images_per_step", self.images_per_step, low=8)
         _check_range("repro.test_captions", self.test_captions, low=0)
         _check_range("repro.test_images_per_caption", self.test_images_per_caption, low=1)
@@ -560,6 +599,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: got {value!r}, expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: got {value!r}, expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: got {value!r}, expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

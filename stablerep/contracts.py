@@ -187,6 +187,7 @@ def load_captions_manifest(uri: str) -> CaptionsManifest:
             raise InputError(f"{manifest_uri}: shards[{i}] is {type(shard).__name__}; "
                              "expected an object")
         _check_keys(shard, _SHARD_KEYS, manifest_uri, f"shards[{i}].")
+    _check_counts(doc, manifest_uri)
     known = set(_MANIFEST_KEYS) | {"version", "num_shards"}
     return CaptionsManifest(
         uri=folder.rstrip("/"),
@@ -207,6 +208,22 @@ _MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
 _SHARD_KEYS: dict[str, type | tuple[type, ...]] = {
     "index": int, "path": str, "first_caption_id": int, "num_captions": int, "sha256": str,
     "bytes": int}
+
+
+def _check_counts(doc: dict[str, Any], uri: str) -> None:
+    """The optional keys have their types; counts are not negative and agree."""
+    _check_keys({k: doc[k] for k in ("version", "num_shards") if k in doc},
+                {"version": int, "num_shards": int}, uri, "")
+    if doc["count"] < 0:
+        raise InputError(f"{uri}: 'count' is {doc['count']}; expected >= 0")
+    if doc.get("num_shards", len(doc["shards"])) != len(doc["shards"]):
+        raise InputError(f"{uri}: 'num_shards' is {doc['num_shards']} but 'shards' lists "
+                         f"{len(doc['shards'])}; expected them equal")
+    for i, shard in enumerate(doc["shards"]):
+        if shard["num_captions"] < 0 or shard["index"] != i:
+            raise InputError(f"{uri}: shards[{i}] has index {shard['index']} and "
+                             f"num_captions {shard['num_captions']}; expected index {i} "
+                             "and num_captions >= 0")
 
 
 def _check_keys(doc: dict[str, Any], keys: dict[str, Any], uri: str, where: str) -> None:
@@ -403,12 +420,17 @@ def shard_ref(folder: str, doc_uri: str, *, verify: bool) -> ShardRef:
 
 def shard_ref_of(folder: str, doc_uri: str, doc: Any, *, verify: bool) -> ShardRef:
     """:func:`shard_ref` of a record already read (``doc``, parsed from ``doc_uri``)."""
-    try:
-        ref = ShardRef(storage.join(folder, doc["tar"]), int(doc["num_captions"]),
-                       int(doc["num_samples"]), int(doc["images_per_caption"]),
-                       doc.get("sha256"))
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{doc_uri}: not a stablerep shard json") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tar"), str):
+        raise InputError(f"{doc_uri}: not a stablerep shard json (expected an object with "
+                         "tar, num_captions, num_samples, images_per_caption)")
+    counts = []
+    for key in ("num_captions", "num_samples", "images_per_caption"):
+        value = doc.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{doc_uri}: not a stablerep shard json: field {key}: got "
+                             f"{value!r}, expected an integer >= 0")
+        counts.append(value)
+    ref = ShardRef(storage.join(folder, doc["tar"]), *counts, doc.get("sha256"))
     if verify and not (isinstance(ref.sha256, str) and SHA256.fullmatch(ref.sha256)):
         raise InputError(f"{doc_uri}: field sha256: got {ref.sha256!r}, expected the tar's "
                          "sha256 as 64 hex digits (or train with --no-verify)")

@@ -26,6 +26,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ from stablerep.config import (
 )
 from stablerep.errors import ConfigError, InputError, StablerepError
 from stablerep.k8s.config import CUDA_IMAGE
+from stablerep.k8s.rules import INT32_MAX
 
 #: Environment variable that overrides the components' base image at compile time.
 IMAGE_ENV = "STABLEREP_IMAGE"
@@ -636,8 +638,8 @@ def load_pipeline(path: str | Path = PIPELINE_FILE, *, image: str = "",
         image: the components' base image ("" = :func:`component_image`).
         parallelism: generation tasks at a time (fixed at compile time by KFP).
     """
-    if parallelism < 1:
-        raise ConfigError(f"--parallelism: got {parallelism}, expected >= 1")
+    if not 1 <= parallelism <= INT32_MAX:
+        raise ConfigError(f"--parallelism: got {parallelism}, expected 1 to {INT32_MAX}")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no pipeline definition there (run from a checkout of "
@@ -698,9 +700,31 @@ def _stable_header(text: str) -> str:
     return "\n".join(lines)
 
 
+def check_output_file(flag: str, target: str | Path) -> Path:
+    """A local YAML file a command will write: named .yaml/.yml, not a folder, not through a
+    file, in a folder that can be written; returns it as a Path. Nothing is created."""
+    text = str(target)
+    path = Path(text)
+    if not text.strip() or not path.name.endswith((".yaml", ".yml")):
+        raise ConfigError(f"{flag}: got {text!r}, expected a file name ending in .yaml or .yml")
+    if path.is_dir():
+        raise ConfigError(f"{flag}: {text} is a folder, expected a file")
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{flag}: {text} runs through {parent}, a regular file, "
+                              "expected a folder")
+    existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: {text}: {existing} is not writable")
+    return path
+
+
 def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path | None = None,
                      image: str = "", parallelism: int = DEFAULT_PARALLELISM) -> list[Path]:
     """Compile the pipeline to its YAML (and, optionally, the Kubernetes-manifest form).
+
+    Every destination and the image are checked first; both files are compiled under
+    temporary names and renamed into place last, so a failure publishes neither.
 
     Args:
         out: the pipeline YAML to write.
@@ -710,23 +734,34 @@ def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path 
     """
     from kfp import compiler
 
+    from stablerep.k8s.rules import check_image
+
+    targets = [(check_output_file("--out", out), False)]
+    if kubernetes:
+        targets.append((check_output_file("--kubernetes", kubernetes), True))
+    if len({t.resolve() for t, _ in targets}) < len(targets):
+        raise ConfigError(f"--kubernetes: {kubernetes} is also --out; expected another file")
+    check_image("--image" if image else IMAGE_ENV, image or component_image())
     fn = load_pipeline(image=image, parallelism=parallelism)
-    written = []
-    for target, k8s in ((Path(out), False), (Path(kubernetes) if kubernetes else None, True)):
-        if target is None:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
-        kwargs = {"kubernetes_manifest_format": True,
-                  "kubernetes_manifest_options": compiler.KubernetesManifestOptions(
-                      pipeline_name=PIPELINE_NAME, pipeline_display_name=PIPELINE_NAME,
-                      pipeline_version_name=f"{PIPELINE_NAME}-{_version_label()}",
-                      include_pipeline_manifest=True)} if k8s else {}
-        compiler.Compiler().compile(fn, str(tmp), **kwargs)
-        tmp.write_text(_stable_header(tmp.read_text()))
-        tmp.replace(target)
-        written.append(target)
-    return written
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for target, k8s in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+            staged.append((tmp, target))
+            kwargs = {"kubernetes_manifest_format": True,
+                      "kubernetes_manifest_options": compiler.KubernetesManifestOptions(
+                          pipeline_name=PIPELINE_NAME, pipeline_display_name=PIPELINE_NAME,
+                          pipeline_version_name=f"{PIPELINE_NAME}-{_version_label()}",
+                          include_pipeline_manifest=True)} if k8s else {}
+            compiler.Compiler().compile(fn, str(tmp), **kwargs)
+            tmp.write_text(_stable_header(tmp.read_text()))
+        for tmp, target in staged:
+            tmp.replace(target)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return [target for _, target in staged]
 
 
 # ---------------------------------------------------------------------------- submit
@@ -787,7 +822,10 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
            service_account: str = "") -> tuple[str, str]:
     """Create a run of the compiled pipeline; returns (run id, its UI URL).
 
-    Parameter names and values are checked before anything is sent.
+    Everything is checked before the endpoint is contacted: the parameters by the rules the
+    pipeline's validate step applies (:func:`validate`), the training job's pod settings,
+    data_root, the package and the endpoint URL. An endpoint that refuses, times out or
+    answers with an error is a :class:`ConfigError` naming it.
 
     Args:
         host: the KFP API endpoint, e.g. http://localhost:8080.
@@ -801,14 +839,96 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
         service_account: the Kubernetes service account the run's pods use ("" = the KFP
             server's default); the launcher step creates the training job through it.
     """
-    check_params(params)
-    if service_account:
-        from stablerep.k8s.config import check_dns_1123_subdomain
+    check_submission(host, params, package)
+    if namespace is not None:
+        from stablerep.k8s.rules import check_dns_label
 
-        check_dns_1123_subdomain("--service-account", service_account)
+        check_dns_label("--namespace", namespace)
+    if service_account:
+        from stablerep.k8s.rules import check_subdomain
+
+        check_subdomain("--service-account", service_account)
+    if not experiment.strip():
+        raise ConfigError("--experiment: got '', expected an experiment name")
+    package = Path(package)
+    with _endpoint_errors(host):
+        return _create_run(host, experiment, params, package=package, run_name=run_name,
+                           namespace=namespace, pipeline=pipeline,
+                           service_account=service_account)
+
+
+def check_submission(host: str, params: Mapping[str, Any], package: str | Path) -> None:
+    """Every local check of :func:`submit`, in the order a user would fix them."""
+    values = check_params(params)
+    validate(values, local=False)
+    cluster_config(values)  # the pods' image, node selector and tolerations, every backend
+    check_data_root(values["data_root"], local=False)
     package = Path(package)
     if not package.is_file():
-        raise InputError(f"{package}: no compiled pipeline there; run `make compile`")
+        raise InputError(f"--package {package}: no compiled pipeline there; run `make compile`")
+    check_endpoint("--host", host)
+
+
+def check_endpoint(flag: str, url: str) -> None:
+    """An http(s) URL with a host (nothing is contacted)."""
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{flag}: got {url!r}, expected an http(s) URL of the Kubeflow "
+                          "Pipelines API, e.g. http://localhost:8080")
+
+
+#: Seconds the connect, and then the answer, of the KFP API's health check may take.
+ENDPOINT_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def _endpoint_errors(host: str) -> Iterator[None]:
+    """An endpoint that cannot be reached or answers with an error: one line naming it."""
+    import urllib3
+
+    try:
+        from kfp_server_api.exceptions import ApiException
+    except ImportError:  # pragma: no cover - kfp brings it
+        ApiException = urllib3.exceptions.HTTPError  # noqa: N806
+    try:
+        _probe(host)  # the kfp client waits forever on a silent endpoint
+        yield
+    except urllib3.exceptions.HTTPError as e:
+        reason = getattr(e, "reason", None) or e
+        raise ConfigError(f"--host {host}: cannot reach the Kubeflow Pipelines API "
+                          f"({_first_line(reason)}); check the URL, that the server runs and "
+                          "that a port-forward to it is open") from None
+    except ApiException as e:
+        raise ConfigError(f"--host {host}: the Kubeflow Pipelines API answered {e.status} "
+                          f"{e.reason}; check the URL, --namespace and your access") from None
+    except TimeoutError as e:  # kfp's health check gave up after its retries
+        raise ConfigError(f"--host {host}: the Kubeflow Pipelines API is not healthy "
+                          f"({_first_line(e)}); check the URL and the server") from None
+
+
+def _probe(host: str) -> None:
+    """GET the health endpoint once, with timeouts; any HTTP answer counts as reachable."""
+    import urllib3
+
+    timeout = urllib3.Timeout(connect=ENDPOINT_TIMEOUT_S, read=ENDPOINT_TIMEOUT_S)
+    urllib3.PoolManager().request("GET", f"{host.rstrip('/')}/apis/v2beta1/healthz",
+                                  timeout=timeout, retries=False, redirect=False)
+
+
+def _first_line(value: Any) -> str:
+    text = str(value).strip().splitlines()
+    return text[0] if text else type(value).__name__
+
+
+def _create_run(host: str, experiment: str, params: Mapping[str, Any], *, package: Path,
+                run_name: str, namespace: str | None, pipeline: str,
+                service_account: str) -> tuple[str, str]:
     import kfp
 
     client = kfp.Client(host=host, namespace=namespace) if namespace else kfp.Client(host=host)
@@ -829,12 +949,49 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
     return run.run_id, f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
 
 
+def check_data_root(uri: Any, *, local: bool) -> None:
+    """``data_root``: gs://bucket[/prefix], s3://bucket[/prefix], file:// or a local folder.
+
+    Args:
+        uri: the value.
+        local: the run is on this machine (kfp.local): a local folder must not run through a
+            file and must be writable (or creatable).
+    """
+    from stablerep import storage
+
+    where = "parameter data_root"
+    expected = "expected gs://bucket/prefix, s3://bucket/prefix, file:///path or a local folder"
+    if not isinstance(uri, str) or not uri.strip():
+        raise ConfigError(f"{where}: got {uri!r}, {expected}")
+    proto = storage.protocol(uri)
+    if proto not in ("gs", "s3", "file"):
+        raise ConfigError(f"{where}: got {uri!r} (scheme {proto}://), {expected}")
+    if proto != "file":
+        if not uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError(f"{where}: got {uri!r}, which names no bucket; {expected}")
+        return
+    path = storage.local_path(uri)
+    raw = uri.split("://", 1)[1] if "://" in uri else uri
+    if not raw.strip() or str(path) == "/":
+        raise ConfigError(f"{where}: got {uri!r}, expected a folder of its own (every stage "
+                          "writes its outputs directly under it)")
+    if local:
+        storage.check_output_folder(uri, field=where)
+        existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: {uri}: {existing} is not writable")
+
+
 # ---------------------------------------------------------------------------- local run
 
 
 def run_local(params: Mapping[str, Any], *, pipeline_root: str = "",
               image: str = "") -> Any:
     """Run the pipeline function on this machine through ``kfp.local`` (subprocess runner).
+
+    A step that fails with a user error (a :class:`StablerepError` in its process) raises
+    :class:`StepError` with that error's one line, naming the step; the step's traceback is
+    then left out of the echoed step output. Any other failure keeps kfp's error.
 
     Args:
         params: runtime parameters; ``train_backend`` must be ``local``.
@@ -844,15 +1001,117 @@ def run_local(params: Mapping[str, Any], *, pipeline_root: str = "",
     """
     values = check_params(params)
     check_backend(values["train_backend"], local=True)
+    check_data_root(values["data_root"], local=True)
     try:
         import kfp.local
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise InputError(f"{e.name}: not installed; run `make venv` (or pip install -e "
                          "'.[dev]')") from None
-    root = pipeline_root or os.path.join(values["data_root"], "kfp")
-    if "://" in root:
-        raise ConfigError(f"--pipeline-root {root}: local runs need a local folder")
+    if pipeline_root:
+        if "://" in pipeline_root:
+            raise ConfigError(f"--pipeline-root {pipeline_root}: local runs need a local "
+                              "folder")
+        from stablerep import storage
+
+        storage.check_output_folder(pipeline_root, field="--pipeline-root")
+    elif "://" in values["data_root"] and not values["data_root"].startswith("file://"):
+        raise ConfigError(f"parameter data_root: got {values['data_root']!r}; a local run keeps "
+                          "kfp's own artifacts under <data_root>/kfp, which must be a local "
+                          "folder: pass --pipeline-root DIR, or a local data_root")
+    root = pipeline_root or os.path.join(str(_local_root(values["data_root"])), "kfp")
     fn = load_pipeline(image=image, parallelism=DEFAULT_PARALLELISM)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=os.path.abspath(root))
-    return fn(**dict(params))
+    steps = _StepOutput(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(steps):  # kfp echoes each step's output by print()
+            return fn(**dict(params))
+    except RuntimeError as e:
+        failed = _failed_task(str(e))
+        steps.flush_pending()
+        if failed and steps.user_error:
+            raise StepError(f"step {failed}: {steps.user_error}") from None
+        raise
+
+
+def _local_root(uri: str) -> Path:
+    from stablerep import storage
+
+    return storage.local_path(uri)
+
+
+class StepError(StablerepError):
+    """A step of a local run failed with a user error; the message is that error's line."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_USER_ERROR = re.compile(r"^(stablerep(?:\.\w+)*)\.(\w+): (.+)$")
+
+
+def _failed_task(message: str) -> str:
+    """The innermost failed task of kfp.local's 'Inner task failed: a inside b.' message."""
+    text = _ANSI.sub("", message)
+    _, sep, chain = text.partition("Inner task failed: ")
+    return chain.split(" inside ")[0].strip().rstrip(".").strip("'") if sep else ""
+
+
+def _is_user_error(module: str, name: str) -> bool:
+    """Whether ``module.name`` is a :class:`StablerepError` subclass."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, StablerepError)
+
+
+class _StepOutput:
+    """Echo what kfp.local prints of its steps; hold back a traceback that ends in a user
+    error (remembering that error's line) and print any other traceback as it was."""
+
+    def __init__(self, out: Any):
+        self._out = out
+        self._line = ""
+        self._held: list[str] | None = None  # the lines of a traceback being read
+        self._indent = ""  # kfp indents a step's output
+        self.user_error = ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *lines, self._line = self._line.split("\n")
+        for line in lines:
+            self._take(line + "\n")
+        return len(text)
+
+    def _take(self, line: str) -> None:
+        plain = _ANSI.sub("", line).rstrip("\n")
+        if plain.lstrip().startswith("Traceback (most recent call last):"):
+            self.flush_pending()
+            self._held, self._indent = [line], plain[:len(plain) - len(plain.lstrip())]
+            return
+        if self._held is None:
+            self._out.write(line)
+            return
+        self._held.append(line)
+        plain = plain.removeprefix(self._indent)
+        if not plain or plain.startswith((" ", "\t", "During ", "The above exception")):
+            return  # a frame, a blank line, or the link to a chained exception
+        found = _USER_ERROR.match(plain.strip())
+        if found and _is_user_error(found.group(1), found.group(2)):
+            self.user_error = found.group(3)
+            self._held = None
+        else:
+            self.flush_pending()
+
+    def flush_pending(self) -> None:
+        """Print a held traceback (it did not end in a user error)."""
+        if self._held:
+            self._out.write("".join(self._held))
+        self._held = None
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def isatty(self) -> bool:
+        return False

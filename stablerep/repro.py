@@ -135,6 +135,35 @@ def arm_config(cfg: Config, arm: Arm, seed: int, *, baseline: bool, test_folder:
     return dataclasses.replace(run, train=train, eval=evaluate)
 
 
+def check_plan(cfg: Config, trained: list[str]) -> None:
+    """Every trained arm's config, and that its batch can be filled from the data made.
+
+    Args:
+        cfg: the resolved repro config.
+        trained: the arms that train (all but ``random``).
+
+    Raises:
+        ConfigError: naming the setting, before anything is drawn or trained.
+    """
+    rc = _sections(cfg)
+    have_images, have_captions = cfg.generate.images_per_caption, cfg.captions.num_captions
+    for name in trained:
+        run = arm_config(cfg, ARMS[name], rc.seeds[0], baseline=False, test_folder="").train
+        if run.images_read_per_caption > have_images:
+            raise ConfigError(f"generate.images_per_caption: got {have_images}, expected >= "
+                              f"{run.images_read_per_caption} (arm {name} reads that many "
+                              "images per caption)")
+        if have_captions is not None and run.captions_per_batch > have_captions:
+            raise ConfigError(f"captions.num_captions: got {have_captions}, expected >= "
+                              f"{run.captions_per_batch} (arm {name} takes "
+                              f"{rc.images_per_step} images per step = "
+                              f"{run.captions_per_batch} captions per batch)")
+        if run.captions_per_batch % run.grad_accum_steps:
+            raise ConfigError(f"train.grad_accum_steps: got {run.grad_accum_steps}, expected "
+                              f"a divisor of arm {name}'s {run.captions_per_batch} captions "
+                              "per batch")
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -340,8 +369,7 @@ def run_repro(cfg: Config) -> dict[str, Any]:
     if not trained:
         raise ConfigError("repro.arms: the random arm is the baseline of a trained arm; "
                           "add at least one trained arm")
-    for arm in trained:  # every run's config is checked before any work
-        arm_config(cfg, ARMS[arm], rc.seeds[0], baseline=False, test_folder="")
+    check_plan(cfg, trained)
     start = time.perf_counter()
     _, test_folder = make_data(cfg)
     digits = cfg.eval.datasets[0]

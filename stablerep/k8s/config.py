@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from stablerep import __version__
 from stablerep.errors import ConfigError
+from stablerep.k8s import rules
 
 #: Image repository the project's Dockerfiles are tagged into (``make images``).
 IMAGE_REPOSITORY = "docker.io/stablerep/stablerep"
@@ -39,21 +40,6 @@ def check_dns_1035(where: str, value: str) -> None:
                           "ending with '-')")
 
 
-def check_dns_1123_subdomain(where: str, value: str, *, max_len: int = 253) -> None:
-    """A Kubernetes object name that must be a DNS-1123 subdomain (service accounts, queues).
-
-    Args:
-        where: the field, for the message.
-        value: the name.
-        max_len: 253, or 63 for a name that is also a label value (a Kueue queue name).
-    """
-    parts = value.split(".") if value else [""]
-    if len(value) > max_len or not all(_DNS_1123.match(part) for part in parts):
-        raise ConfigError(f"{where}: got {value!r}, expected a DNS-1123 name (at most {max_len} "
-                          "lower-case letters, digits, '-' and '.', starting and ending with a "
-                          "letter or digit)")
-
-
 def _check_quantity(where: str, value: str) -> None:
     if not _QUANTITY.match(str(value)):
         raise ConfigError(f"{where}: got {value!r}, expected a Kubernetes quantity such as "
@@ -61,8 +47,7 @@ def _check_quantity(where: str, value: str) -> None:
 
 
 def _check_image(where: str, image: str, gpus: int) -> None:
-    if not image or any(c.isspace() for c in image):
-        raise ConfigError(f"{where}: got {image!r}, expected an image reference")
+    rules.check_image(where, image)
     tag = image.rsplit("/", 1)[-1].partition(":")[2].partition("@")[0]
     if gpus > 0 and (tag == "cpu" or tag.endswith("-cpu")):
         raise ConfigError(f"{where}: {image!r} is the CPU-only image but {gpus} GPU(s) per "
@@ -96,16 +81,15 @@ class PodConfig:
         if self.run_as_user < 1:
             raise ConfigError(f"{where}.run_as_user: got {self.run_as_user}, expected a "
                               "non-root UID (>= 1)")
-        for i, tol in enumerate(self.tolerations):
-            if not isinstance(tol, dict) or not set(tol) <= {"key", "operator", "value",
-                                                             "effect", "tolerationSeconds"}:
-                raise ConfigError(f"{where}.tolerations[{i}]: got {tol!r}, expected a mapping "
-                                  "of key, operator, value, effect, tolerationSeconds")
+        rules.check_int32(f"{where}.gpus", self.gpus)
+        rules.check_tolerations(f"{where}.tolerations", self.tolerations)
+        rules.check_labels(f"{where}.node_selector", self.node_selector)
+        rules.check_env_names(f"{where}.env", self.env)
         if self.priority_class and not _DNS_1123.match(self.priority_class):
             raise ConfigError(f"{where}.priority_class: got {self.priority_class!r}, "
                               "expected a DNS-1123 name")
         if self.service_account:
-            check_dns_1123_subdomain(f"{where}.service_account", self.service_account)
+            rules.check_subdomain(f"{where}.service_account", self.service_account)
 
 
 @dataclass
@@ -154,6 +138,9 @@ class ClusterConfig:
             raise ConfigError(f"cluster.active_deadline_s: got {self.active_deadline_s}, "
                               "expected >= 1 or null")
         self._check_elastic()
+        for name in ("nodes", "backoff_limit", "ttl_after_finished_s", "elastic_max_restarts"):
+            rules.check_int32(f"cluster.{name}", getattr(self, name))
+        rules.check_labels("cluster.labels", self.labels)
 
     def _check_elastic(self) -> None:
         lo, hi = self.elastic_min_nodes, self.elastic_max_nodes
@@ -202,3 +189,11 @@ class GenerationJobConfig:
             raise ConfigError(f"generation.backoff_limit_per_index: got "
                               f"{self.backoff_limit_per_index}, expected >= 0")
         self.pod.check("generation.pod")
+        if self.namespace:
+            rules.check_dns_label("generation.namespace", self.namespace)
+        for name in ("shards", "parallelism", "backoff_limit_per_index", "ttl_after_finished_s"):
+            rules.check_int32(f"generation.{name}", getattr(self, name))
+        if self.ttl_after_finished_s < 0:
+            raise ConfigError(f"generation.ttl_after_finished_s: got "
+                              f"{self.ttl_after_finished_s}, expected >= 0")
+        rules.check_labels("generation.labels", self.labels)

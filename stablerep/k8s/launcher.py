@@ -491,9 +491,15 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def api_client(*, kubeconfig: str = "", context: str = "") -> tuple[Any, str]:
-    """(ApiClient, default namespace): in-cluster service account, else a kubeconfig."""
+    """(ApiClient, default namespace): in-cluster service account, else a kubeconfig.
+
+    The kubeconfig file and the chosen cluster's server are checked first, and the server is
+    asked for its version, so an unusable file or an unreachable server is one line naming it.
+    """
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
+
+    from stablerep.k8s import access
 
     if not kubeconfig and not context and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
@@ -503,19 +509,24 @@ def api_client(*, kubeconfig: str = "", context: str = "") -> tuple[Any, str]:
         except OSError:
             namespace = "default"
         return client.ApiClient(), namespace
+    path = access.kubeconfig_path(kubeconfig)
+    access.check_kubeconfig(path, LaunchError)
     try:
-        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig or None)
+        contexts, active = config.list_kube_config_contexts(config_file=str(path))
         chosen = next((c for c in contexts if c["name"] == context), None) if context else active
         if chosen is None:
             raise LaunchError(f"--context {context}: not in the kubeconfig; contexts: "
                               f"{', '.join(c['name'] for c in contexts)}")
         cfg = client.Configuration()
-        config.load_kube_config(config_file=kubeconfig or None, context=chosen["name"],
+        config.load_kube_config(config_file=str(path), context=chosen["name"],
                                 client_configuration=cfg)
-    except (ConfigException, OSError) as e:
-        raise LaunchError(f"no cluster access: not in a pod and no usable kubeconfig "
-                          f"({str(e).splitlines()[0]})") from None
-    return client.ApiClient(cfg), chosen.get("context", {}).get("namespace") or "default"
+    except (ConfigException, OSError, TypeError, AttributeError, KeyError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LaunchError(f"kubeconfig {path}: not usable ({why})") from None
+    access.check_server(cfg.host, path, LaunchError)
+    api = client.ApiClient(cfg)
+    access.probe(api, cfg.host, LaunchError)
+    return api, chosen.get("context", {}).get("namespace") or "default"
 
 
 def launch(cfg: LaunchConfig, *, kubeconfig: str = "", context: str = "",

@@ -19,6 +19,8 @@ batch checked against the job's world size (nodes x GPUs per node).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,17 +142,54 @@ def render_files(recipe: K8sRecipe, *, config: str) -> dict[str, str]:
 def render(config: str, out: str) -> list[str]:
     """Render the cluster recipe at ``config`` into the folder ``out``; returns the paths.
 
-    Every file is built and checked before the first is written; files are replaced
-    atomically, so a failed render leaves the previous tree as it was.
+    Every file is built and checked, and every destination checked, before the first is
+    written; the files are written under temporary names and renamed into place last, so a
+    failed render leaves the previous tree as it was and no temporary file behind.
     """
-    from stablerep import storage
-
     files = render_files(load_recipe(config), config=config)
     root = Path(out)
+    if not out:
+        raise ConfigError("--out: got '', expected a folder")
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--out {out}: is a file, expected a folder")
-    written = []
-    for rel, text in sorted(files.items()):
-        storage.write_text(str(root / rel), text)
-        written.append(str(root / rel))
-    return written
+    for rel in sorted(files):
+        _check_destination(root, rel, out)
+    return [str(p) for p in _publish(root, files)]
+
+
+def _check_destination(root: Path, rel: str, out: str) -> None:
+    """``root/rel`` can be written: no file on its way, not a folder itself."""
+    path = root
+    for part in Path(rel).parts[:-1]:
+        path = path / part
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {out}: {path} is a file, expected a folder (it would "
+                              f"hold {rel})")
+    if (root / rel).is_dir():
+        raise ConfigError(f"--out {out}: {root / rel} is a folder, expected a file")
+
+
+def _publish(root: Path, files: dict[str, str]) -> list[Path]:
+    """Write every file to a temporary name, then rename them all into place."""
+    made: list[Path] = []  # folders this call created, outermost first
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for rel, text in sorted(files.items()):
+            target = root / rel
+            for folder in reversed([target.parent, *target.parent.parents]):
+                if not folder.exists():
+                    folder.mkdir()
+                    made.append(folder)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            staged.append((tmp, target))
+            tmp.write_text(text)
+        for tmp, target in staged:
+            tmp.replace(target)
+    except OSError as e:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise ConfigError(f"--out {root}: cannot write the manifests ({e.strerror or e})") from None
+    return [target for _, target in staged]

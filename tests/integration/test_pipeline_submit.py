@@ -177,5 +177,5 @@ def test_bad_service_account_is_refused_before_any_request():
         assert state.requests == []
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "error: --service-account: got 'Runner_SA', expected a DNS-1123 name (at most 253 "
-        "lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"]
+        "error: --service-account: got 'Runner_SA', expected a DNS-1123 subdomain (lower-case "
+        "letters, digits, '-' and '.', at most 253)"]

@@ -175,3 +175,35 @@ def test_flags_and_data_root_win_over_overrides_and_recipe(tmp_path) -> None:
 def test_a_required_section_set_to_a_scalar_is_named() -> None:
     with pytest.raises(ConfigError, match=r"^captions: got 3, expected a mapping of captions"):
         load_config(None, ["captions=3"], require=("captions",))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.cache_mb=.nan", "train.cache_mb: got nan, expected a finite number"),
+    ("captions.procedural.oversample=.inf", "captions.procedural.oversample: got inf, "
+                                            "expected a finite number"),
+    ("train.base_lr=-.inf", "train.base_lr: got -inf, expected a finite number"),
+])
+def test_a_float_that_is_not_finite_is_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_config("demo", [override])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.model_kwargs.depth=-3"], "train.model_kwargs.depth: got -3, expected a positive "
+                                      "integer"),
+    (["train.model_kwargs.patch_size=0"], "train.model_kwargs.patch_size: got 0, expected a "
+                                          "positive integer"),
+    (["train.model_kwargs.num_heads=2.5"], "train.model_kwargs.num_heads: got 2.5, expected a "
+                                           "positive integer"),
+    (["train.model_kwargs.patch_size=8", "train.image_size=12"],
+     r"train.image_size: got 12, expected a multiple of the patch size 8 \(and >= it\)"),
+    (["train.model_kwargs={}", "train.model=vit_tiny_patch16_224", "train.image_size=8"],
+     r"train.image_size: got 8, expected a multiple of the patch size 16 \(and >= it\)"),
+    (["train.model_kwargs={embed_dim: 30, num_heads: 4}"],
+     "train.model_kwargs.num_heads: got 4, expected a divisor of train.model_kwargs.embed_dim "
+     "30"),
+])
+def test_model_kwargs_that_cannot_build_a_vit_are_refused(overrides: list[str],
+                                                          message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_config("demo", overrides)

@@ -211,3 +211,33 @@ def test_train_result_missing_or_not_an_object(content, message, tmp_path: Path)
     text = str(e.value)
     assert text.startswith(str(tmp_path / "result.json")) and message in text, text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_shards": "2"}, "'num_shards' is str; expected int"),
+    ({"num_shards": 5}, "'num_shards' is 5 but 'shards' lists 1; expected them equal"),
+    ({"version": 1.5}, "'version' is float; expected int"),
+    ({"count": -1}, "'count' is -1; expected >= 0"),
+])
+def test_a_captions_manifest_of_the_wrong_types_is_refused(tmp_path: Path, change: dict,
+                                                           message: str) -> None:
+    doc = {"kind": contracts.CAPTIONS_KIND, "version": 1, "count": 2, "num_shards": 1,
+           "seed": 0, "source": {}, "summary": {}, "config_fingerprint": "x",
+           "shards": [{"index": 0, "path": contracts.part_name(0), "first_caption_id": 0,
+                       "num_captions": 2, "sha256": "ab" * 32, "bytes": 10}]}
+    contracts.load_captions_manifest(str(_json(tmp_path / "manifest.json", doc)))
+    _json(tmp_path / "manifest.json", {**doc, **change})
+    with pytest.raises(InputError, match=f"manifest.json: {message}$"):
+        contracts.load_captions_manifest(str(tmp_path))
+
+
+def test_a_shard_record_with_a_count_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
+    bad = _json(tmp_path / "shard-000000.json", {"tar": "shard-000000.tar", "num_captions": "2",
+                                                 "num_samples": 4, "images_per_caption": 2})
+    with pytest.raises(InputError, match="field num_captions: got '2', expected an integer"):
+        contracts.shard_ref(str(tmp_path), str(bad), verify=False)
+
+
+def _json(path: Path, doc: dict) -> Path:
+    path.write_text(json.dumps(doc))
+    return path

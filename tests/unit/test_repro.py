@@ -68,6 +68,9 @@ def test_an_uneven_images_per_step_fails_naming_the_arm() -> None:
     ({"arms": ["simclr", "simclr"]}, "repro.arms: each arm once"),
     ({"seeds": [0, 0]}, "repro.seeds: expected distinct seeds, got [0, 0]"),
     ({"images_per_step": 4}, "repro.images_per_step: got 4, expected a value >= 8"),
+    ({"seeds": [0, -1]}, "repro.seeds[1]: got -1, expected a value >= 0"),
+    ({"seeds": [2**32]}, "repro.seeds[0]: got 4294967296, expected a value <= 4294967295"),
+    ({"test_seed": 2**40}, "repro.test_seed: got 1099511627776, expected a value <= "),
 ])
 def test_bad_experiment_settings(section: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -123,3 +126,20 @@ def test_the_held_out_set_is_an_image_folder_with_every_class_in_both_splits(
         assert sorted(p.name for p in (folder / split).iterdir()) == sorted(classes["classes"])
     assert abs(counts["test"] / (counts["train"] + counts["test"]) - 1 / 3) < 0.1
 
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["generate.images_per_caption=4"], "generate.images_per_caption: got 4, expected >= 8 "
+                                        "(arm stablerep_k8 reads that many images per caption)"),
+    (["captions.num_captions=20"], "captions.num_captions: got 20, expected >= 64 (arm simclr "
+                                   "takes 128 images per step = 64 captions per batch)"),
+    (["train.grad_accum_steps=3"], "train.grad_accum_steps: got 3, expected a divisor of arm "
+                                   "simclr's 64 captions per batch"),
+])
+def test_a_plan_whose_batches_cannot_be_filled_fails_before_any_work(
+        tmp_path: Path, overrides: list[str], message: str) -> None:
+    cfg = _cfg(*overrides, data_root=str(tmp_path / "root"))
+    with pytest.raises(ConfigError) as info:
+        repro.run_repro(cfg)
+    assert str(info.value) == message
+    assert not (tmp_path / "root").exists()

@@ -99,7 +99,7 @@ def test_cluster_recipe_missing_or_not_a_mapping(content, message, tmp_path):
     ({"tolerations": [{"key": "g", "operator": "Exists", "tolerationSeconds": 60}]},
      "parameter tolerations[0].tolerationSeconds: only effect NoExecute takes it"),
     ({"service_account": "Train_SA"}, "parameter service_account: got 'Train_SA', expected a "
-                                      "DNS-1123 name"),
+                                      "DNS-1123 subdomain"),
     ({"queue_name": "team a"}, "parameter queue_name: got 'team a', expected the name of a "
                                 "Kueue LocalQueue (a DNS-1123 label"),
     ({"queue_name": "q" * 64}, "parameter queue_name: got 'qqqq"),  # a label value: <= 63
