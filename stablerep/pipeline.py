@@ -320,22 +320,21 @@ def _job_error(e: ConfigError, uri: str) -> ConfigError:
     return ConfigError(f"parameter {text.replace('cluster.pod.', '').replace('cluster.', '')}")
 
 
-def recipe_cluster(uri: str) -> Any:
-    """The ``cluster:`` section of the cluster recipe at ``uri`` (the defaults for "")."""
-    from stablerep.k8s.config import ClusterConfig
-    from stablerep.k8s.render import load_recipe
+def cluster_recipe(uri: str) -> Any:
+    """The cluster recipe at ``uri`` (:class:`stablerep.k8s.render.K8sRecipe`; defaults for "")."""
+    from stablerep.k8s.render import K8sRecipe, load_recipe
 
     if not uri:
-        return ClusterConfig()
+        return K8sRecipe()
     try:
-        return load_recipe(uri).cluster
+        return load_recipe(uri)
     except StablerepError as e:
         text = " ".join(str(e).split())
         raise ConfigError(f"parameter cluster_recipe: {text if uri in text else f'{uri}: {text}'}"
                           ) from None
 
 
-def cluster_config(values: Mapping[str, Any]) -> Any:
+def cluster_config(values: Mapping[str, Any], recipe: Any = None) -> Any:
     """The training job of a cluster backend (:class:`stablerep.k8s.config.ClusterConfig`).
 
     The cluster recipe (``cluster_recipe``) supplies the job's settings; the pipeline's
@@ -345,9 +344,10 @@ def cluster_config(values: Mapping[str, Any]) -> Any:
 
     Args:
         values: the checked parameters (:data:`JOB_PARAMS`, data_root, recipe, overrides).
+        recipe: the cluster recipe, when the caller has read it already.
     """
     uri = values.get("cluster_recipe", "")
-    base = recipe_cluster(uri)
+    base = (recipe or cluster_recipe(uri)).cluster
     pod = {"image": values["image"], "gpus": values["gpus_per_node"],
            "node_selector": dict(values["node_selector"]),
            "tolerations": list(values["tolerations"])}
@@ -420,7 +420,7 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[C
     if values["train_backend"] != "local":
         check_job(cluster_config(values), values["cluster_recipe"])
     elif values["cluster_recipe"]:
-        recipe_cluster(values["cluster_recipe"])  # read and checked even when unused
+        cluster_recipe(values["cluster_recipe"])  # read and checked even when unused
     return cfg, stage_overrides(values)
 
 
@@ -622,7 +622,10 @@ def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -
     from stablerep.contracts import read_train_result
     from stablerep.k8s.launcher import LaunchConfig, launch
 
-    done = launch(LaunchConfig(cluster=cluster_config(values), run_id=run_id, task=task))
+    recipe = cluster_recipe(values.get("cluster_recipe", ""))
+    follow = dataclasses.asdict(recipe.launch)  # how to follow the job: the recipe's launch:
+    done = launch(LaunchConfig(cluster=cluster_config(values, recipe), run_id=run_id,
+                               task=task, **follow))
     return read_train_result(done.train_out)
 
 

@@ -43,15 +43,26 @@ def render(config: str, out: str) -> None:
               "account's or the kubeconfig context's].")
 @click.option("--kubeconfig", default="", metavar="PATH", help="kubeconfig file.")
 @click.option("--context", default="", metavar="NAME", help="kubeconfig context.")
-@click.option("--schedule-timeout", type=float, default=900.0, show_default=True,
-              help="Seconds a pod may stay stuck (unschedulable, image pull, crash loop).")
-@click.option("--timeout", type=float, default=None, help="Seconds the whole run may take.")
-@click.option("--watch-timeout", type=int, default=30, show_default=True,
-              help="Seconds of one watch request (the launcher re-watches).")
+@click.option("--schedule-timeout", type=float, metavar="S",
+              help="Seconds a pod may stay stuck after admission (unschedulable, image pull, "
+              "crash loop) [default: the recipe's launch.schedule_timeout_s, 900].")
+@click.option("--timeout", type=float, metavar="S", help="Seconds the run may take from "
+              "admission [default: the recipe's launch.timeout_s, none].")
+@click.option("--queue-timeout", type=float, metavar="S", help="Seconds a queue (Kueue) may "
+              "hold the job before it is given up [default: launch.queue_timeout_s, none].")
+@click.option("--api-unreachable", type=float, metavar="S", help="Seconds the API may fail "
+              "every call before the launch stops, leaving the job running "
+              "[default: launch.api_unreachable_s, 600].")
+@click.option("--watch-timeout", type=int, metavar="S", help="Seconds of one watch request "
+              "(the launcher re-watches) [default: launch.watch_timeout_s, 30].")
 @click.option("--no-logs", is_flag=True, help="Do not stream the master pod's log.")
 def launch(config, backend, job_name, run_id, task, namespace, kubeconfig, context,
-           schedule_timeout, timeout, watch_timeout, no_logs) -> None:
-    """Create (or attach to) a training job, follow it to the end, clean up on failure.
+           schedule_timeout, timeout, queue_timeout, api_unreachable, watch_timeout,
+           no_logs) -> None:
+    """Create (or attach to) a training job and follow it to the end.
+
+    How it follows the job (timeouts, retries) is the recipe's launch: section; the flags
+    override it. See README "Training on a cluster" for what cancel, eviction and queues do.
 
     \b
     Examples:
@@ -64,13 +75,20 @@ def launch(config, backend, job_name, run_id, task, namespace, kubeconfig, conte
     from stablerep.k8s.launcher import launch as run_launch
     from stablerep.k8s.render import load_recipe
 
-    cluster = load_recipe(config).cluster
+    recipe = load_recipe(config)
+    cluster = recipe.cluster
     changes = {k: v for k, v in (("backend", backend), ("namespace", namespace)) if v}
     if changes:
         cluster = dataclasses.replace(cluster, **changes)
+    follow = dataclasses.asdict(recipe.launch)
+    flags = {"schedule_timeout_s": schedule_timeout, "timeout_s": timeout,
+             "queue_timeout_s": queue_timeout, "api_unreachable_s": api_unreachable,
+             "watch_timeout_s": watch_timeout}
+    follow.update({k: v for k, v in flags.items() if v is not None})
+    if no_logs:
+        follow["stream_logs"] = False
     cfg = LaunchConfig(cluster=cluster, run_id=run_id, task=task, job_name=job_name or "",
-                       schedule_timeout_s=schedule_timeout, timeout_s=timeout,
-                       watch_timeout_s=watch_timeout, stream_logs=not no_logs)
+                       **follow)
     result = run_launch(cfg, kubeconfig=kubeconfig, context=context)
     click.echo(f"launch: {result.kind} {result.namespace}/{result.name} succeeded in "
                f"{result.seconds:,.0f}s; checkpoint {result.checkpoint}; backbone "

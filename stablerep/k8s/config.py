@@ -8,6 +8,7 @@ expected, before any manifest is built.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -197,3 +198,45 @@ class GenerationJobConfig:
             raise ConfigError(f"generation.ttl_after_finished_s: got "
                               f"{self.ttl_after_finished_s}, expected >= 0")
         rules.check_labels("generation.labels", self.labels)
+
+
+def _check_seconds(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"launch.{name}: got {value!r}, expected a number of seconds > 0"
+                          + (" or None" if optional else ""))
+
+
+@dataclass
+class LaunchSettings:
+    """How the training launcher follows its job: the cluster recipe's ``launch:`` section.
+
+    Every limit but ``timeout_s`` and ``queue_timeout_s`` is required; those two are off by
+    default (a job may queue and run as long as it needs).
+    """
+
+    schedule_timeout_s: float = 900.0  # how long pods may stay stuck after admission
+    timeout_s: float | None = None  # run limit from admission (None = none)
+    queue_timeout_s: float | None = None  # how long a queue may hold the job (None = forever)
+    watch_timeout_s: int = 30  # one watch request's length (the loop re-watches)
+    log_tail_lines: int = 30  # master log lines quoted when the job fails
+    stream_logs: bool = True  # copy the master pod's log to this process's stdout
+    api_unreachable_s: float = 600.0  # API failing this long: fail the step, keep the job
+    request_timeout_s: float = 60.0  # one API request's connect/read limit
+    backoff_s: float = 1.0  # first wait after an API failure (doubles, capped)
+    backoff_max_s: float = 30.0  # longest wait between retries
+    report_every_s: float = 60.0  # how often a queued job is reported
+    workflow_poll_s: float = 30.0  # how often the pipeline run is checked for a cancel
+
+    def __post_init__(self) -> None:
+        for name in ("schedule_timeout_s", "api_unreachable_s", "request_timeout_s",
+                     "backoff_s", "backoff_max_s", "report_every_s", "workflow_poll_s"):
+            _check_seconds(name, getattr(self, name))
+        for name in ("timeout_s", "queue_timeout_s"):
+            _check_seconds(name, getattr(self, name), optional=True)
+        for name in ("watch_timeout_s", "log_tail_lines"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"launch.{name}: got {value!r}, expected an integer >= 1")

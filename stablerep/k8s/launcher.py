@@ -44,7 +44,12 @@ from typing import Any
 
 from stablerep.errors import StablerepError
 from stablerep.k8s.api import Api, LaunchError, _reason, say
-from stablerep.k8s.config import QUEUE_LABEL, ClusterConfig, check_dns_1035
+from stablerep.k8s.config import (
+    QUEUE_LABEL,
+    ClusterConfig,
+    LaunchSettings,
+    check_dns_1035,
+)
 from stablerep.k8s.follow import LogFollower, container_state, gated, restarts, stuck_reason
 from stablerep.k8s.manifests import training_job
 from stablerep.k8s.owner import WORKFLOW_API, Owner, pod_namespace, stopping, workflow_of
@@ -70,47 +75,19 @@ class _Cancelled(BaseException):
     """SIGTERM arrived: unwind to the clean-up (a BaseException, so nothing swallows it)."""
 
 
-def _check_seconds(name: str, value: float | None, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise LaunchError(f"{name}: got {value!r}, expected a number of seconds > 0"
-                          + (" or None" if optional else ""))
-
-
 @dataclass
-class LaunchConfig:
-    """One launch: the job to run and how to follow it."""
+class LaunchConfig(LaunchSettings):
+    """One launch: the job to run (and, inherited, how to follow it)."""
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run_id: str = ""  # the pipeline run (the job name derives from run_id + task)
     task: str = "train"  # the pipeline task
     job_name: str = ""  # explicit job name (wins over run_id/task)
-    schedule_timeout_s: float = 900.0  # how long pods may stay stuck after admission
-    timeout_s: float | None = None  # run limit from admission (None = none)
-    queue_timeout_s: float | None = None  # how long a queue may hold the job (None = forever)
-    watch_timeout_s: int = 30  # one watch request's length (the loop re-watches)
-    log_tail_lines: int = 30  # master log lines quoted when the job fails
-    stream_logs: bool = True  # copy the master pod's log to this process's stdout
-    api_unreachable_s: float = 600.0  # API failing this long: fail the step, keep the job
-    request_timeout_s: float = 60.0  # one API request's connect/read limit
-    backoff_s: float = 1.0  # first wait after an API failure (doubles, capped)
-    backoff_max_s: float = 30.0  # longest wait between retries
-    report_every_s: float = 60.0  # how often a queued job is reported
-    workflow_poll_s: float = 30.0  # how often the pipeline run is checked for a cancel
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.job_name:
             check_dns_1035("job_name", self.job_name)
-        for name in ("schedule_timeout_s", "api_unreachable_s", "request_timeout_s",
-                     "backoff_s", "backoff_max_s", "report_every_s", "workflow_poll_s"):
-            _check_seconds(name, getattr(self, name))
-        for name in ("timeout_s", "queue_timeout_s"):
-            _check_seconds(name, getattr(self, name), optional=True)
-        if isinstance(self.watch_timeout_s, bool) or not isinstance(self.watch_timeout_s, int) \
-                or self.watch_timeout_s < 1:
-            raise LaunchError(f"watch_timeout_s: got {self.watch_timeout_s!r}, expected an "
-                              "integer >= 1")
 
 
 @dataclass

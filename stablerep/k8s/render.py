@@ -29,7 +29,12 @@ import yaml
 
 from stablerep.config import from_dict, load_config
 from stablerep.errors import ConfigError
-from stablerep.k8s.config import IMAGE_REPOSITORY, ClusterConfig, GenerationJobConfig
+from stablerep.k8s.config import (
+    IMAGE_REPOSITORY,
+    ClusterConfig,
+    GenerationJobConfig,
+    LaunchSettings,
+)
 from stablerep.k8s.manifests import (
     DATA_ROOT_ENV,
     generation_job,
@@ -51,6 +56,7 @@ class K8sRecipe:
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     generation: GenerationJobConfig = field(default_factory=GenerationJobConfig)
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # how the launcher follows
 
 
 def load_recipe(uri: str) -> K8sRecipe:

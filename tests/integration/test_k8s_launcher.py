@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stablerep.errors import ConfigError
 from stablerep.k8s import launcher_rbac
 from stablerep.k8s.config import ClusterConfig, PodConfig
 from stablerep.k8s.launcher import LaunchConfig, LaunchError, job_name, launch
@@ -680,7 +681,7 @@ def test_failed_after_restart_keeps_job_and_quotes_previous_run(cluster, capfd):
     ("request_timeout_s", "fast", "request_timeout_s: got 'fast', expected"),
 ])
 def test_bad_launch_fields_name_themselves(cluster, field, value, expected):
-    with pytest.raises(LaunchError, match=re.escape(expected)):
+    with pytest.raises(ConfigError, match=re.escape(f"launch.{expected}")):
         _config(**{field: value})
     assert cluster.kube.requests == []
 
@@ -718,3 +719,23 @@ def test_least_privilege_role_equals_what_the_launcher_uses(tmp_path):
                for verb in rule["verbs"]}
     assert used == granted, (f"used but not granted: {sorted(used - granted)}; granted but "
                              f"unused: {sorted(granted - used)}")
+
+
+@pytest.mark.parametrize("flag, recipe_launch, expected", [
+    (["--queue-timeout", "0"], {}, "error: launch.queue_timeout_s: got 0.0, expected a number of "
+                                   "seconds > 0 or None"),
+    ([], {"api_unreachable_s": -1}, "launch.api_unreachable_s: got -1.0, expected a number of "
+                                    "seconds > 0"),
+])
+def test_bad_follow_settings_exit_2_and_create_nothing(cluster, tmp_path, flag, recipe_launch,
+                                                       expected):
+    recipe = tmp_path / "cluster.yaml"
+    recipe.write_text(yaml.safe_dump({"cluster": {"nodes": 2}, "launch": recipe_launch}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stablerep.cli", "k8s", "launch", "--config", str(recipe),
+         "--kubeconfig", str(_kubeconfig(tmp_path, cluster.url)), *flag],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert cluster.kube.requests == []

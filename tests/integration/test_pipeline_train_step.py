@@ -155,3 +155,31 @@ def test_torchrun_path_reads_rank_0s_result(root: Path, monkeypatch) -> None:
     assert (result.world_size, result.steps) == (2, 3)
     assert result.final_loss == pytest.approx(last["loss"])
     assert result.images_per_s == last["images_per_s"] > 0
+
+
+def test_cluster_recipes_launch_section_reaches_the_launcher(monkeypatch, tmp_path: Path) -> None:
+    import yaml
+
+    from stablerep.k8s import launcher
+
+    recipe = tmp_path / "cluster.yaml"
+    recipe.write_text(yaml.safe_dump({"cluster": {"pod": {"cpu": "4"}},
+                                      "launch": {"queue_timeout_s": 7200,
+                                                 "schedule_timeout_s": 1800,
+                                                 "api_unreachable_s": 900}}))
+    seen = []
+
+    def fake_launch(cfg: Any) -> Any:
+        seen.append(cfg)
+        raise launcher.LaunchError("stop here")
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    values = {**lib.check_params({"data_root": str(tmp_path), "cluster_recipe": str(recipe)}),
+              "overrides": []}
+    with pytest.raises(launcher.LaunchError, match="stop here"):
+        lib.train(values, run_id="run-1")
+    cfg = seen[-1]
+    assert (cfg.queue_timeout_s, cfg.schedule_timeout_s, cfg.api_unreachable_s) == (
+        7200, 1800, 900)
+    assert cfg.timeout_s is None and cfg.backoff_max_s == 30.0  # the rest: defaults
+    assert cfg.cluster.pod.cpu == "4" and cfg.run_id == "run-1"

@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stablerep import pipeline as lib
 from stablerep.errors import ConfigError
-from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE, ClusterConfig, PodConfig
-from stablerep.k8s.manifests import QUEUE_LABEL, training_job
+from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE, QUEUE_LABEL, ClusterConfig, PodConfig
+from stablerep.k8s.manifests import training_job
 from stablerep.k8s.render import check_world_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,3 +174,19 @@ def test_run_local_refuses_a_missing_cluster_recipe_before_any_step(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: parameter cluster_recipe: "), lines
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder, no kfp root
+
+
+@pytest.mark.parametrize("launch, message", [
+    ({"queue_timeout_s": 0}, "launch.queue_timeout_s: got 0.0, expected a number of seconds > 0 "
+                             "or None"),
+    ({"schedule_timeout_s": float("nan")}, "launch.schedule_timeout_s: got nan, expected"),
+    ({"watch_timeout_s": 2.5}, "launch.watch_timeout_s: got 2.5, expected an integer"),
+    ({"deadline_s": 5}, "launch.deadline_s: unknown field"),
+])
+def test_bad_launch_section_of_the_cluster_recipe_fails_in_validate(launch, message, tmp_path):
+    uri = tmp_path / "cluster.yaml"
+    uri.write_text(yaml.safe_dump({"launch": launch}))
+    with pytest.raises(ConfigError) as e:
+        lib.validate({"cluster_recipe": str(uri)}, local=False)
+    assert str(e.value).startswith("parameter cluster_recipe: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
