@@ -57,7 +57,6 @@ PIPELINE_NAME = "stablerep"
 DEFAULT_PARALLELISM = 64
 TRAIN_BACKENDS = ("pytorchjob", "trainjob", "local")
 SECTIONS = ("captions", "generate", "train", "eval")
-TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
 
 def component_image() -> str:
@@ -185,44 +184,14 @@ def _check_value(p: Param, value: Any) -> None:
                           f"{p.minimum:g}")
 
 
-#: What the Pod schema allows in a toleration's operator and effect ("" = any effect).
-TOLERATION_OPERATORS = ("Exists", "Equal")
-TOLERATION_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
-
-
-def _check_toleration(where: str, tol: Mapping[str, Any]) -> None:
-    """A toleration's values as the Pod schema and the API server's rules take them."""
-    for key in ("key", "operator", "value", "effect"):
-        if key in tol and not isinstance(tol[key], str):
-            raise ConfigError(f"{where}.{key}: got {tol[key]!r}, expected a string")
-    seconds = tol.get("tolerationSeconds")
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)):
-        raise ConfigError(f"{where}.tolerationSeconds: got {seconds!r}, expected an integer")
-    operator = tol.get("operator", "Equal")
-    if operator not in TOLERATION_OPERATORS:
-        raise ConfigError(f"{where}.operator: got {operator!r}, expected Exists or Equal")
-    if tol.get("effect", "") not in TOLERATION_EFFECTS:
-        raise ConfigError(f"{where}.effect: got {tol['effect']!r}, expected one of "
-                          "NoSchedule, PreferNoSchedule, NoExecute")
-    if operator == "Exists" and tol.get("value"):
-        raise ConfigError(f"{where}.value: got {tol['value']!r}; operator Exists takes no "
-                          "value")
-    if not tol.get("key") and operator != "Exists":
-        raise ConfigError(f"{where}.key: an empty key needs operator Exists")
-    if seconds is not None and tol.get("effect") != "NoExecute":
-        raise ConfigError(f"{where}.tolerationSeconds: only effect NoExecute takes it")
-
-
 def _check_scheduling(values: Mapping[str, Any]) -> None:
     for key, val in values["node_selector"].items():
         if not isinstance(val, str):
             raise ConfigError(f"parameter node_selector: {key}: got {val!r}, expected a string "
                               "label value")
-    for i, tol in enumerate(values["tolerations"]):
-        if not isinstance(tol, dict) or not tol or not set(tol) <= TOLERATION_KEYS:
-            raise ConfigError(f"parameter tolerations[{i}]: got {tol!r}, expected an object "
-                              f"of {', '.join(sorted(TOLERATION_KEYS))}")
-        _check_toleration(f"parameter tolerations[{i}]", tol)
+    from stablerep.k8s.rules import check_tolerations
+
+    check_tolerations("parameter tolerations", values["tolerations"])
     for i, text in enumerate(values["overrides"]):
         if not isinstance(text, str) or "=" not in text:
             raise ConfigError(f"parameter overrides[{i}]: got {text!r}, expected "

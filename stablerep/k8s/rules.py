@@ -103,6 +103,9 @@ def check_toleration(where: str, tol: Any) -> None:
     if not isinstance(tol, dict) or not tol or not set(tol) <= set(TOLERATION_KEYS):
         raise ConfigError(f"{where}: got {tol!r}, expected a mapping of "
                           f"{', '.join(TOLERATION_KEYS)}")
+    for name in ("key", "operator", "value", "effect"):
+        if name in tol and not isinstance(tol[name], str):
+            raise ConfigError(f"{where}.{name}: got {tol[name]!r}, expected a string")
     key, value = tol.get("key", ""), tol.get("value", "")
     operator, effect = tol.get("operator", "Equal"), tol.get("effect", "")
     if operator not in TOLERATION_OPERATORS:

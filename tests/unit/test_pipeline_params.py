@@ -48,8 +48,8 @@ def test_recipe_params_read_back_the_recipe():
     ({"train_backend": "slurm"}, "parameter train_backend: got 'slurm', expected one of "
                                  "pytorchjob, trainjob, local"),
     ({"node_selector": {"pool": 1}}, "parameter node_selector: pool: got 1, expected a string"),
-    ({"tolerations": [{"bad": 1}]}, "parameter tolerations[0]: got {'bad': 1}, expected an "
-                                    "object of effect, key, operator"),
+    ({"tolerations": [{"bad": 1}]}, "parameter tolerations[0]: got {'bad': 1}, expected a "
+                                    "mapping of key, operator, value, effect"),
     ({"overrides": ["train.epochs"]}, "parameter overrides[0]: got 'train.epochs', expected "
                                       "section.key=value"),
     ({"backbone": "resnet50"}, "parameter backbone (train.model: got 'resnet50', expected a "

@@ -92,13 +92,14 @@ def test_cluster_recipe_missing_or_not_a_mapping(content, message, tmp_path):
     ({"tolerations": [{"key": 1, "operator": "Exists"}]},
      "parameter tolerations[0].key: got 1, expected a string"),
     ({"tolerations": [{"key": "gpu", "operator": "In"}]},
-     "parameter tolerations[0].operator: got 'In', expected Exists or Equal"),
+     "parameter tolerations[0].operator: got 'In', expected Equal or Exists"),
     ({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedul"}]},
      "parameter tolerations[0].effect: got 'NoSchedul'"),
     ({"tolerations": [{"operator": "Equal", "value": "x"}]},
-     "parameter tolerations[0].key: an empty key needs operator Exists"),
+     "parameter tolerations[0].key: missing; expected a taint key (only operator Exists"),
     ({"tolerations": [{"key": "g", "operator": "Exists", "tolerationSeconds": 60}]},
-     "parameter tolerations[0].tolerationSeconds: only effect NoExecute takes it"),
+     "parameter tolerations[0].tolerationSeconds: set with effect ''; expected it only "
+     "with effect NoExecute"),
     ({"service_account": "Train_SA"}, "parameter service_account: got 'Train_SA', expected a "
                                       "DNS-1123 subdomain"),
     ({"queue_name": "team a"}, "parameter queue_name: got 'team a', expected the name of a "
