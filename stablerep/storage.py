@@ -389,43 +389,53 @@ def _client_single_try(proto: str, fs: fsspec.AbstractFileSystem) -> None:
 
 
 _GCS_CLASSES: dict[type, type] = {}
+GCS_RETRIED_METHODS = ("_request", "_get_file_request", "_get_file_concurrent")
+"""gcsfs's request methods under its retry decorator (private names; gcsfs is pinned below
+its next release in pyproject.toml, and tests/unit/test_storage.py checks they are there)."""
+
+
+def _single_try(raw: Callable[..., Any]) -> Callable[..., Any]:
+    """gcsfs's undecorated request method ``raw``, giving back the HTTP status of 403 and 502
+    answers (gcsfs raises a bare ``OSError`` and requests' ``ProxyError`` for them)."""
+    import requests.exceptions
+
+    async def call(self, *args, **kwargs):
+        try:
+            return await raw(self, *args, **kwargs)
+        except requests.exceptions.ProxyError as e:  # gcsfs: HTTP 502
+            raise HttpStatusError(502, f"Bad Gateway: {e}") from e
+        except OSError as e:
+            if type(e) is OSError and e.errno is None:  # gcsfs: HTTP 403
+                raise HttpStatusError(403, str(e).splitlines()[0]) from e
+            raise
+    call.__name__ = raw.__name__
+    call.single_try = True  # marks it for the tests
+    return call
 
 
 def _single_try_gcs_class(base: type) -> type:
     """``base`` (gcsfs's filesystem) with its request methods undecorated: one try each.
 
     gcsfs wraps its HTTP requests in a fixed retry decorator (6 tries, 1..32 s apart) that
-    no option turns off; the subclass calls the undecorated methods instead. gcsfs also
-    drops the status of two answers (403 becomes a bare ``OSError``, 502 requests'
-    ``ProxyError``); the subclass gives them back, so :func:`is_transient` can read it.
+    no option turns off; a subclass of the class that defines them decorated calls the
+    undecorated methods instead. When ``base`` is a further subclass (gcsfs's
+    ``ExtendedGcsFileSystem``, whose own ``_get_file_request`` calls ``super()``'s), the
+    single-try class is placed right under ``base`` in the MRO, so those ``super()`` calls
+    reach it too.
     """
     if base in _GCS_CLASSES:
         return _GCS_CLASSES[base]
-    import requests.exceptions
-
-    def single_try(raw):
-        async def call(self, *args, **kwargs):
-            try:
-                return await raw(self, *args, **kwargs)
-            except requests.exceptions.ProxyError as e:  # gcsfs: HTTP 502
-                raise HttpStatusError(502, f"Bad Gateway: {e}") from e
-            except OSError as e:
-                if type(e) is OSError and e.errno is None:  # gcsfs: HTTP 403
-                    raise HttpStatusError(403, str(e).splitlines()[0]) from e
-                raise
-        call.__name__ = raw.__name__
-        return call
-
-    namespace: dict[str, Any] = {}
-    for method in ("_request", "_get_file_request", "_get_file_concurrent"):
-        decorated = getattr(base, method, None)
-        raw = getattr(decorated, "__wrapped__", None)
-        if raw is not None:
-            namespace[method] = single_try(raw)
-    if "_request" not in namespace:
+    core = next((c for c in base.__mro__
+                 if hasattr(vars(c).get("_request"), "__wrapped__")), None)
+    if core is None:
         log.warning("%s.%s has no undecorated _request: gcsfs's own retries stay on under "
                     "stablerep's", base.__module__, base.__name__)
-    sub = type(f"SingleTry{base.__name__}", (base,), namespace)
+        _GCS_CLASSES[base] = base
+        return base
+    namespace = {m: _single_try(vars(core)[m].__wrapped__) for m in GCS_RETRIED_METHODS
+                 if hasattr(vars(core).get(m), "__wrapped__")}
+    single = type(f"SingleTry{core.__name__}", (core,), namespace)
+    sub = single if base is core else type(f"SingleTry{base.__name__}", (base, single), {})
     sub._cache = base._cache  # one instance cache: clear_instance_cache() on gcsfs clears ours
     _GCS_CLASSES[base] = sub
     return sub
