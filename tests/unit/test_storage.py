@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from stablerep import storage
+from stablerep import storage, storage_clients
 from stablerep.storage import RetryPolicy, StorageError, StorageNotFound
 
 FAST = RetryPolicy(attempts=4, initial_delay_s=0.001, max_delay_s=0.002)
@@ -368,7 +368,7 @@ def test_cache_local_copies_a_memory_file_once(tmp_path, mem_root):
 
 
 # ---------------------------------------------------------------------------- gcsfs internals
-# storage.py switches gcsfs's own retries off through private names (gcsfs has no option for
+# storage_clients.py switches gcsfs's own retries off through private names (gcsfs has no option for
 # it); these tests fail when a gcsfs release changes them, before a bucket would show it.
 
 
@@ -390,7 +390,7 @@ def test_gcsfs_request_methods_are_still_decorated_coroutines() -> None:
 
     import gcsfs.core
 
-    for name in storage.GCS_RETRIED_METHODS:
+    for name in storage_clients.GCS_RETRIED_METHODS:
         decorated = vars(gcsfs.core.GCSFileSystem).get(name)
         assert decorated is not None, f"gcsfs.core.GCSFileSystem.{name} is gone"
         raw = getattr(decorated, "__wrapped__", None)
@@ -400,9 +400,9 @@ def test_gcsfs_request_methods_are_still_decorated_coroutines() -> None:
 
 @pytest.mark.parametrize("base", _gcs_classes(), ids=lambda c: c.__name__)
 def test_every_gcs_request_path_reaches_a_single_try_method(base: type) -> None:
-    cls = storage._single_try_gcs_class(base)
+    cls = storage_clients.single_try_gcs_class(base)
     assert issubclass(cls, base) and cls._cache is base._cache
-    for name in storage.GCS_RETRIED_METHODS:
+    for name in storage_clients.GCS_RETRIED_METHODS:
         # the chain a call (and each super() call) walks down; it must meet ours before
         # gcsfs's decorated one, and ours does not call further down
         chain = [vars(c)[name] for c in cls.__mro__ if name in vars(c)]
