@@ -97,7 +97,8 @@ def _assert_self_contained(html: str) -> None:
 
 
 class _Text(HTMLParser):
-    """The text a reader sees: character data and the alt/title/content attributes."""
+    """What a reader sees, in document order: each element with its attributes (data URIs
+    and empty values left out) and the text between them."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -106,8 +107,9 @@ class _Text(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self._skip += tag == "style"
-        self.parts += [f"{tag}@{k}={v}" for k, v in attrs
-                       if k in ("alt", "title", "content", "data-dataset") and v]
+        shown = sorted(f"{k}={v}" for k, v in attrs
+                       if v and not (k == "src" and v.startswith("data:")))
+        self.parts.append(f"<{tag} {' '.join(shown)}>".replace(" >", ">"))
 
     def handle_endtag(self, tag):
         self._skip -= tag == "style"
@@ -146,8 +148,8 @@ GOLDEN = Path(__file__).parent / "data" / "report_text_f_strings.json"
 
 
 def test_html_text_is_the_f_string_renderers_text() -> None:
-    """The text (and alt/title attributes) of each case, as the renderer before the
-    templates wrote it (tests/unit/data/report_text_f_strings.json)."""
+    """The elements, attributes and text of each case, as the renderer before the templates
+    wrote them (tests/unit/data/report_text_f_strings.json)."""
     golden = json.loads(GOLDEN.read_text())
     for name, kwargs in report_text_cases().items():
         assert visible_text(report.render_html(**kwargs)) == golden[name], name
