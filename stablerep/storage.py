@@ -1,9 +1,11 @@
 """Every byte in and out of stablerep: URIs, atomic publish, listing, retries.
 
-This is the only module that touches fsspec. A location is a URI string: a plain path,
-``file://``, ``gs://`` (gcsfs), ``s3://`` (s3fs) or ``memory://``. Credentials always come from
-the environment (Application Default Credentials for GCS; the AWS variables, profiles or IRSA
-for S3; ``STORAGE_EMULATOR_HOST`` / ``AWS_ENDPOINT_URL`` for emulators), never from configs.
+This module is the only one that touches fsspec (with :mod:`stablerep.storage_clients`, which
+sets up its client libraries and classifies their failures). A location is a URI string: a
+plain path, ``file://``, ``gs://`` (gcsfs), ``s3://`` (s3fs) or ``memory://``. Credentials
+always come from the environment (Application Default Credentials for GCS; the AWS variables,
+profiles or IRSA for S3; ``STORAGE_EMULATOR_HOST`` / ``AWS_ENDPOINT_URL`` for emulators), never
+from configs.
 
 Writes are *atomic*: :func:`atomic_write` hands out a file that is staged privately (a hidden
 temporary file beside a local target; a local temporary file uploaded in one request for an
@@ -38,6 +40,14 @@ from typing import Any, TypeVar
 import fsspec
 
 from stablerep.errors import InputError, StablerepError
+from stablerep.storage_clients import HttpStatusError as HttpStatusError  # re-exported
+from stablerep.storage_clients import (
+    client_single_try,
+    http_status,
+    is_transient,
+    single_try_gcs_class,
+    storage_options,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,22 +134,6 @@ def name(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
-def _storage_options(proto: str) -> dict[str, Any]:
-    """Options derived from the environment alone (never from configs)."""
-    options: dict[str, Any] = {}
-    if proto in ("gs", "gcs", "s3", "s3a"):
-        # Other processes (pods, ranks, stages) write and delete objects under the same
-        # prefixes; a cached listing would make exists/list/read answer from a stale view.
-        options["use_listings_cache"] = False
-    if proto in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
-        # gcsfs reads the emulator endpoint itself; an emulator needs no credentials.
-        options["token"] = "anon"
-    if proto in ("s3", "s3a"):
-        # with_retries is the one retry layer: botocore tries each request once.
-        options["config_kwargs"] = {"retries": {"total_max_attempts": 1, "mode": "standard"}}
-    return options
-
-
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem serving ``uri`` and the path inside it."""
     uri = str(uri)
@@ -148,13 +142,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto = protocol(uri)
     try:
         if proto in ("gs", "gcs"):
-            cls = _single_try_gcs_class(fsspec.get_filesystem_class(proto))
-            options = {**cls._get_kwargs_from_urls(uri), **_storage_options(proto)}
+            cls = single_try_gcs_class(fsspec.get_filesystem_class(proto))
+            options = {**cls._get_kwargs_from_urls(uri), **storage_options(proto)}
             return cls(**options), cls._strip_protocol(uri)
-        fs, path = fsspec.core.url_to_fs(uri, **_storage_options(proto))
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options(proto))
     except (ImportError, ValueError) as e:
         raise StorageError(f"{uri}: unsupported storage URI ({e})") from None
-    _client_single_try(proto, fs)
+    client_single_try(proto, fs)
     return fs, path
 
 
@@ -169,98 +163,8 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
 # ---------------------------------------------------------------------------- retries
 #
 # One layer retries: this one. The client libraries' own retries are switched off where the
-# filesystems are made (:func:`_client_single_try`): botocore gets ``total_max_attempts=1``,
-# s3fs ``retries=1``, and gcsfs's request methods run without their retry decorator.
-
-_TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
-                               errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                               errno.ENETUNREACH, errno.ENETDOWN})
-
-
-def _own_http_status(exc: BaseException) -> int | None:
-    for attr in ("status", "code", "status_code"):  # gcsfs HttpError.code, aiohttp .status
-        value = getattr(exc, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
-            return value
-    response = getattr(exc, "response", None)  # botocore ClientError
-    if isinstance(response, dict):
-        meta = response.get("ResponseMetadata", {})
-        if isinstance(meta.get("HTTPStatusCode"), int):
-            return meta["HTTPStatusCode"]
-    return None
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and its explicit causes (``raise ... from``), outermost first."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__
-
-
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status behind ``exc``, also when a client library wrapped it.
-
-    s3fs turns botocore's ``ClientError`` into a bare ``OSError`` (e.g. ``EBUSY`` for 503)
-    and keeps the original as ``__cause__``; the status is found there.
-    """
-    for current in _causes(exc):
-        status = _own_http_status(current)
-        if status is not None:
-            return status
-    return None
-
-
-def _no_response_types() -> tuple[type[BaseException], ...]:
-    """Transport failures before any HTTP status arrived (connection lost, refused, timed out).
-
-    The standard library's own kinds plus the base classes aiohttp and botocore raise them
-    under; none of these carries a status or (always) an errno.
-    """
-    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    with contextlib.suppress(ImportError):
-        import aiohttp
-
-        kinds += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
-    with contextlib.suppress(ImportError):
-        from botocore import exceptions as boto
-
-        kinds += [boto.ConnectionError, boto.HTTPClientError]
-    return tuple(kinds)
-
-
-def _never_transient_types() -> tuple[type[BaseException], ...]:
-    kinds: list[type[BaseException]] = [FileNotFoundError, PermissionError, IsADirectoryError,
-                                         NotADirectoryError, FileExistsError]
-    with contextlib.suppress(ImportError):
-        import aiohttp
-
-        kinds.append(aiohttp.ClientSSLError)  # a bad certificate stays bad
-    return tuple(kinds)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the operation that raised ``exc`` may succeed.
-
-    By HTTP status when one is known anywhere in the cause chain (5xx, 408 and 429 are
-    transient; every other status is not); otherwise by errno (connection reset, refused,
-    aborted, timed out, broken pipe, unreachable) or a transport failure that got no response
-    at all. Anything else -- a missing object, denied access, a bad request -- is permanent.
-    """
-    status = _http_status(exc)
-    if status is not None:
-        return status >= 500 or status in (408, 429)
-    for current in _causes(exc):
-        if isinstance(current, _never_transient_types()):
-            return False
-        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
-            return True
-        if isinstance(current, _no_response_types()):
-            return True
-    return False
-
+# filesystems are made (stablerep.storage_clients), which also tells transient failures from
+# permanent ones (is_transient).
 
 # errno values of an OSError that a wrong local path (not a bug) causes
 _PATH_ERRNOS = {errno.ENOTDIR: "", errno.EEXIST: "", errno.EISDIR: "",
@@ -328,7 +232,7 @@ def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:
         return exc
     if is_local(uri) and (problem := describe_path_error(exc, path=local_path(uri))):
         return StorageError(f"cannot {action} {uri}: {problem}")
-    status = _http_status(exc)
+    status = http_status(exc)
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, FileNotFoundError) or status == 404:
         return StorageNotFound(f"cannot {action} {uri}: no such object, folder or bucket")
@@ -380,63 +284,6 @@ def with_retries(
             )
             time.sleep(sleep)
     raise AssertionError("unreachable")
-
-
-def _client_single_try(proto: str, fs: fsspec.AbstractFileSystem) -> None:
-    """Turn off a filesystem's own retry loop (s3fs; gcsfs is handled by its class)."""
-    if proto in ("s3", "s3a") and getattr(fs, "retries", 1) != 1:
-        fs.retries = 1  # s3fs's _error_wrapper: one call, no sleep-and-retry
-
-
-_GCS_CLASSES: dict[type, type] = {}
-
-
-def _single_try_gcs_class(base: type) -> type:
-    """``base`` (gcsfs's filesystem) with its request methods undecorated: one try each.
-
-    gcsfs wraps its HTTP requests in a fixed retry decorator (6 tries, 1..32 s apart) that
-    no option turns off; the subclass calls the undecorated methods instead. gcsfs also
-    drops the status of two answers (403 becomes a bare ``OSError``, 502 requests'
-    ``ProxyError``); the subclass gives them back, so :func:`is_transient` can read it.
-    """
-    if base in _GCS_CLASSES:
-        return _GCS_CLASSES[base]
-    import requests.exceptions
-
-    def single_try(raw):
-        async def call(self, *args, **kwargs):
-            try:
-                return await raw(self, *args, **kwargs)
-            except requests.exceptions.ProxyError as e:  # gcsfs: HTTP 502
-                raise HttpStatusError(502, f"Bad Gateway: {e}") from e
-            except OSError as e:
-                if type(e) is OSError and e.errno is None:  # gcsfs: HTTP 403
-                    raise HttpStatusError(403, str(e).splitlines()[0]) from e
-                raise
-        call.__name__ = raw.__name__
-        return call
-
-    namespace: dict[str, Any] = {}
-    for method in ("_request", "_get_file_request", "_get_file_concurrent"):
-        decorated = getattr(base, method, None)
-        raw = getattr(decorated, "__wrapped__", None)
-        if raw is not None:
-            namespace[method] = single_try(raw)
-    if "_request" not in namespace:
-        log.warning("%s.%s has no undecorated _request: gcsfs's own retries stay on under "
-                    "stablerep's", base.__module__, base.__name__)
-    sub = type(f"SingleTry{base.__name__}", (base,), namespace)
-    sub._cache = base._cache  # one instance cache: clear_instance_cache() on gcsfs clears ours
-    _GCS_CLASSES[base] = sub
-    return sub
-
-
-class HttpStatusError(OSError):
-    """An HTTP error answer whose status a client library did not keep (see above)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 # ---------------------------------------------------------------------------- reads

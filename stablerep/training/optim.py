@@ -9,9 +9,12 @@ raised linearly over the warmup steps, then cosine-decayed to 0 at the last step
 
 from __future__ import annotations
 
+import glob
 import math
 
 import torch
+from timm.optim import param_groups_weight_decay
+from timm.utils import unwrap_model
 from torch import nn
 
 from stablerep.config import TrainConfig
@@ -22,28 +25,26 @@ def peak_lr(cfg: TrainConfig) -> float:
     return cfg.base_lr * cfg.captions_per_batch * cfg.crops_per_caption / 512
 
 
-def _strip_wrappers(name: str) -> str:
-    """The parameter name without DDP (``module.``) / torch.compile (``_orig_mod.``) prefixes,
-    in whatever order and nesting they were applied."""
-    while name.startswith(("module.", "_orig_mod.")):
-        name = name.split(".", 1)[1]
-    return name
-
-
 def param_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozenset()
                  ) -> list[dict]:
-    """Two AdamW groups: decayed (matrices) and not decayed (biases, norms, 1-d, ``skip``)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        clean = _strip_wrappers(name)
-        if param.ndim <= 1 or name.endswith(".bias") or clean in skip:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    """Two AdamW groups: decayed (matrices) and not decayed (biases, norms, 1-d, ``skip``).
+
+    timm sorts the parameters (``ndim <= 1``, ``.bias``, or a name in ``skip``, names taken
+    inside any DDP / torch.compile wrappers); both groups are always returned, decayed
+    first, the layout of the optimizer state in existing checkpoints.
+
+    Args:
+        model: the model, wrapped or not.
+        weight_decay: the decayed group's rate.
+        skip: further parameter names of the unwrapped model left without decay.
+    """
+    # a nonzero marker rate: timm puts everything in one group when the rate is 0
+    sorted_groups = param_groups_weight_decay(
+        unwrap_model(model), weight_decay=1.0,
+        no_weight_decay_list=[glob.escape(name) for name in sorted(skip)])
+    by_rate = {g["weight_decay"]: g["params"] for g in sorted_groups}
+    return [{"params": by_rate.get(1.0, []), "weight_decay": weight_decay},
+            {"params": by_rate.get(0.0, []), "weight_decay": 0.0}]
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig, skip: set[str] = frozenset()
@@ -64,5 +65,11 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
 
 def create_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int
                      ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of :func:`lr_factor`, stepped once per optimizer step.
+
+    A LambdaLR rather than timm's ``CosineLRScheduler``: this curve holds the peak for two
+    steps (the last warmup step and the first cosine step), which timm's (warmup ending
+    one step below the peak) cannot give; its state in checkpoints is LambdaLR's.
+    """
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))

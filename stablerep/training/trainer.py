@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import unwrap_model
 from torch import nn
 
 from stablerep import storage
@@ -85,8 +86,7 @@ def compute_loss(model: nn.Module, batch: Batch, cfg: TrainConfig, env: DistEnv,
         parts["loss_image"] = multi_positive_loss(out["z"], labels, temperature=cfg.temperature,
                                                   gather=all_gather, rank=env.rank)
     if cfg.uses_text:
-        core = model.module if hasattr(model, "module") else model
-        core = getattr(core, "_orig_mod", core)
+        core = unwrap_model(model)
         img = out["image_embeds"].view(n, c, -1)  # (n, c, e)
         views = [clip_loss(img[:, v], out["text_embeds"], core.logit_scale, gather=all_gather,
                            rank=env.rank) for v in range(c)]
@@ -95,13 +95,6 @@ def compute_loss(model: nn.Module, batch: Batch, cfg: TrainConfig, env: DistEnv,
     if cfg.method == "clip":
         loss = parts["loss_clip"]
     return loss, {k: v.detach() for k, v in parts.items()}  # tensors: no host sync here
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile / DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def wrap_model(core: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
@@ -160,7 +153,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[B
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    core = unwrap(model)
+    core = unwrap_model(model)  # inside DDP / torch.compile
     if getattr(core, "logit_scale", None) is not None:
         with torch.no_grad():
             core.logit_scale.clamp_(max=MAX_LOG_SCALE)

@@ -9,12 +9,15 @@ import json
 import re
 import tarfile
 import uuid
+from html import unescape
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from stablerep import report, storage
+from stablerep.data.shards import iter_caption_groups
 
 XSS = '<script>alert("x")</script> & "quotes"'
 PNG_SRC = re.compile(r'<img class="plot" src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -33,8 +36,7 @@ def _result(top1, top5, fs=None, ci=None, knn=None, *, classes=10, way=5) -> dic
     return out
 
 
-@pytest.fixture
-def metrics() -> dict:
+def _metrics_doc() -> dict:
     return {
         "checkpoint": "gs://bucket/run/train/ckpt-00001000.pt",
         "model": {"timm_model": "vit_tiny_patch16_224", "image_size": 32, "feature_dim": 192},
@@ -46,8 +48,7 @@ def metrics() -> dict:
     }
 
 
-@pytest.fixture
-def baseline() -> dict:
+def _baseline_doc() -> dict:
     return {
         "checkpoint": "random:vit_tiny_patch16_224",
         "model": {"timm_model": "vit_tiny_patch16_224", "image_size": 32, "feature_dim": 192},
@@ -56,6 +57,16 @@ def baseline() -> dict:
             "torchvision:FGVCAircraft": _result(0.05, 0.15, knn=0.04, classes=100),
         },
     }
+
+
+@pytest.fixture
+def metrics() -> dict:
+    return _metrics_doc()
+
+
+@pytest.fixture
+def baseline() -> dict:
+    return _baseline_doc()
 
 
 def _image(color, fmt="JPEG", size=(16, 16)) -> bytes:
@@ -83,6 +94,69 @@ def _assert_self_contained(html: str) -> None:
     assert "<link" not in html.lower()
     assert not re.search(r'src="(?!data:)', html)
     assert "Content-Security-Policy" in html
+
+
+class _Text(HTMLParser):
+    """What a reader sees, in document order: each element with its attributes (data URIs
+    and empty values left out) and the text between them."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        self._skip += tag == "style"
+        shown = sorted(f"{k}={v}" for k, v in attrs
+                       if v and not (k == "src" and v.startswith("data:")))
+        self.parts.append(f"<{tag} {' '.join(shown)}>".replace(" >", ">"))
+
+    def handle_endtag(self, tag):
+        self._skip -= tag == "style"
+
+    def handle_data(self, data):
+        if not self._skip and data.strip():
+            self.parts.append(" ".join(data.split()))
+
+
+def visible_text(html: str) -> list[str]:
+    parser = _Text()
+    parser.feed(html)
+    return parser.parts
+
+
+def report_text_cases() -> dict[str, dict]:
+    """Reports whose text is compared with the text the f-string renderer gave."""
+    curve = [(s, 6.0 - s / 100) for s in range(0, 400, 10)]
+    samples = [(XSS, [_image((200, 20, 20)), _image((20, 200, 20), "WEBP")]),
+               ("a red bus", [_image(0, "PNG"), b"not an image"])]
+    odd = {"checkpoint": "<b>ckpt</b>", "model": None, "datasets": {
+        "imagefolder:/data/<img src=x onerror=alert(1)>": {"num_classes": 3},
+        "only-knn": {"knn": {"k": 5, "top1": 0.5}, "train": 10, "test": 5},
+        "nan-probe": {"linear_probe": {"top1": float("nan"), "top5": None}}}}
+    return {
+        "full": dict(metrics=_metrics_doc(), baseline=_baseline_doc(), loss_curve=curve,
+                     samples=samples, title="run <1>"),
+        "no_baseline": dict(metrics=_metrics_doc()),
+        "baseline_in_metrics": dict(metrics={**_metrics_doc(), "baseline": _baseline_doc()}),
+        "odd": dict(metrics=odd),
+        "empty": dict(metrics={"checkpoint": "x", "datasets": {}}),
+    }
+
+
+GOLDEN = Path(__file__).parent / "data" / "report_text_f_strings.json"
+
+
+def test_html_text_is_the_f_string_renderers_text() -> None:
+    """The elements, attributes and text of each case, as the renderer before the templates
+    wrote them (tests/unit/data/report_text_f_strings.json)."""
+    golden = json.loads(GOLDEN.read_text())
+    for name, kwargs in report_text_cases().items():
+        assert visible_text(report.render_html(**kwargs)) == golden[name], name
+    markdown = [report.render_markdown(**{k: v for k, v in kw.items()
+                                          if k in ("metrics", "baseline")})
+                for kw in report_text_cases().values()]
+    assert markdown == golden["markdown"]
 
 
 # ---------------------------------------------------------------------------- HTML
@@ -149,9 +223,49 @@ def test_html_with_loss_curve_and_samples(metrics, baseline):
     assert "undecodable image" in html
     # The caption is user data: escaped, inert, in the label and the alt text.
     assert "<script>" not in html
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &quot;quotes&quot;" in html
+    figcaption = html.split("<figcaption>", 1)[1].split("</figcaption>", 1)[0]
+    assert "<" not in figcaption and '"' not in figcaption and unescape(figcaption) == XSS
+    assert f'alt="{figcaption}"' in html  # the alt text: the same escaped caption
     assert "<figcaption>&lt;script&gt;" in html
     assert "<title>run &lt;1&gt;</title>" in html and "<h1>run &lt;1&gt;</h1>" in html
+
+
+def test_the_model_line_names_the_model_with_its_kwargs(metrics):
+    small = {"timm_model": "vit_tiny_patch16_224", "image_size": 32, "feature_dim": 192,
+             "model_kwargs": {"patch_size": 4, "depth": 4}}
+    want = "vit_tiny_patch16_224(patch_size=4, depth=4), image size 32, feature dim 192"
+    html = report.render_html({**metrics, "model": small})
+    assert f"<dt>Model</dt><dd>{want}</dd>" in html
+    assert f"- model: {want}" in report.render_markdown({**metrics, "model": small})
+    assert "<dd>vit_tiny_patch16_224, image size 32, feature dim 192</dd>" in (
+        report.render_html(metrics))  # no kwargs: the name alone
+
+
+@pytest.mark.parametrize("with_baseline", [True, False])
+def test_the_probe_legend_covers_no_bar_or_label(with_baseline):
+    """The legend (checkpoint, baseline, paper marker) lies outside the plotting area."""
+    from stablerep.report_plots import bar_figure
+
+    names = ["sklearn:digits", "torchvision:DTD"]  # DTD: long bars at the bottom right
+    series = [("checkpoint", "#2563eb", [0.93, 0.95], None)]
+    if with_baseline:
+        series.append(("baseline", "#9ca3af", [0.41, 0.90], None))
+    fig = bar_figure(names, series, xlabel="top-1", title="Linear probe top-1",
+                     paper=[None, 80.1])
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert ("baseline" in labels) == with_baseline and "checkpoint" in labels
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(ax.get_window_extent(renderer))
+    for text in ax.texts:  # the value labels
+        assert not box.overlaps(text.get_window_extent(renderer)), text.get_text()
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
 
 
 def test_large_sample_images_are_downscaled():
@@ -357,24 +471,32 @@ def test_read_sample_grid(tmp_path):
     assert report.read_sample_grid(str(small), captions=0) == []
 
 
-def test_read_sample_grid_memory_webp_and_json_caption():
+def test_read_sample_grid_memory_webp_orders_by_j_and_skips_what_training_skips(caplog):
+    """The grid is read by the training data reader: a sample without a txt member (the
+    caption) is skipped and logged there, so the report does not show it either."""
     root = f"memory://images-{uuid.uuid4().hex[:8]}/images"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         _add(tar, "000000000007_001.webp", _image((1, 2, 3), "WEBP"))
+        _add(tar, "000000000007_001.txt", b"caption seven")
         _add(tar, "000000000007_000.webp", _image((9, 9, 9), "WEBP"))
-        _add(tar, "000000000007_000.json", b'{"caption": "from json"}')
+        _add(tar, "000000000007_000.txt", b"caption seven")
         _add(tar, "000000000008_000.webp", _image((4, 5, 6), "WEBP"))
-        _add(tar, "000000000008_000.json", b"[not an object]")
+        _add(tar, "000000000008_000.json", b'{"caption": "no txt member"}')
+        _add(tar, "000000000009_000.webp", _image((7, 7, 7), "WEBP"))
+        _add(tar, "000000000009_000.txt", b" caption nine\n")
     storage.write_bytes(f"{root}/shard-000000.tar", buf.getvalue())
     try:
         grid = report.read_sample_grid(root)
+        groups = list(iter_caption_groups(f"{root}/shard-000000.tar", log_skips=False))
     finally:
         storage.remove(root, recursive=True)
-    assert [c for c, _ in grid] == ["from json", "caption 8"]
+    assert [c for c, _ in grid] == ["caption seven", "caption nine"]
+    assert [g.caption_id for g in groups] == [7, 9]  # what training reads
     assert [len(i) for _, i in grid] == [2, 1]
     assert Image.open(io.BytesIO(grid[0][1][0])).getpixel((0, 0)) == pytest.approx(
         (9, 9, 9), abs=3)  # j=0 first although stored second
+    assert "'000000000008_000': no txt member" in caplog.text
 
 
 class _NonSeekable(io.RawIOBase):

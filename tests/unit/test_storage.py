@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from stablerep import storage
+from stablerep import storage, storage_clients
 from stablerep.storage import RetryPolicy, StorageError, StorageNotFound
 
 FAST = RetryPolicy(attempts=4, initial_delay_s=0.001, max_delay_s=0.002)
@@ -365,3 +365,58 @@ def test_cache_local_copies_a_memory_file_once(tmp_path, mem_root):
     storage.remove(uri)
     assert storage.cache_local(uri, cache_root=tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging left behind
+
+
+# ---------------------------------------------------------------------------- gcsfs internals
+# storage_clients.py switches gcsfs's own retries off through private names (gcsfs has no option for
+# it); these tests fail when a gcsfs release changes them, before a bucket would show it.
+
+
+def _gcs_classes() -> list[type]:
+    import gcsfs.core
+
+    classes = [gcsfs.core.GCSFileSystem]
+    try:  # what fsspec serves for gs:// unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
+        from gcsfs.extended_gcsfs import ExtendedGcsFileSystem
+    except ImportError as e:
+        print(f"gcsfs.extended_gcsfs not importable ({e}): only GCSFileSystem checked")
+    else:
+        classes.append(ExtendedGcsFileSystem)
+    return classes
+
+
+def test_gcsfs_request_methods_are_still_decorated_coroutines() -> None:
+    import inspect
+
+    import gcsfs.core
+
+    for name in storage_clients.GCS_RETRIED_METHODS:
+        decorated = vars(gcsfs.core.GCSFileSystem).get(name)
+        assert decorated is not None, f"gcsfs.core.GCSFileSystem.{name} is gone"
+        raw = getattr(decorated, "__wrapped__", None)
+        assert raw is not None, f"GCSFileSystem.{name} has no __wrapped__ (no retry decorator?)"
+        assert inspect.iscoroutinefunction(raw) and raw is not decorated, name
+
+
+@pytest.mark.parametrize("base", _gcs_classes(), ids=lambda c: c.__name__)
+def test_every_gcs_request_path_reaches_a_single_try_method(base: type) -> None:
+    cls = storage_clients.single_try_gcs_class(base)
+    assert issubclass(cls, base) and cls._cache is base._cache
+    for name in storage_clients.GCS_RETRIED_METHODS:
+        # the chain a call (and each super() call) walks down; it must meet ours before
+        # gcsfs's decorated one, and ours does not call further down
+        chain = [vars(c)[name] for c in cls.__mro__ if name in vars(c)]
+        ours = [i for i, f in enumerate(chain) if getattr(f, "single_try", False)]
+        decorated = [i for i, f in enumerate(chain) if hasattr(f, "__wrapped__")]
+        assert ours and decorated and ours[0] < decorated[0], (name, chain)
+
+
+def test_gcsfs_still_raises_what_the_single_try_methods_translate() -> None:
+    import requests.exceptions
+    from gcsfs.retry import validate_response
+
+    with pytest.raises(OSError) as denied:
+        validate_response(403, b'{"error": {"message": "denied"}}', "b/k")
+    assert type(denied.value) is OSError and denied.value.errno is None  # read as HTTP 403
+    with pytest.raises(requests.exceptions.ProxyError):  # read as HTTP 502
+        validate_response(502, b"", "b/k")

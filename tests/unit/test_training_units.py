@@ -142,6 +142,100 @@ def test_create_optimizer_uses_the_paper_betas_and_peak_lr() -> None:
         assert group["betas"] == (0.9, 0.98) and group["lr"] == pytest.approx(peak_lr(cfg))
 
 
+def _hand_written_groups(model: nn.Module, weight_decay: float, skip: set[str]) -> list[dict]:
+    """The grouping rule as it was written before timm did the sorting (the reference)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        clean = name
+        while clean.startswith(("module.", "_orig_mod.")):
+            clean = clean.split(".", 1)[1]
+        if param.ndim <= 1 or name.endswith(".bias") or clean in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _wrapped(core: nn.Module, wrapping: str) -> nn.Module:
+    if wrapping == "torch_compile":
+        return torch.compile(core)  # compiles on the first call only; none here
+    model = core
+    for attr in {"none": [], "ddp": ["module"], "compile_of_ddp": ["module", "_orig_mod"]
+                 }[wrapping]:
+        model = _Wrapper(attr, model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["stablerep", "stablerep_plus", "simclr", "clip"])
+@pytest.mark.parametrize("wrapping", ["none", "ddp", "torch_compile", "compile_of_ddp"])
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
+def test_param_groups_are_the_hand_written_rules_groups_in_order(
+        method: str, wrapping: str, weight_decay: float) -> None:
+    torch.manual_seed(0)
+    core = create_model(TrainConfig(method=method, **TINY))
+    model = _wrapped(core, wrapping)
+    got = param_groups(model, weight_decay, core.no_weight_decay())
+    want = _hand_written_groups(model, weight_decay, core.no_weight_decay())
+    assert [g["weight_decay"] for g in got] == [g["weight_decay"] for g in want]
+    for g, w in zip(got, want, strict=True):  # same parameters, same order
+        assert [id(p) for p in g["params"]] == [id(p) for p in w["params"]]
+    assert got[0]["params"] and got[1]["params"]
+
+
+def test_an_optimizer_state_of_the_hand_written_groups_loads_onto_the_same_parameters() -> None:
+    cfg = TrainConfig(method="stablerep_plus", **TINY, captions_per_batch=8, images_per_caption=2)
+    torch.manual_seed(0)
+    core = create_model(cfg)
+    old = torch.optim.AdamW(_hand_written_groups(core, cfg.weight_decay, core.no_weight_decay()),
+                            lr=1e-3)
+    for p in core.parameters():
+        p.grad = torch.randn_like(p)
+    old.step()
+    saved = {id(p): old.state[p]["exp_avg"].clone() for p in core.parameters()}
+    new = create_optimizer(core, cfg, skip=core.no_weight_decay())
+    new.load_state_dict(old.state_dict())  # what resuming an existing checkpoint does
+    for p in core.parameters():
+        assert torch.equal(new.state[p]["exp_avg"], saved[id(p)])
+
+
+@pytest.mark.parametrize("wrapping", ["none", "ddp", "torch_compile", "compile_of_ddp"])
+def test_unwrap_model_reaches_the_core_inside_ddp_and_compile(wrapping: str) -> None:
+    from timm.utils import unwrap_model
+    core = create_model(TrainConfig(**TINY))
+    assert unwrap_model(_wrapped(core, wrapping)) is core
+
+
+def test_the_schedule_is_the_closed_form_curve_over_1000_steps_and_resumes() -> None:
+    warmup, total, peak = 50, 1000, 3.2e-3
+
+    def closed_form(step: int) -> float:  # linear warmup to the peak, then cosine to 0
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    def fresh() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak)
+        return opt, create_scheduler(opt, warmup=warmup, total=total)
+
+    opt, sched = fresh()
+    curve, state_at_400 = [], None
+    for step in range(total + 1):
+        curve.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if step == 399:
+            state_at_400 = sched.state_dict()
+    assert max(abs(c - closed_form(s)) for s, c in enumerate(curve)) < 1e-12
+    opt2, sched2 = fresh()
+    sched2.load_state_dict(state_at_400)  # a checkpoint's "scheduler" entry
+    assert sched2.get_last_lr()[0] == pytest.approx(curve[400], abs=1e-15)
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(curve[401], abs=1e-15)
+
+
 # ---------------------------------------------------------------------------- batch norm
 
 
