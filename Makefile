@@ -24,7 +24,7 @@ LOCK        := requirements.lock
 PIP_LOCKED  = $(BIN)/python -m pip install -q -c $(LOCK)
 PYTEST_ARGS ?=
 
-.PHONY: venv tools tools-lock demo repro compile test test-unit test-integration lint bench lock k8s images clean
+.PHONY: venv tools tools-lock demo repro compile test test-unit test-integration lint bench lock k8s crd-schemas images clean
 
 venv: $(STAMP)
 
@@ -109,6 +109,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/evaluation.py
 
 K8S_RECIPE  ?= configs/k8s/cc12m_4x8.yaml
+
+# The training jobs' CRD schemas shipped in stablerep/k8s/schemas, from a folder of CRD YAMLs.
+CRDS        ?= ../shared/schemas
+crd-schemas: $(STAMP)
+	$(BIN)/python -m stablerep.k8s.crd $(CRDS)
 
 k8s: $(STAMP)
 	rm -rf k8s/base k8s/overlays

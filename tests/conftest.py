@@ -168,25 +168,6 @@ CRD_FILES = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml",
              "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml"}
 
 
-def _unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
-    """Keys of ``obj`` that the OpenAPI ``schema`` does not define (the server would prune)."""
-    found = []
-    if isinstance(obj, dict) and "properties" in schema:
-        for key, value in obj.items():
-            if key in schema["properties"]:
-                found += _unknown_fields(value, schema["properties"][key], f"{path}.{key}")
-            elif not schema.get("additionalProperties") and \
-                    not schema.get("x-kubernetes-preserve-unknown-fields"):
-                found.append(f"{path}.{key}")
-    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
-        for key, value in obj.items():
-            found += _unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
-    elif isinstance(obj, list) and "items" in schema:
-        for i, value in enumerate(obj):
-            found += _unknown_fields(value, schema["items"], f"{path}[{i}]")
-    return found
-
-
 def _pod_templates(doc: dict) -> list[dict]:
     """The pod templates inside a PyTorchJob (its replica specs)."""
     if doc.get("kind") != "PyTorchJob":
@@ -208,6 +189,7 @@ def k8s_check() -> Callable[[dict], None]:
     import yaml
 
     from stablerep.k8s import check_manifest
+    from stablerep.k8s.crd import pruned_fields
 
     schemas: dict[str, dict] = {}
 
@@ -226,7 +208,7 @@ def k8s_check() -> Callable[[dict], None]:
         if doc["kind"] in CRD_FILES:
             schema = crd_schema(doc["kind"])
             jsonschema.validate(doc, schema)
-            assert _unknown_fields(doc, schema) == [], f"fields the {doc['kind']} CRD lacks"
+            assert pruned_fields(doc, schema) == [], f"fields the {doc['kind']} CRD lacks"
             check_manifest(doc)
             for tpl in _pod_templates(doc):
                 pod = {"apiVersion": "v1", "kind": "Pod",

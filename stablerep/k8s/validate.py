@@ -1,8 +1,9 @@
-"""The admission-webhook rules that the CRD schemas of PyTorchJob and TrainJob do not check.
+"""What the cluster checks of a PyTorchJob or TrainJob, applied offline.
 
-A CRD's OpenAPI schema checks types; the operator's webhook adds rules a manifest can still
-break (names, roles, the container name). :func:`check_manifest` applies them here, so a
-launcher refuses such a job before it sends anything, with a message naming the field.
+A CRD's OpenAPI schema checks types (:mod:`stablerep.k8s.crd`, shipped with the package); the
+operator's webhook adds rules a manifest can still break (names, roles, the container name).
+:func:`check_manifest` applies both, so the validate step, ``k8s render`` and the launcher
+refuse such a job before anything runs, with a message naming the field.
 """
 
 from __future__ import annotations
@@ -69,14 +70,16 @@ def trainjob_problems(job: dict[str, Any]) -> list[str]:
 
 
 def check_manifest(manifest: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` naming the first webhook rule ``manifest`` breaks.
+    """Raise :class:`ConfigError` naming the first webhook or schema rule ``manifest`` breaks.
 
-    Kinds other than PyTorchJob and TrainJob pass unchanged (their API server validates them
-    against built-in schemas).
+    Kinds other than PyTorchJob, TrainJob and ClusterTrainingRuntime pass unchanged (their API
+    server validates them against built-in schemas).
     """
+    from stablerep.k8s.crd import schema_problems
+
     kind = manifest.get("kind")
     rules = {"PyTorchJob": pytorchjob_problems, "TrainJob": trainjob_problems}.get(kind)
-    problems = rules(manifest) if rules else []
+    problems = (rules(manifest) if rules else []) + schema_problems(manifest)
     if problems:
         name = (manifest.get("metadata") or {}).get("name")
         raise ConfigError(f"{kind} {name!r}: {problems[0]}"
