@@ -315,6 +315,40 @@ def test_real_dataloader_workers_match_and_resume(four_shards) -> None:
         assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
 
 
+def test_persistent_workers_follow_set_epoch_like_fresh_loaders(four_shards) -> None:
+    """One loader kept over epochs (its workers forked once) yields, after each set_epoch,
+    what a loader made afresh for that epoch and skip yields: new epochs reshuffle."""
+    cfg = _config()
+    ds = _dataset(four_shards, cfg, 0, 2)
+    kept = create_loader(ds, num_workers=2, pin_memory=False)
+    assert kept.persistent_workers
+    seen = []
+    for epoch, skip in [(0, 0), (1, 0), (2, 1)]:
+        ds.set_epoch(epoch, skip)
+        got = list(iterate(kept))
+        fresh = list(create_loader(_dataset(four_shards, cfg, 0, 2, epoch=epoch, skip=skip),
+                                   num_workers=2, pin_memory=False))
+        assert [b.index for b in got] == list(range(skip, 4))
+        for a, b in zip(got, fresh, strict=True):
+            assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
+            assert a.seed == b.seed
+        seen.append([b.caption_ids.tolist() for b in got])
+    assert seen[0] != seen[1]  # epoch 1 reshuffled in the running workers
+
+
+def test_batches_are_uint8_with_a_seed_per_epoch_rank_and_batch(four_shards,
+                                                               monkeypatch) -> None:
+    cfg = _config()
+    first = _worker_batches(_dataset(four_shards, cfg, 0, 2), 0, 1, monkeypatch)
+    again = _worker_batches(_dataset(four_shards, cfg, 0, 2), 0, 1, monkeypatch)
+    other_rank = _worker_batches(_dataset(four_shards, cfg, 1, 2), 0, 1, monkeypatch)
+    later = _worker_batches(_dataset(four_shards, cfg, 0, 2, epoch=1), 0, 1, monkeypatch)
+    assert all(b.images.dtype == torch.uint8 for b in first)
+    seeds = [b.seed for b in first]
+    assert seeds == [b.seed for b in again] and len(set(seeds)) == len(seeds)
+    assert not set(seeds) & {b.seed for b in other_rank + later}
+
+
 @pytest.mark.parametrize("budget_mb", [64.0, 0.004])
 def test_the_memory_cache_changes_no_batch_and_skips_the_tars(
         budget_mb: float, four_shards, monkeypatch: pytest.MonkeyPatch) -> None:
