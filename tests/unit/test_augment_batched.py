@@ -78,10 +78,9 @@ def _is_gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_output_statistics_match_the_per_image_recipe() -> None:
-    n = 768
+    n = 512
     old, new = _reference_outputs(n), _batched_outputs(n)
-    for name, a, b in [("old", old, None), ("new", new, None)]:
-        assert torch.isfinite(a).all(), name
+    assert torch.isfinite(new).all() and new.shape == old.shape
     gray_old, gray_new = _is_gray(old).float().mean(), _is_gray(new).float().mean()
     assert abs(gray_old - 0.2) < 0.05 and abs(gray_new - 0.2) < 0.05, (gray_old, gray_new)
     # per-channel mean and std of output pixels over the batch
