@@ -147,14 +147,22 @@ def _adjust(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb((h + f.view(-1, 1, 1)).remainder(1.0), s, v)
 
 
+def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Indices where the CPU bool ``mask`` (m,) holds, on ``device`` (no device sync)."""
+    return mask.nonzero().squeeze(1).to(device, non_blocking=True)
+
+
 def colour_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Per-sample ColorJitter, batched: at each of 4 stages, each op runs on the samples
-    whose order puts it there. x (m, 3, H, W) in [0, 1]; order, factors (m, 4)."""
+    whose order puts it there. x (m, 3, H, W) in [0, 1] on any device; order, factors
+    (m, 4) on the CPU."""
+    f = factors.to(x.device, non_blocking=True)
     for stage in range(4):
         for op in range(4):
-            rows = (order[:, stage] == op).nonzero().squeeze(1)  # (r,)
-            if rows.numel():
-                x[rows] = _adjust(x[rows], op, factors[rows, op])
+            mask = order[:, stage] == op  # (m,) CPU
+            if mask.any():
+                rows = _rows(mask, x.device)
+                x[rows] = _adjust(x[rows], op, f[rows, op])
     return x
 
 
@@ -164,6 +172,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     x (m, C, H, W) float; sigma (m,); kernel odd.
     """
     m, c, h, w = x.shape
+    sigma = sigma.to(x.device, non_blocking=True)
     t = torch.linspace(-(kernel // 2), kernel // 2, kernel, device=x.device)  # (k,)
     k1 = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)  # (m, k)
     k1 = (k1 / k1.sum(1, keepdim=True)).to(x.dtype).repeat_interleave(c, 0)  # (m*C, k)
@@ -195,15 +204,21 @@ class BatchAugment:
         return F.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
     def photometric_ops(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Jitter, grayscale, blur (in that order) on x (B, 3, H, W) in [0, 1]."""
-        p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
-        rows = p["jitter"].nonzero().squeeze(1)
-        if rows.numel():
-            x[rows] = colour_jitter(x[rows], p["order"][rows], p["factors"][rows])
-        x = torch.where(p["gray"].view(-1, 1, 1, 1), F.rgb_to_grayscale(x, 3), x)
-        rows = p["blur"].nonzero().squeeze(1)
-        if rows.numel():
-            x[rows] = gaussian_blur(x[rows], p["sigma"][rows], self.kernel)
+        """Jitter, grayscale, blur (in that order) on x (B, 3, H, W) in [0, 1].
+
+        ``p`` (from :func:`draw_photometric`) stays on the CPU, where the rows each op takes
+        are found, so the device never waits for the host.
+        """
+        if p["jitter"].any():
+            on = p["jitter"]
+            rows = _rows(on, x.device)
+            x[rows] = colour_jitter(x[rows], p["order"][on], p["factors"][on])
+        if p["gray"].any():
+            rows = _rows(p["gray"], x.device)
+            x[rows] = F.rgb_to_grayscale(x[rows], 3)
+        if p["blur"].any():
+            rows = _rows(p["blur"], x.device)
+            x[rows] = gaussian_blur(x[rows], p["sigma"][p["blur"]], self.kernel)
         return x
 
 

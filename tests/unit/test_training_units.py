@@ -300,7 +300,8 @@ def test_resume_skip_yields_exactly_the_later_batches(
         assert [b.index for b in resumed] == list(range(skip, len(full)))
         for a, b in zip(full[skip:], resumed, strict=True):
             assert torch.equal(a.caption_ids, b.caption_ids)
-            assert torch.equal(a.images, b.images)  # same crops, colours, flips
+            assert torch.equal(a.images, b.images)  # same crops and flips
+            assert a.seed == b.seed  # same colours and blur on the device
 
 
 def test_real_dataloader_workers_match_and_resume(four_shards) -> None:
