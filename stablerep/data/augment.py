@@ -115,24 +115,21 @@ def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tenso
     return (f * x + (1 - f) * other).clamp_(0, 1)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # x (m, 3, H, W) in [0, 1] -> h, s, v each (m, H, W), h in [0, 1)
+def _rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Add ``shift`` (m,) turns to the HSV hue of x (m, 3, H, W) in [0, 1]; s and v stay.
+
+    With v = max, c = max - min (v * s) and h6 the hue in sixths, each channel is
+    v - c * clamp(min(k, 4 - k), 0, 1) for k = (5, 3, 1) + h6 mod 6 (the HSV -> RGB map).
+    """
     r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1)[0]
-    s = c / v.clamp(min=1e-8)
-    cc = c.clamp(min=1e-8)
-    h = torch.where(v == r, (g - b) / cc, torch.where(v == g, 2 + (b - r) / cc, 4 + (r - g) / cc))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h)).remainder(1.0)
-    return h, s, v
-
-
-def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # h, s, v (m, H, W) -> (m, 3, H, W)
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1)
-    k = (n + 6 * h.unsqueeze(1)).remainder(6)
-    t = torch.minimum(k, 4 - k).clamp(0, 1)
-    return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * t
+    v, arg = x.max(1)  # (m, H, W); ties go to r, then g, as in RGB -> HSV
+    c = v - x.amin(1)
+    cc = torch.where(c > 0, c, torch.ones_like(c))
+    h6 = torch.where(arg == 0, (g - b) / cc,
+                     torch.where(arg == 1, (b - r) / cc + 2, (r - g) / cc + 4))
+    h6 = (h6 + 6 * shift.view(-1, 1, 1)).remainder_(6).unsqueeze(1)  # (m, 1, H, W)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6).remainder_(6)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def _adjust(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
@@ -143,8 +140,7 @@ def _adjust(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
         return _blend(x, F.rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
     if op == 2:  # saturation: blend with the grayscale image
         return _blend(x, F.rgb_to_grayscale(x), f)
-    h, s, v = _rgb_to_hsv(x)
-    return _hsv_to_rgb((h + f.view(-1, 1, 1)).remainder(1.0), s, v)
+    return _rotate_hue(x, f)
 
 
 def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
