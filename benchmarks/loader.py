@@ -12,7 +12,8 @@ Work: the paper's augmentation at ``--image-size`` for n captions x k images per
 Rows: images/s of one worker (one thread, no DataLoader), images/s of one process reading
 ``--workers`` DataLoader workers (the stage including its batched augmentation), the batched
 augmentation alone, and the bytes in flight in /dev/shm: one batch x workers x prefetch factor
-(4 for both). Prints the table and writes JSON to benchmarks/results/loader-<device>.json.
+(4 for both). On a CPU the training process computes on one thread, as a worker does (more
+threads beside busy workers oversubscribe the cores). Prints the table and writes JSON to benchmarks/results/loader-<device>.json.
 
     python benchmarks/loader.py [--captions 8 -k 2 --image-size 224 --workers 2]
 """
@@ -112,10 +113,7 @@ def stage_rates(shards: list[ShardRef], cfg: TrainConfig, device: str) -> dict[s
     """The stage's worker rate (in process, one thread) and process rate (DataLoader)."""
     ds = CaptionBatches(shards, cfg, Layout.create(cfg, shards, 1), rank=0, world_size=1)
     ds.set_epoch(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
     worker = _rate(ds, lambda b: b.images.shape[0])
-    torch.set_num_threads(threads)
     aug = BatchAugment(cfg.augmentation, cfg.image_size)
     loader = create_loader(ds, num_workers=cfg.num_workers, pin_memory=device == "cuda")
 
@@ -146,10 +144,7 @@ def augment_rate(cfg: TrainConfig, rows: int, device: str, reps: int = 3) -> flo
 
 def baseline_rates(shards: list[ShardRef], size: int, rows: int, workers: int
                    ) -> dict[str, float]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     worker = _rate(baseline_dataset(shards, size, rows), lambda b: b[0].shape[0])
-    torch.set_num_threads(threads)
     loader = DataLoader(baseline_dataset(shards, size, rows), batch_size=None,
                         num_workers=workers, prefetch_factor=PREFETCH if workers else None)
     return {"worker": worker, "process": _rate(loader, lambda b: b[0].shape[0])}
@@ -183,6 +178,7 @@ def main() -> None:
     p.add_argument("--captions-per-shard", type=int, default=24)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(1)  # as in a DataLoader worker (and the CPU training process)
     n, k, size = args.captions, args.images_per_caption, args.image_size
     cfg = TrainConfig(image_size=size, captions_per_batch=n, images_per_caption=k,
                       num_workers=args.workers, augmentation="stablerep")
