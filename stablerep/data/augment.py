@@ -193,11 +193,15 @@ class BatchAugment:
         self.kernel = blur_kernel_size(image_size)
 
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        """images (B, 3, H, W) uint8 on any device -> (B, 3, H, W) float32, normalised."""
-        x = images.float().div_(255)
-        if self.photometric:
-            x = self.photometric_ops(x, draw_photometric(x.shape[0], seed))
-        return F.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
+        """images (B, 3, H, W) uint8 on any device -> (B, 3, H, W) float32, normalised.
+
+        float32 throughout, also inside the caller's autocast region.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            x = images.float().div_(255)
+            if self.photometric:
+                x = self.photometric_ops(x, draw_photometric(x.shape[0], seed))
+            return F.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
     def photometric_ops(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Jitter, grayscale, blur (in that order) on x (B, 3, H, W) in [0, 1].

@@ -148,3 +148,12 @@ def test_the_same_seed_gives_the_same_augmentation(kind: str) -> None:
         assert torch.equal(aug(raw, 7), aug(raw, 8))
     else:
         assert not torch.equal(aug(raw, 7), aug(raw, 8))
+
+
+def test_an_autocast_region_leaves_the_augmentation_in_float32() -> None:
+    raw = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(1))
+    aug = BatchAugment("stablerep", 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = aug(raw, 3)
+    assert inside.dtype == torch.float32 and torch.equal(inside, aug(raw, 3))
