@@ -106,6 +106,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/captions.py
 	$(BIN)/python benchmarks/generation.py --arch tiny --captions 8 -m 4 --size 64 --steps 10
 	$(BIN)/python benchmarks/training.py --model vit_tiny --image-size 32 --captions 16 -k 2
+	$(BIN)/python benchmarks/loader.py --captions 8 -k 2 --workers 2
 	$(BIN)/python benchmarks/evaluation.py
 
 K8S_RECIPE  ?= configs/k8s/cc12m_4x8.yaml

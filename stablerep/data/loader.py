@@ -15,6 +15,12 @@ the batches depend on those alone. That makes resuming exact: the *data position
 micro-batches done), and on restart each worker replays the stream it must continue, skipping
 the batches already used without decoding their images.
 
+Workers send uint8 images (decoded, cropped, flipped: 1/4 of float32's bytes in shared memory
+and pinned buffers) and each batch's ``seed``; the trainer converts, colour-augments and
+normalises the batch on its device (:class:`stablerep.data.augment.BatchAugment`) with
+per-sample parameters drawn from that seed, so augmentations are as reproducible as crops.
+The workers persist across epochs; the epoch and skip they read live in shared memory.
+
 A user error met in a DataLoader worker (a corrupt shard, too few images ...) travels to the
 main process as a :class:`WorkerFailure` item holding the exception itself, which
 :func:`iterate` raises there: its type and one-line message arrive unchanged.
@@ -44,13 +50,14 @@ log = logging.getLogger(__name__)
 class Batch:
     """One micro-batch of one rank, caption-major."""
 
-    images: torch.Tensor  # (n * c, 3, H, W); rows of caption i are [i*c, (i+1)*c)
+    images: torch.Tensor  # (n * c, 3, H, W) uint8; rows of caption i are [i*c, (i+1)*c)
     labels: torch.Tensor  # (n * c,) local caption index 0..n-1
     texts: list[str]  # (n,) captions
     caption_ids: torch.Tensor  # (n,)
     index: int  # micro-batch index within the epoch
     bad_samples: int = 0  # unusable samples/images skipped so far this epoch by this stream
     stream: int = 0  # the stream (of this rank) that made it; bad_samples is its own total
+    seed: int = 0  # seed of the batched (on-device) augmentation of these images
 
     def pin_memory(self) -> Batch:
         self.images = self.images.pin_memory()
@@ -102,11 +109,28 @@ class CaptionBatches(IterableDataset):
         super().__init__()
         self.shards, self.cfg, self.layout = shards, cfg, layout
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip = 0, 0
+        # (epoch, skip) in shared memory: persistent workers forked earlier see set_epoch
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._cache: dict[str, list[CaptionGroup]] = {}  # shard URI -> its groups (cache_mb)
         self._cache_full = False
         self.transform = create_train_transform(cfg.augmentation, cfg.image_size,
                                                 downsample_prob=cfg.downsample_prob)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = value
+
+    @property
+    def skip(self) -> int:
+        return int(self._position[1])
+
+    @skip.setter
+    def skip(self, value: int) -> None:
+        self._position[1] = value
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Select the epoch and how many micro-batches of it were already used."""
@@ -243,7 +267,7 @@ class CaptionBatches(IterableDataset):
                 if cfg.method == "simclr":
                     images = images * 2  # two crops of the one image
                 rows += [self.transform(im) for im in images]
-            return torch.stack(rows)  # (n * c, 3, H, W)
+            return torch.stack(rows)  # (n * c, 3, H, W) uint8
 
         images = seeded(batch_seed, build)
         n = len(groups)
@@ -251,7 +275,7 @@ class CaptionBatches(IterableDataset):
                      texts=[g.caption for g in groups],
                      caption_ids=torch.tensor([g.caption_id for g in groups]), index=b,
                      bad_samples=sum(s.bad_samples for s in self.shard_stats)
-                     + self.decode_bad_samples)
+                     + self.decode_bad_samples, seed=_seed(cfg.seed, self.epoch, self.rank, b, 17))
 
     def _decode(self, group: CaptionGroup, j: int) -> Image.Image:
         """Image ``j`` of the caption; a corrupt one is counted, logged, and the next one used."""
@@ -285,8 +309,12 @@ def iterate(loader: DataLoader) -> Iterator[Batch]:
 
 def create_loader(dataset: CaptionBatches, *, num_workers: int, pin_memory: bool
                   ) -> DataLoader:
-    """A DataLoader reading whole micro-batches from ``dataset``'s workers in order."""
+    """A DataLoader reading whole micro-batches from ``dataset``'s workers in order.
+
+    Workers persist across epochs: iterate the same loader again after
+    :meth:`CaptionBatches.set_epoch` (its shared position reaches the running workers).
+    """
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers else None,
                       multiprocessing_context="fork" if num_workers else None)

@@ -27,6 +27,7 @@ from torch import nn
 from stablerep import storage
 from stablerep.config import TrainConfig, to_dict
 from stablerep.contracts import TRAIN_METRICS
+from stablerep.data.augment import BatchAugment
 from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
 from stablerep.data.shards import ShardRef, discover
 from stablerep.distributed import (
@@ -77,6 +78,8 @@ def compute_loss(model: nn.Module, batch: Batch, cfg: TrainConfig, env: DistEnv,
         (loss, parts) where parts holds the detached components (0-d tensors) for logging.
     """
     images = batch.images.to(env.device, non_blocking=True)  # (n * c, 3, H, W)
+    if images.dtype == torch.uint8:  # from the loader: augment + normalise here, batched
+        images = BatchAugment(cfg.augmentation, cfg.image_size)(images, batch.seed)
     n, c = len(batch.texts), cfg.crops_per_caption
     tokens = tokenizer(batch.texts).to(env.device) if cfg.uses_text else None
     out = model(images, tokens)
@@ -424,12 +427,14 @@ class Trainer:
                      cfg.crops_per_caption, peak_lr(cfg), len(self.shards), self.out)
         last, window_rows, window_start, totals = float("nan"), 0, time.perf_counter(), {}
         bad_before = 0  # samples this rank's streams skipped in the epochs before this one
+        loader = None  # made after the first set_epoch (cache filled); workers persist
         while p.step < self.total_steps:
             bad_now: dict[int, int] = {}  # stream -> its skips so far in this epoch
             self.dataset.set_epoch(p.epoch, skip=p.micro_batches)
             micro: list[Batch] = []
-            loader = create_loader(self.dataset, num_workers=cfg.num_workers,
-                                   pin_memory=self.env.device.startswith("cuda"))
+            if loader is None:
+                loader = create_loader(self.dataset, num_workers=cfg.num_workers,
+                                       pin_memory=self.env.device.startswith("cuda"))
             for batch in iterate(loader):
                 micro.append(batch)
                 if len(micro) < accum:

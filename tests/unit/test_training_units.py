@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from stablerep.config import TrainConfig
 from stablerep.contracts import TarShardWriter, sample_key, sample_members
 from stablerep.data import loader as loader_mod
+from stablerep.data.augment import BatchAugment
 from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
 from stablerep.data.shards import ShardError, ShardRef, discover
+from stablerep.distributed import DistEnv
 from stablerep.errors import ConfigError, InputError
 from stablerep.models import GlobalBatchNorm1d, convert_sync_batchnorm, create_model
 from stablerep.training.optim import (
@@ -36,6 +38,7 @@ from stablerep.training.optim import (
     param_groups,
     peak_lr,
 )
+from stablerep.training.trainer import compute_loss
 
 TINY = dict(model="vit_tiny", image_size=16, head_hidden_dim=16, head_out_dim=8, embed_dim=8,
             text_width=16, text_layers=1, text_heads=2, text_context=8)
@@ -394,7 +397,8 @@ def test_resume_skip_yields_exactly_the_later_batches(
         assert [b.index for b in resumed] == list(range(skip, len(full)))
         for a, b in zip(full[skip:], resumed, strict=True):
             assert torch.equal(a.caption_ids, b.caption_ids)
-            assert torch.equal(a.images, b.images)  # same crops, colours, flips
+            assert torch.equal(a.images, b.images)  # same crops and flips
+            assert a.seed == b.seed  # same colours and blur on the device
 
 
 def test_real_dataloader_workers_match_and_resume(four_shards) -> None:
@@ -407,6 +411,58 @@ def test_real_dataloader_workers_match_and_resume(four_shards) -> None:
     assert [b.index for b in resumed] == [1, 2, 3]
     for a, b in zip(full[1:], resumed, strict=True):
         assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
+
+
+def test_persistent_workers_follow_set_epoch_like_fresh_loaders(four_shards) -> None:
+    """One loader kept over epochs (its workers forked once) yields, after each set_epoch,
+    what a loader made afresh for that epoch and skip yields: new epochs reshuffle."""
+    cfg = _config()
+    ds = _dataset(four_shards, cfg, 0, 2)
+    kept = create_loader(ds, num_workers=2, pin_memory=False)
+    assert kept.persistent_workers
+    seen = []
+    for epoch, skip in [(0, 0), (1, 0), (2, 1)]:
+        ds.set_epoch(epoch, skip)
+        got = list(iterate(kept))
+        fresh = list(create_loader(_dataset(four_shards, cfg, 0, 2, epoch=epoch, skip=skip),
+                                   num_workers=2, pin_memory=False))
+        assert [b.index for b in got] == list(range(skip, 4))
+        for a, b in zip(got, fresh, strict=True):
+            assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
+            assert a.seed == b.seed
+        seen.append([b.caption_ids.tolist() for b in got])
+    assert seen[0] != seen[1]  # epoch 1 reshuffled in the running workers
+
+
+def test_compute_loss_augments_a_uint8_batch_on_the_device_from_its_seed() -> None:
+    """A loader batch (uint8 + seed) gives the loss of its BatchAugment'ed float images."""
+    cfg = TrainConfig(**TINY, captions_per_batch=4, images_per_caption=2,
+                      augmentation="stablerep")
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    raw = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(0))
+    common = dict(labels=torch.arange(4).repeat_interleave(2), texts=["a", "b", "c", "d"],
+                  caption_ids=torch.arange(4), index=0)
+    env = DistEnv()
+    loss, _ = compute_loss(model, Batch(images=raw, seed=5, **common), cfg, env)
+    ready = BatchAugment("stablerep", 16)(raw, 5)
+    want, _ = compute_loss(model, Batch(images=ready, **common), cfg, env)
+    other, _ = compute_loss(model, Batch(images=raw, seed=6, **common), cfg, env)
+    assert torch.equal(loss, want) and not torch.equal(loss, other)
+
+
+def test_batches_are_uint8_with_a_seed_per_epoch_rank_and_batch(four_shards,
+                                                               monkeypatch) -> None:
+    cfg = _config()
+    first = _worker_batches(_dataset(four_shards, cfg, 0, 2), 0, 1, monkeypatch)
+    again = _worker_batches(_dataset(four_shards, cfg, 0, 2), 0, 1, monkeypatch)
+    other_rank = _worker_batches(_dataset(four_shards, cfg, 1, 2), 0, 1, monkeypatch)
+    later = _worker_batches(_dataset(four_shards, cfg, 0, 2, epoch=1), 0, 1, monkeypatch)
+    assert all(b.images.dtype == torch.uint8 for b in first)
+    seeds = [b.seed for b in first]
+    assert seeds == [b.seed for b in again] and len(set(seeds)) == len(seeds)
+    assert not set(seeds) & {b.seed for b in other_rank + later}
 
 
 @pytest.mark.parametrize("budget_mb", [64.0, 0.004])
