@@ -42,7 +42,7 @@ SPLITS: dict[str, str] = {
     "DTD": "official train+val / test (partition 1)",
     "Flowers102": "official train+val / test", "OxfordIIITPet": "official trainval / test",
     "Food101": "official train / test", "ImageNet": "official train / val",
-    "SUN397": "no official split here: stratified 50/50 per class (seed 0)",
+    "SUN397": "no official split here: stratified half to train (scikit-learn, seed 0)",
     "Caltech101": "no official split: 30 images per class train, the rest test (seed 0)",
 }
 
@@ -175,15 +175,45 @@ def _tv_split(cls, root: str, name: str, download: bool, seed: int):
     if name == "ImageNet":
         return cls(root=root, split="train"), cls(root=root, split="val"), None, None
     full = cls(**kw)
-    labels = np.asarray(_labels_of(full))
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
+    train_idx, test_idx = seeded_split(np.asarray(_labels_of(full)),
+                                       per_class=30 if name == "Caltech101" else None,
+                                       seed=seed)
+    return full, full, train_idx, test_idx
+
+
+def seeded_split(labels: np.ndarray, *, per_class: int | None,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documented split of a data set without an official one, by scikit-learn.
+
+    ``per_class=None``: half of the images to train, stratified
+    (``train_test_split(stratify=labels)``); else ``per_class`` images of each class to train
+    (fewer where a class has no more than that: all but one) and the rest to test.
+
+    Args:
+        labels: (n,) integer labels of the whole data set.
+        per_class: train images per class, or None for a stratified half.
+        seed: ``random_state`` of the splitter(s).
+
+    Returns:
+        (train indices, test indices), each sorted.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    if per_class is None:
+        train, test = train_test_split(idx, test_size=0.5, random_state=seed, stratify=labels)
+        return np.sort(train), np.sort(test)
+    train, test = [], []
     for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        cut = 30 if name == "Caltech101" else len(rows) // 2
-        train_idx += rows[:cut].tolist()
-        test_idx += rows[cut:].tolist()
-    return full, full, np.sort(train_idx), np.sort(test_idx)
+        rows = idx[labels == c]
+        if len(rows) < 2:  # a lone image can only train
+            train.append(rows)
+            continue
+        tr, te = train_test_split(rows, train_size=min(per_class, len(rows) - 1),
+                                  random_state=seed)
+        train.append(tr)
+        test.append(te)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test or [idx[:0]]))
 
 
 def _labels_of(ds) -> list[int]:

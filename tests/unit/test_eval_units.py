@@ -296,3 +296,53 @@ def test_feature_cache_round_trip(tmp_path: Path):
     assert Path(uri).is_file() and load_cached(str(tmp_path / "missing.npz")) is None
     other = cache_uri(str(tmp_path), backbone, "imagefolder:gs://b/x y", "train", 48)
     assert other != uri  # another input size is another cache entry
+
+
+# ---------------------------------------------------------------------- splits and devices
+
+
+def test_seeded_split_half_is_stratified_and_seeded():
+    from stablerep.evaluation.datasets import seeded_split
+
+    labels = np.repeat(np.arange(5), [10, 20, 7, 4, 9])
+    train, test = seeded_split(labels, per_class=None, seed=0)
+    assert sorted([*train, *test]) == list(range(len(labels)))
+    assert np.all(np.abs(np.bincount(labels[train]) - np.bincount(labels) / 2) <= 1)
+    again = seeded_split(labels, per_class=None, seed=0)
+    assert np.array_equal(again[0], train)
+    assert not np.array_equal(seeded_split(labels, per_class=None, seed=1)[0], train)
+
+
+def test_seeded_split_per_class_keeps_some_to_test():
+    from stablerep.evaluation.datasets import seeded_split
+
+    labels = np.repeat(np.arange(3), [40, 31, 5])
+    train, test = seeded_split(labels, per_class=30, seed=0)
+    assert np.bincount(labels[train]).tolist() == [30, 30, 4]
+    assert np.bincount(labels[test]).tolist() == [10, 1, 1]
+    assert set(train).isdisjoint(test)
+
+
+def test_every_classifier_runs_on_the_eval_device(monkeypatch):
+    from stablerep.config import EvalConfig
+    from stablerep.evaluation import classifiers, stage
+    from stablerep.evaluation.features import Features
+
+    seen = {}
+
+    def spy(name, fn):
+        def run(*args, **kwargs):
+            seen[name] = kwargs["device"]
+            return fn(*args, **{**kwargs, "device": "cpu"})
+        monkeypatch.setattr(classifiers, name, run)
+
+    for name in ("linear_probe", "few_shot", "knn_accuracy"):
+        spy(name, getattr(classifiers, name))
+    rng = np.random.default_rng(0)
+    tr = Features(rng.normal(size=(60, 4)).astype(np.float32), np.arange(60) % 3, 0, False)
+    te = Features(rng.normal(size=(60, 4)).astype(np.float32), np.arange(60) % 3, 0, False)
+    cfg = EvalConfig(probe_num_c=3, few_shot_way=3, few_shot_shot=2, few_shot_query=3,
+                     few_shot_episodes=4, knn_k=5)
+    result = stage._classify(tr, te, cfg, "cuda:7")
+    assert seen == {"linear_probe": "cuda:7", "few_shot": "cuda:7", "knn_accuracy": "cuda:7"}
+    assert set(result) == {"linear_probe", "few_shot", "knn"}
