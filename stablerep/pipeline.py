@@ -43,6 +43,10 @@ from stablerep.config import (
 from stablerep.errors import ConfigError, InputError, StablerepError
 from stablerep.k8s.config import CUDA_IMAGE
 
+PAPER_EVAL_SETS = ("ImageNet", "CIFAR10", "CIFAR100", "Food101", "OxfordIIITPet", "Flowers102",
+                   "StanfordCars", "FGVCAircraft", "DTD", "SUN397", "Caltech101")
+"""The paper recipes' ``eval.datasets`` (torchvision names), the ``eval_datasets`` default."""
+
 #: Environment variable that overrides the components' base image at compile time.
 IMAGE_ENV = "STABLEREP_IMAGE"
 #: Where the pipeline definition and its compiled forms live, relative to the repository.
@@ -112,8 +116,9 @@ PARAMS: tuple[Param, ...] = (
           field="train.captions_per_batch", minimum=1),
     Param("epochs", float, 15.0, "Training epochs (the paper: 15 = 1x, 46 = 3x).",
           field="train.epochs", minimum=0),
-    Param("eval_datasets", list, ["sklearn:digits"],
-          "Evaluation data sets (e.g. torchvision:CIFAR10, sklearn:digits).",
+    Param("eval_datasets", list, [f"torchvision:{n}" for n in PAPER_EVAL_SETS],
+          "Evaluation data sets (e.g. torchvision:CIFAR10, sklearn:digits); the default: "
+          "the paper's linear-probe sets, read from eval.data_cache.",
           field="eval.datasets"),
     Param("train_backend", str, "pytorchjob", "Where training runs: pytorchjob (Training "
           "Operator), trainjob (Kubeflow Trainer v2) or local (torchrun in the step's pod).",
@@ -419,6 +424,11 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[C
         check_job(cluster_config(values), values["cluster_recipe"])
     elif values["cluster_recipe"]:
         recipe_cluster(values["cluster_recipe"])  # read and checked even when unused
+    if cfg.eval is not None:  # the evaluation data sets are there (or downloadable)
+        from stablerep.evaluation.datasets import check_available
+
+        check_available(cfg.eval.datasets, data_cache=cfg.eval.data_cache,
+                        download=cfg.eval.download)
     return cfg, stage_overrides(values)
 
 

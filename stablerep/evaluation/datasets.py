@@ -234,7 +234,7 @@ def load_torchvision(name: str, *, data_cache: str, download: bool, seed: int) -
     if name not in SPLITS or name == "sklearn:digits" or not hasattr(tvd, name):
         known = ", ".join(k for k in SPLITS if k != "sklearn:digits")
         raise InputError(f"torchvision:{name}: unknown data set; known: {known}")
-    root = str(Path(data_cache or storage.cache_dir() / "datasets") / name)
+    root = str(data_root(name, data_cache))
     try:
         train, test, tr_idx, te_idx = _tv_split(getattr(tvd, name), root, name, download, seed)
     except RuntimeError as e:
@@ -292,6 +292,54 @@ def check_names(specs: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- checks
+
+
+def data_root(name: str, data_cache: str) -> Path:
+    """Where ``torchvision:<name>`` is read from: ``<data_cache>/<name>`` (default cache)."""
+    return Path(data_cache or storage.cache_dir() / "datasets") / name
+
+
+def _present(spec: str, data_cache: str) -> bool:
+    kind, _, arg = spec.partition(":")
+    if kind == "torchvision":
+        root = data_root(arg, data_cache)
+        return root.is_dir() and any(root.iterdir())
+    if kind == "imagefolder" and "://" not in arg:  # a remote folder is checked when read
+        return (Path(arg) / "train").is_dir()
+    return True
+
+
+def check_available(specs: Sequence[str], *, data_cache: str = "",
+                    download: bool = False) -> None:
+    """Fail, naming every missing data set and how to provide it, before any stage runs.
+
+    A ``torchvision:<Name>`` data set must be a non-empty folder ``<data_cache>/<Name>``
+    (torchvision's layout; not checked with ``download``, except ImageNet, which torchvision
+    cannot download); a local ``imagefolder:`` needs its
+    ``train/`` folder. Names are checked too (:func:`check_names`).
+
+    Args:
+        specs: the ``eval.datasets`` names.
+        data_cache: ``eval.data_cache`` ("" = the stablerep cache).
+        download: ``eval.download``.
+
+    Raises:
+        InputError: one line listing what is missing.
+    """
+    check_names(specs)
+    missing = [s for s in specs if not (download and s.startswith("torchvision:")
+                                        and s != "torchvision:ImageNet")
+               and not _present(s, data_cache)]
+    if not missing:
+        return
+    cache = data_root("", data_cache)
+    raise InputError(
+        f"eval.datasets: {', '.join(missing)} not found (torchvision data sets are read from "
+        f"{cache}/<Name>, an imagefolder needs train/ and test/); put them there in "
+        "torchvision's layout (ImageNet: the ILSVRC2012 devkit and train/val tars), set "
+        "eval.data_cache to the folder that holds them, set eval.download=true where there is "
+        "network (not ImageNet), or list only the data sets you have in eval.datasets")
+
 
 
 def check_readable(data: EvalData) -> None:

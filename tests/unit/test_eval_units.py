@@ -346,3 +346,74 @@ def test_every_classifier_runs_on_the_eval_device(monkeypatch):
     result = stage._classify(tr, te, cfg, "cuda:7")
     assert seen == {"linear_probe": "cuda:7", "few_shot": "cuda:7", "knn_accuracy": "cuda:7"}
     assert set(result) == {"linear_probe", "few_shot", "knn"}
+
+
+# ------------------------------------------------------------------- data sets in the cache
+
+
+def _cache(root: Path, names: list[str]) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "data.bin").write_bytes(b"x")
+    return root
+
+
+def test_check_available_names_every_missing_set_and_how_to_provide_it(tmp_path: Path):
+    from stablerep.evaluation.datasets import check_available
+
+    cache = _cache(tmp_path / "cache", ["CIFAR10"])
+    (cache / "DTD").mkdir()  # an empty folder is not a data set
+    specs = ["torchvision:CIFAR10", "torchvision:DTD", "torchvision:ImageNet",
+             f"imagefolder:{tmp_path / 'nope'}", "sklearn:digits"]
+    with pytest.raises(InputError) as err:
+        check_available(specs, data_cache=str(cache))
+    text = str(err.value)
+    assert text.startswith(f"eval.datasets: torchvision:DTD, torchvision:ImageNet, "
+                           f"imagefolder:{tmp_path / 'nope'} not found")
+    assert str(cache) in text and "eval.data_cache" in text and "eval.download=true" in text
+    assert "\n" not in text and "CIFAR10," not in text
+    check_available(specs[:1] + specs[-1:], data_cache=str(cache))  # all there: no error
+
+
+def test_check_available_with_download_still_needs_imagenet(tmp_path: Path):
+    from stablerep.evaluation.datasets import check_available
+
+    check_available(["torchvision:CIFAR100"], data_cache=str(tmp_path), download=True)
+    with pytest.raises(InputError, match="torchvision:ImageNet not found"):
+        check_available(["torchvision:ImageNet", "torchvision:CIFAR100"],
+                        data_cache=str(tmp_path), download=True)
+
+
+def test_check_available_default_cache_and_imagefolder(tmp_path: Path, monkeypatch):
+    from stablerep.evaluation.datasets import check_available
+
+    monkeypatch.setenv("STABLEREP_CACHE", str(tmp_path / "c"))
+    _cache(tmp_path / "c" / "datasets", ["Food101"])
+    root = _folder(tmp_path / "f", {"train": {"a": 1, "b": 1}, "test": {"a": 1, "b": 1}})
+    check_available(["torchvision:Food101", f"imagefolder:{root}"])
+    with pytest.raises(InputError, match=str(tmp_path / "c" / "datasets")):
+        check_available(["torchvision:Flowers102"])
+
+
+@pytest.mark.parametrize("recipe", ["cc3m", "cc12m", "redcaps", "cc12m_plus", "laion10m",
+                                    "cc12m_simclr", "cc12m_clip"])
+def test_paper_recipes_probe_imagenet_and_the_fine_grained_sets(recipe):
+    from stablerep.config import load_config
+    from stablerep.evaluation.datasets import check_names
+
+    datasets = load_config(recipe).eval.datasets
+    check_names(datasets)
+    assert datasets[0] == "torchvision:ImageNet" and len(datasets) == 11
+    assert "sklearn:digits" not in datasets
+
+
+def test_paper_recipe_without_its_data_fails_in_the_pipelines_validate(tmp_path, monkeypatch):
+    from stablerep import pipeline
+
+    monkeypatch.setenv("STABLEREP_CACHE", str(tmp_path))
+    with pytest.raises(InputError) as err:
+        pipeline.validate({"recipe": "cc3m"}, local=False)
+    assert "torchvision:ImageNet, torchvision:CIFAR10" in str(err.value)
+    _cache(tmp_path / "datasets", list(pipeline.PAPER_EVAL_SETS))
+    cfg, _ = pipeline.validate({"recipe": "cc3m"}, local=False)
+    assert cfg.eval.datasets == [f"torchvision:{n}" for n in pipeline.PAPER_EVAL_SETS]
