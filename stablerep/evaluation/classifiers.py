@@ -290,8 +290,8 @@ def _probe_split(train_y: np.ndarray, test_y: np.ndarray, val_fraction: float,
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, c_values: list[float] | None = None,
-                 val_fraction: float = 0.2, seed: int = 0, device: str = "cpu",
-                 max_iter: int = 100, tol: float = 1e-3, refine: bool = False,
+                 val_fraction: float = 0.1, seed: int = 0, device: str = "cpu",
+                 max_iter: int = 1000, tol: float = 1e-3, refine: bool = False,
                  progress: bool = True) -> ProbeResult:
     """Linear probe on frozen features, SynCLR protocol (C chosen on held-out train).
 

@@ -71,7 +71,7 @@ def _classify(tr: Features, te: Features, cfg: EvalConfig, device: str) -> dict[
                                cfg.probe_num_c)
         probe = linear_probe(tr.x, tr.y, te.x, te.y, c_values=c_values,
                              val_fraction=cfg.probe_val_fraction, seed=cfg.seed,
-                             device=device)
+                             device=device, max_iter=cfg.probe_max_iter)
         result["linear_probe"] = {"top1": probe.top1, "top5": probe.top5,
                                   "best_c": probe.best_c, "val_top1": probe.val_top1,
                                   "seconds": round(probe.seconds, 3)}
