@@ -116,3 +116,29 @@ def test_uncapped_workers_warn(tmp_path, monkeypatch, caplog):
                    if r.levelno == logging.WARNING)
     finally:
         torch.set_num_threads(before)
+
+
+def test_eval_stage_runs_with_the_sized_workers(tmp_path, monkeypatch):
+    from stablerep import stages
+    from stablerep.config import load_config
+    from stablerep.evaluation import stage
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cpus, "affinity_cpus", lambda: 3)
+    monkeypatch.setattr(cpus, "cgroup_quota", lambda root: None)
+    seen = {}
+
+    def evaluate(ec, **kwargs):
+        seen["workers"] = ec.num_workers
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(stage, "run_eval", evaluate)
+    cfg = load_config("demo", [f"data_root={tmp_path}", "eval.num_workers=8"])
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            stages.run_eval(cfg)
+    finally:
+        torch.set_num_threads(before)
+    assert seen["workers"] == 2  # 8 configured, 3 CPUs: one stays with the main process
