@@ -425,10 +425,9 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[C
     elif values["cluster_recipe"]:
         recipe_cluster(values["cluster_recipe"])  # read and checked even when unused
     if cfg.eval is not None:  # the evaluation data sets are there (or downloadable)
-        from stablerep.evaluation.datasets import check_available
+        from stablerep.stages import check_eval_data
 
-        check_available(cfg.eval.datasets, data_cache=cfg.eval.data_cache,
-                        download=cfg.eval.download)
+        check_eval_data(cfg)
     return cfg, stage_overrides(values)
 
 

@@ -312,6 +312,21 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
+def check_eval_data(cfg: Config) -> None:
+    """Fail, naming what is missing, unless every ``eval.datasets`` entry can be read.
+
+    Args:
+        cfg: the whole config; its ``eval`` section is used.
+
+    Raises:
+        InputError: a data set is neither in the data cache nor downloadable.
+    """
+    from stablerep.evaluation.datasets import check_available
+
+    ec = _section(cfg, "eval")
+    check_available(ec.datasets, data_cache=ec.data_cache, download=ec.download)
+
+
 def run_eval(cfg: Config) -> EvalResult:
     """Evaluate the checkpoint (and the baseline); publish metrics, report and config.
 
