@@ -302,8 +302,8 @@ def data_root(name: str, data_cache: str) -> Path:
 def _present(spec: str, data_cache: str) -> bool:
     kind, _, arg = spec.partition(":")
     if kind == "torchvision":
-        root = data_root(arg, data_cache)
-        return root.is_dir() and any(root.iterdir())
+        root = data_root(arg, data_cache)  # a failed read can leave empty folders behind
+        return root.is_dir() and any(p.is_file() for p in root.rglob("*"))
     if kind == "imagefolder" and "://" not in arg:  # a remote folder is checked when read
         return (Path(arg) / "train").is_dir()
     return True
@@ -313,7 +313,7 @@ def check_available(specs: Sequence[str], *, data_cache: str = "",
                     download: bool = False) -> None:
     """Fail, naming every missing data set and how to provide it, before any stage runs.
 
-    A ``torchvision:<Name>`` data set must be a non-empty folder ``<data_cache>/<Name>``
+    A ``torchvision:<Name>`` data set must be a folder ``<data_cache>/<Name>`` holding files
     (torchvision's layout; not checked with ``download``, except ImageNet, which torchvision
     cannot download); a local ``imagefolder:`` needs its
     ``train/`` folder. Names are checked too (:func:`check_names`).

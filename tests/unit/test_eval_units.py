@@ -417,3 +417,49 @@ def test_paper_recipe_without_its_data_fails_in_the_pipelines_validate(tmp_path,
     _cache(tmp_path / "datasets", list(pipeline.PAPER_EVAL_SETS))
     cfg, _ = pipeline.validate({"recipe": "cc3m"}, local=False)
     assert cfg.eval.datasets == [f"torchvision:{n}" for n in pipeline.PAPER_EVAL_SETS]
+
+
+def test_torchvision_sun397_reader_on_a_tiny_copy(tmp_path: Path):
+    """torchvision's SUN397 layout: the documented stratified half split, readable images."""
+    from stablerep.evaluation.datasets import check_available
+
+    data = tmp_path / "cache" / "SUN397" / "SUN397"  # <data_cache>/<Name>/, torchvision's root
+    classes = {"/a/abbey": 4, "/b/beach": 6}
+    data.mkdir(parents=True)
+    (data / "ClassName.txt").write_text("".join(f"{c}\n" for c in classes))
+    for c, (name, count) in enumerate(classes.items()):
+        folder = data / name.strip("/")
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (10, 10), (90 * c, 20 * i, 9)).save(folder / f"sun_{c}{i}.jpg")
+    cache = str(tmp_path / "cache")
+    check_available(["torchvision:SUN397"], data_cache=cache)
+    ds = load_dataset("torchvision:SUN397", data_cache=cache, seed=0)
+    assert ds.classes == ["abbey", "beach"]
+    assert np.bincount(ds.train.labels).tolist() == [2, 3]
+    assert np.bincount(ds.test.labels).tolist() == [2, 3]
+    image, label = ds.test[0]
+    assert image.mode == "RGB" and image.size == (10, 10) and label == ds.test.labels[0]
+    again = load_dataset("torchvision:SUN397", data_cache=cache, seed=0)
+    assert np.array_equal(again.train.labels, ds.train.labels)
+
+
+def test_torchvision_caltech101_reader_on_a_tiny_copy(tmp_path: Path):
+    """30 images per class to train, the rest to test; a failed read leaves no false copy."""
+    from stablerep.evaluation.datasets import check_available
+
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match="torchvision:Caltech101: not found"):
+        load_dataset("torchvision:Caltech101", data_cache=str(cache))
+    with pytest.raises(InputError, match="torchvision:Caltech101 not found"):
+        check_available(["torchvision:Caltech101"], data_cache=str(cache))  # folders, no file
+    cats = cache / "Caltech101" / "caltech101" / "101_ObjectCategories"
+    for name, count in (("BACKGROUND_Google", 2), ("accordion", 33), ("anchor", 3)):
+        (cats / name).mkdir(parents=True)
+        for i in range(1, count + 1):
+            Image.new("RGB", (8, 8), (7 * i, 0, 0)).save(cats / name / f"image_{i:04d}.jpg")
+    check_available(["torchvision:Caltech101"], data_cache=str(cache))
+    ds = load_dataset("torchvision:Caltech101", data_cache=str(cache), seed=0)
+    assert np.bincount(ds.train.labels).tolist() == [30, 2]
+    assert np.bincount(ds.test.labels).tolist() == [3, 1]
+    assert ds.train[0][0].size == (8, 8)
