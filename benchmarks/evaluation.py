@@ -16,6 +16,15 @@ Three parts, each timed against its baseline in the same process:
   loop fitting one ``LogisticRegression`` per episode (same C, tolerance and iteration cap) on
   the same episodes of the same L2-normalised features; seconds and mean query accuracy.
 
+- ImageNet-sized probe (``--size``): ``linear_probe`` over the 45 C values and the refit on
+  synthetic features of ImageNet's shape (1.28M x 768, 1,000 classes) times ``--size``; default
+  the full size on a GPU and x0.005 on a CPU (6,405 x 768, 10 classes, under a minute). No
+  baseline: scikit-learn would take hours at full size.
+
+Threads: ``--threads 0`` (the default) sizes torch and numpy/scikit-learn to the CPUs this
+process may use, as the stages do (``stablerep.cpus``); on a machine shared with other jobs,
+``--threads 1`` keeps spinning thread pools from making every figure noise.
+
 The probe and few-shot run on two feature sets: the digits features just extracted (real, but
 small) and synthetic class-clustered features of ``--n`` x ``--dim`` with ``--classes``
 classes (Gaussian clusters with a random per-dimension scale and offset, so standardisation
@@ -27,6 +36,7 @@ benchmarks/results/evaluation-<device>.json. Absolute times are noisy; the ratio
     python benchmarks/evaluation.py                  # about a minute on 2 CPU cores
     python benchmarks/evaluation.py --threads 1      # cores shared with other jobs
     python benchmarks/evaluation.py --n 50000 --dim 768 --classes 100 --episodes 600
+    python benchmarks/evaluation.py --parts imagenet --size 1   # on a GPU: the full size
 """
 
 from __future__ import annotations
