@@ -16,6 +16,15 @@ Three parts, each timed against its baseline in the same process:
   loop fitting one ``LogisticRegression`` per episode (same C, tolerance and iteration cap) on
   the same episodes of the same L2-normalised features; seconds and mean query accuracy.
 
+- ImageNet-sized probe (``--size``): ``linear_probe`` over the 45 C values and the refit on
+  synthetic features of ImageNet's shape (1.28M x 768, 1,000 classes) times ``--size``; default
+  the full size on a GPU and x0.005 on a CPU (6,405 x 768, 10 classes, under a minute). No
+  baseline: scikit-learn would take hours at full size.
+
+Threads: ``--threads 0`` (the default) sizes torch and numpy/scikit-learn to the CPUs this
+process may use, as the stages do (``stablerep.cpus``); on a machine shared with other jobs,
+``--threads 1`` keeps spinning thread pools from making every figure noise.
+
 The probe and few-shot run on two feature sets: the digits features just extracted (real, but
 small) and synthetic class-clustered features of ``--n`` x ``--dim`` with ``--classes``
 classes (Gaussian clusters with a random per-dimension scale and offset, so standardisation
@@ -27,6 +36,7 @@ benchmarks/results/evaluation-<device>.json. Absolute times are noisy; the ratio
     python benchmarks/evaluation.py                  # about a minute on 2 CPU cores
     python benchmarks/evaluation.py --threads 1      # cores shared with other jobs
     python benchmarks/evaluation.py --n 50000 --dim 768 --classes 100 --episodes 600
+    python benchmarks/evaluation.py --parts imagenet --size 1   # on a GPU: the full size
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
+from stablerep import cpus
 from stablerep.data.augment import create_eval_transform
 from stablerep.evaluation.backbones import Backbone, load_backbone
 from stablerep.evaluation.classifiers import (
@@ -254,6 +265,49 @@ def bench_few_shot(fs: FeatureSet, args: argparse.Namespace, device: str) -> Row
                f"{args.episodes} episodes {args.way}-way {args.shot}-shot {args.query}-query")
 
 
+# ------------------------------------------------------------------- ImageNet-sized probe
+
+IMAGENET = (1_281_167, 768, 1000)  # train rows, ViT-B feature dimensions, classes
+
+
+def imagenet_features(size: float, device: str, seed: int = 0) -> FeatureSet:
+    """Synthetic class-clustered features of ImageNet's shape times ``size``.
+
+    Rows scale with ``size``; classes too, but never below 10; the test split has 50 rows per
+    class (ImageNet's val). Drawn with torch on ``device`` (float32: 1.28M x 768 is 3.9 GB).
+    """
+    rows, dim, classes = IMAGENET
+    n, c = max(int(rows * size), 20), max(int(classes * size), 10)
+    g = torch.Generator(device=device).manual_seed(seed)
+    means = torch.randn(c, dim, generator=g, device=device) * (4.0 / dim**0.5)  # (c, d)
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        y = torch.arange(m, device=device) % c  # balanced
+        x = means[y] + torch.randn(m, dim, generator=g, device=device)  # (m, d)
+        return x.cpu().numpy(), y.cpu().numpy()
+
+    (trx, try_), (tex, tey) = draw(n), draw(50 * c)
+    return FeatureSet(f"imagenet x{size:g}: {n}x{dim}, {c} classes", trx, try_, tex, tey)
+
+
+def bench_imagenet_probe(args: argparse.Namespace, device: str) -> Row:
+    """linear_probe (all of DEFAULT_C_VALUES, refit) on ImageNet-shaped features; no baseline.
+
+    scikit-learn would take hours at full size, so the row's baseline time is its own.
+    """
+    fs = imagenet_features(args.size, device)
+    sync(device)
+    start = time.perf_counter()
+    probe = linear_probe(fs.train_x, fs.train_y, fs.test_x, fs.test_y,
+                         c_values=list(DEFAULT_C_VALUES), device=device,
+                         max_iter=args.max_iter, progress=False)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return Row("probe-in", fs.name, seconds, seconds, probe.top1, None,
+               f"{len(DEFAULT_C_VALUES)} C + refit, chosen C {probe.best_c:.3g}, "
+               f"held-out top-1 {probe.val_top1:.4f}")
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -289,25 +343,40 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="best of this many rounds per part")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads of torch and of numpy/scikit-learn (BLAS, OpenMP); "
-                        "0 = the libraries' defaults. On a shared machine use 1: spinning "
-                        "thread pools on busy cores make every figure noise")
+                        "0 = the usable CPUs, as the stages size them (stablerep.cpus)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=float, default=None,
+                   help="ImageNet-sized probe case (1.28M x 768, 1000 classes) times this; "
+                        "default 1 on a GPU, 0.005 on the CPU (6,405 x 768, 10 classes, "
+                        "under a minute); 0 skips it")
+    p.add_argument("--parts", default="extraction,probe,few-shot,imagenet",
+                   help="comma-separated parts to run")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     device = args.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        threadpool_limits(args.threads)  # numpy's BLAS and scikit-learn's OpenMP alike
-    extraction, digits = bench_extraction(args, device)
-    rows = [extraction]
-    synthetic = synthetic_features(args.n, args.test or max(args.n // 5, 1), args.dim,
-                                   args.classes, args.separation, seed=0)
-    for fs in (digits, synthetic):
-        rows.append(bench_probe(fs, args, device))
-        rows.append(bench_few_shot(fs, args, device))
+    threads = args.threads or cpus.size_threads("bench").intra_op  # as the stages do
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)  # numpy's BLAS and scikit-learn's OpenMP alike
+    parts = set(args.parts.split(","))
+    if args.size is None:
+        args.size = 1.0 if device.startswith("cuda") else 0.005
+    rows, sets = [], []
+    if "extraction" in parts:
+        extraction, digits = bench_extraction(args, device)
+        rows.append(extraction)
+        sets.append(digits)
+    sets.append(synthetic_features(args.n, args.test or max(args.n // 5, 1), args.dim,
+                                   args.classes, args.separation, seed=0))
+    for fs in sets:
+        if "probe" in parts:
+            rows.append(bench_probe(fs, args, device))
+        if "few-shot" in parts:
+            rows.append(bench_few_shot(fs, args, device))
+    if "imagenet" in parts and args.size:
+        rows.append(bench_imagenet_probe(args, device))
     print(f"device {device}  torch threads {torch.get_num_threads()}  "
           "baseline: plain loop (extraction), scikit-learn LogisticRegression (probe, few-shot)")
     print_table(rows)

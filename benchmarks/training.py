@@ -15,16 +15,30 @@ sizes, against the measured bf16 matmul rate.
 
     python benchmarks/training.py --model vit_tiny --image-size 32 --captions 16 -k 2
     python benchmarks/training.py --model vit_base --image-size 224 --captions 64 -k 6 --compile
+    python benchmarks/training.py --hog      # the stage's step beside a CPU hog, < 1 minute
+
+``--hog`` measures the stage's step (CPU) quiet, then beside a process that keeps one core
+busy: once with torch's default threads (one per core, as before stablerep.cpus) and once with
+the threads ``stablerep.cpus.size_threads`` picks in a container whose CPU limit is the cores
+the hog leaves (a fake ``cpu.max``); the sized rate should fall in proportion to the cores
+taken, the unsized one falls much further (every parallel region waits for the thread whose
+core the hog holds).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from _common import finish, matmul_tflops, sync
 
+from stablerep import cpus
 from stablerep.config import TrainConfig
 from stablerep.data.loader import Batch
 from stablerep.distributed import DistEnv
@@ -34,8 +48,6 @@ from stablerep.training.optim import create_optimizer
 from stablerep.training.trainer import compute_loss
 
 VIT_B16_FWD_GFLOP = 35.0
-
-
 
 
 def make_batch(cfg: TrainConfig, n: int, device: str) -> Batch:
@@ -100,6 +112,42 @@ def timed(step, device: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def hog_case(cfg: TrainConfig, batch: Batch, steps: int, repeats: int) -> None:
+    """The stage's CPU step quiet, then beside a one-core hog unsized and sized; prints rates."""
+    step = stage_step(cfg, batch, "cpu")
+    cores = cpus.affinity_cpus()
+    rows = batch.images.shape[0]
+
+    def rate(threads: int) -> float:
+        torch.set_num_threads(threads)
+        return rows / min(timed(step, "cpu", steps) for _ in range(repeats))
+
+    quiet = rate(cores)
+    print(f"quiet: {quiet:.1f} img/s", flush=True)
+    # the hog spins until its parent is gone (even if this process is killed)
+    hog = subprocess.Popen([sys.executable, "-c", "import os\nparent = os.getppid()\n"
+                            "while os.getppid() == parent:\n    pass\n"])
+    try:
+        time.sleep(0.5)
+        unsized = rate(cores)
+        with tempfile.TemporaryDirectory() as root:  # a container limited to the free cores
+            Path(root, "cpu.max").write_text(f"{max(cores - 1, 1) * 100000} 100000\n")
+            sized = rate(cpus.size_threads("bench-hog", cgroup_root=root).intra_op)
+    finally:
+        hog.kill()
+        hog.wait()
+    expected = quiet * max(cores - 1, 1) / cores
+    print(f"CPU step, {cores} cores, {rows} images/step, pid {os.getpid()}")
+    print(f"quiet, {cores} threads:                  {quiet:8.1f} img/s")
+    print(f"beside a 1-core hog, {cores} threads (unsized): {unsized:8.1f} img/s "
+          f"({unsized / quiet:.2f}x quiet)")
+    print(f"beside a 1-core hog, {torch.get_num_threads()} threads (sized):   {sized:8.1f} img/s "
+          f"({sized / quiet:.2f}x quiet; in proportion: {expected:.1f})")
+    finish("training-hog", {"cores": cores, "images_per_step": rows, "quiet": quiet,
+                            "hog_unsized": unsized, "hog_sized": sized,
+                            "sized_threads": torch.get_num_threads()}, "cpu")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny")
@@ -110,12 +158,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--head-hidden", type=int, default=4096)
+    p.add_argument("--hog", action="store_true",
+                   help="the CPU step beside a one-core hog, with and without thread sizing")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = TrainConfig(model=args.model, image_size=args.image_size,
                       images_per_caption=args.images_per_caption,
                       captions_per_batch=args.captions, compile=args.compile,
                       head_hidden_dim=args.head_hidden)
+    if args.hog:
+        hog_case(cfg, make_batch(cfg, args.captions, "cpu"), args.steps, args.repeats)
+        return
     batch = make_batch(cfg, args.captions, device)
     rows = batch.images.shape[0]
     steps = {"baseline": baseline_step(cfg, batch, device),

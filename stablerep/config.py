@@ -461,7 +461,8 @@ class EvalConfig:
     probe_num_c: int = 45  # inverse-regularisation values swept (log-spaced)
     probe_c_min: float = 1e-6  # smallest C
     probe_c_max: float = 1e5  # largest C
-    probe_val_fraction: float = 0.2  # part of train held out to choose C
+    probe_val_fraction: float = 0.1  # part of train held out to choose C (DINOv2: 10%)
+    probe_max_iter: int = 1000  # most L-BFGS iterations per probe fit (DINOv2: 1000)
     few_shot_way: int = 5  # classes per episode
     few_shot_shot: int = 5  # support images per class
     few_shot_query: int = 15  # query images per class
@@ -476,7 +477,8 @@ class EvalConfig:
             raise ConfigError("eval.datasets: expected at least one data set")
         if self.image_size is not None:
             _check_range("eval.image_size", self.image_size, low=8)
-        for name in ("batch_size", "probe_num_c", "few_shot_way", "few_shot_shot"):
+        for name in ("batch_size", "probe_num_c", "probe_max_iter", "few_shot_way",
+                     "few_shot_shot"):
             _check_range(f"eval.{name}", getattr(self, name), low=1)
         for name in ("num_workers", "few_shot_query", "few_shot_episodes", "knn_k"):
             _check_range(f"eval.{name}", getattr(self, name), low=0)

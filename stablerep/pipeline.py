@@ -45,6 +45,10 @@ from stablerep.errors import ConfigError, InputError, StablerepError
 from stablerep.k8s.config import CUDA_IMAGE
 from stablerep.k8s.rules import INT32_MAX
 
+PAPER_EVAL_SETS = ("ImageNet", "CIFAR10", "CIFAR100", "Food101", "OxfordIIITPet", "Flowers102",
+                   "StanfordCars", "FGVCAircraft", "DTD", "SUN397", "Caltech101")
+"""The paper recipes' ``eval.datasets`` (torchvision names), the ``eval_datasets`` default."""
+
 #: Environment variable that overrides the components' base image at compile time.
 IMAGE_ENV = "STABLEREP_IMAGE"
 #: Where the pipeline definition and its compiled forms live, relative to the repository.
@@ -113,8 +117,9 @@ PARAMS: tuple[Param, ...] = (
           field="train.captions_per_batch", minimum=1),
     Param("epochs", float, 15.0, "Training epochs (the paper: 15 = 1x, 46 = 3x).",
           field="train.epochs", minimum=0),
-    Param("eval_datasets", list, ["sklearn:digits"],
-          "Evaluation data sets (e.g. torchvision:CIFAR10, sklearn:digits).",
+    Param("eval_datasets", list, [f"torchvision:{n}" for n in PAPER_EVAL_SETS],
+          "Evaluation data sets (e.g. torchvision:CIFAR10, sklearn:digits); the default: "
+          "the paper's linear-probe sets, read from eval.data_cache.",
           field="eval.datasets"),
     Param("train_backend", str, "pytorchjob", "Where training runs: pytorchjob (Training "
           "Operator), trainjob (Kubeflow Trainer v2) or local (torchrun in the step's pod).",
@@ -371,13 +376,16 @@ def check_job(cluster: Any, uri: str = "") -> None:
                           ) from None
 
 
-def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[Config, list[str]]:
+def validate(params: Mapping[str, Any], *, local: bool | None = None,
+             data: bool = True) -> tuple[Config, list[str]]:
     """Everything the first pipeline step checks; returns the config and the stage overrides.
 
     Args:
         params: every pipeline parameter (missing ones take their defaults).
         local: whether the run is outside a cluster (default: no Kubernetes service in the
             environment).
+        data: check that the evaluation data sets are in ``eval.data_cache`` (the pipeline's
+            own step, whose pod sees the cache; not ``submit`` on a workstation).
     """
     values = check_params(params)
     cfg = build_config(values["recipe"], values["overrides"], values)
@@ -390,6 +398,10 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[C
         check_job(cluster_config(values), values["cluster_recipe"])
     elif values["cluster_recipe"]:
         cluster_recipe(values["cluster_recipe"])  # read and checked even when unused
+    if data and cfg.eval is not None:  # the evaluation data sets are there (or downloadable)
+        from stablerep.stages import check_eval_data
+
+        check_eval_data(cfg)
     return cfg, stage_overrides(values)
 
 
@@ -832,7 +844,7 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
 def check_submission(host: str, params: Mapping[str, Any], package: str | Path) -> None:
     """Every local check of :func:`submit`, in the order a user would fix them."""
     values = check_params(params)
-    validate(values, local=False)
+    validate(values, local=False, data=False)  # the data cache is the pods', checked there
     cluster_config(values)  # the pods' image, node selector and tolerations, every backend
     check_data_root(values["data_root"], local=False)
     package = Path(package)

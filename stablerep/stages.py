@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stablerep import storage
+from stablerep import cpus, storage
 from stablerep.config import Config, TrainConfig, dump_yaml
 from stablerep.errors import ConfigError
 
@@ -186,6 +186,7 @@ def run_generate(cfg: Config, *, shard: int | None = None) -> GenerateResult:
     captions, target = generate_inputs(cfg)
     check_outputs((_where(gen.out, "generate.out"), target), ("generate.tiny_cache",
                                                                gen.tiny_cache))
+    cpus.size_threads("generate")
     results = generate(gen, captions=captions, out=target)
     made = [r for r in results if not r.skipped]
     images = sum(r.samples for r in made)
@@ -220,6 +221,7 @@ def run_training(cfg: Config) -> TrainResult:
     tc = _section(cfg, "train")
     data, out = train_locations(cfg)
     check_outputs((_where(tc.out, "train.out"), out))
+    cpus.size_threads("train", tc.num_workers, cap_workers=False)  # workers cut the streams
     from stablerep import distributed  # torch & co. only once the config is valid
     from stablerep.training.trainer import Trainer
 
@@ -310,6 +312,21 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
+def check_eval_data(cfg: Config) -> None:
+    """Fail, naming what is missing, unless every ``eval.datasets`` entry can be read.
+
+    Args:
+        cfg: the whole config; its ``eval`` section is used.
+
+    Raises:
+        InputError: a data set is neither in the data cache nor downloadable.
+    """
+    from stablerep.evaluation.datasets import check_available
+
+    ec = _section(cfg, "eval")
+    check_available(ec.datasets, data_cache=ec.data_cache, download=ec.download)
+
+
 def run_eval(cfg: Config) -> EvalResult:
     """Evaluate the checkpoint (and the baseline); publish metrics, report and config.
 
@@ -326,6 +343,7 @@ def run_eval(cfg: Config) -> EvalResult:
     where = eval_locations(cfg)
     check_outputs((_where(ec.out, "eval.out"), where.out),
                   ("eval.feature_cache", ec.feature_cache), ("eval.data_cache", ec.data_cache))
+    ec = dataclasses.replace(ec, num_workers=cpus.size_threads("eval", ec.num_workers).workers)
     metrics = evaluate(ec, checkpoint=where.checkpoint, out=where.out, images=where.images,
                        train_metrics=where.train_metrics)
     storage.write_text(storage.join(where.out, contracts.STAGE_CONFIG), dump_yaml(cfg))

@@ -108,24 +108,35 @@ class ProbeResult:
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Splits indices into (fit, held-out), holding out ``round(fraction * n_c)`` per class.
+    """Splits indices into (fit, held-out) by scikit-learn's ``StratifiedShuffleSplit``.
 
-    Every class keeps at least one sample in the fit part; a class with one sample has none
-    held out.
+    ``ceil(fraction * n)`` samples are held out, allotted to the classes in proportion to
+    their sizes (scikit-learn's rounding). A class with one sample stays whole in the fit
+    part; when there are fewer held-out samples than classes (too little data to hold out
+    one of each) nothing is held out, and the caller says so.
 
     Args:
         y: (n,) labels.
-        fraction: share of each class to hold out, in (0, 1).
-        seed: seed of the per-class shuffles.
+        fraction: share of the samples to hold out, in (0, 1).
+        seed: ``random_state`` of the splitter.
+
+    Returns:
+        (fit indices, held-out indices), each sorted.
     """
-    rng = np.random.default_rng(seed)
-    fit, held = [], []
-    for cls in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == cls))
-        k = min(int(round(fraction * len(idx))), len(idx) - 1)
-        held.append(idx[:k])
-        fit.append(idx[k:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    pool = np.flatnonzero(np.isin(y, classes[counts >= 2]))  # singletons stay in fit
+    everything, nothing = np.arange(len(y)), np.zeros(0, dtype=np.int64)
+    if len(pool) == 0:
+        return everything, nothing
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    try:
+        fit, held = next(splitter.split(pool, y[pool]))
+    except ValueError:  # fewer held-out (or fit) samples than classes
+        return everything, nothing
+    return np.sort(np.setdiff1d(everything, pool[held])), np.sort(pool[held])
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float, classes: int, *,
@@ -279,8 +290,8 @@ def _probe_split(train_y: np.ndarray, test_y: np.ndarray, val_fraction: float,
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, c_values: list[float] | None = None,
-                 val_fraction: float = 0.2, seed: int = 0, device: str = "cpu",
-                 max_iter: int = 100, tol: float = 1e-3, refine: bool = False,
+                 val_fraction: float = 0.1, seed: int = 0, device: str = "cpu",
+                 max_iter: int = 1000, tol: float = 1e-3, refine: bool = False,
                  progress: bool = True) -> ProbeResult:
     """Linear probe on frozen features, SynCLR protocol (C chosen on held-out train).
 
@@ -526,15 +537,46 @@ def few_shot(x: np.ndarray, y: np.ndarray, *, way: int = 5, shot: int = 5, query
 # ------------------------------------------------------------------------------------ kNN
 
 
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *,
+                classes: int, k: int = 20, temperature: float = 0.07,
+                max_elements: int = 2**25) -> torch.Tensor:
+    """Weighted cosine kNN predictions, on the tensors' device.
+
+    Each query takes its k most cosine-similar bank rows; each votes for its class with
+    weight ``exp(sim / temperature)``; the class with the largest total wins (ties go to the
+    smallest label). Queries are processed in chunks so that a chunk's similarity matrix holds
+    at most ``max_elements`` entries.
+
+    Args:
+        bank: (n, d) float features of the labelled samples.
+        bank_labels: (n,) int64 labels in 0..classes-1.
+        queries: (m, d) float features to classify (same device as ``bank``).
+        classes: number of classes.
+        k: neighbours per query (capped at n).
+        temperature: vote temperature T.
+        max_elements: bound on similarity entries per chunk (memory).
+
+    Returns:
+        (m,) int64 predicted labels on the bank's device.
+    """
+    bank = F.normalize(bank.float(), dim=1)  # (n, d)
+    k = min(k, bank.shape[0])
+    rows = max(1, max_elements // bank.shape[0])
+    out = []
+    for lo in range(0, len(queries), rows):
+        q = F.normalize(queries[lo:lo + rows].to(bank.device).float(), dim=1)  # (r, d)
+        sim, idx = (q @ bank.t()).topk(k, dim=1)  # (r, k)
+        votes = q.new_zeros(len(q), classes).scatter_add_(1, bank_labels[idx],
+                                                          (sim / temperature).exp())
+        out.append(votes.argmax(dim=1))
+    return torch.cat(out) if out else bank_labels.new_zeros(0)
+
+
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, k: int = 20, temperature: float = 0.07,
                  device: str = "cpu", max_elements: int = 2**25) -> float:
-    """Top-1 accuracy of a weighted cosine kNN vote (DINO / InstDisc style).
-
-    Each test sample takes its k most cosine-similar train samples; each votes for its class
-    with weight ``exp(sim / temperature)``; the class with the largest total wins (ties go
-    to the smallest label). Test rows are processed in chunks so that a chunk's similarity
-    matrix holds at most ``max_elements`` entries.
+    """Top-1 accuracy of a weighted cosine kNN vote (DINO / InstDisc style), see
+    :func:`knn_predict`.
 
     Args:
         train_x: (n, d) train features.
@@ -543,7 +585,7 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
         test_y: (m,) integer test labels.
         k: neighbours per test sample (capped at n).
         temperature: vote temperature T.
-        device: torch device.
+        device: torch device of the search and the vote.
         max_elements: bound on similarity entries per chunk (memory).
     """
     train_x, train_y = _pair(train_x, train_y, "kNN train")
@@ -553,16 +595,7 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
         raise InputError(f"kNN needs k >= 1 and temperature > 0, got k={k}, "
                          f"temperature={temperature}")
     ytr, yte, classes = _encode(train_y, test_y)
-    bank = F.normalize(torch.from_numpy(train_x).to(device), dim=1)
-    labels = torch.from_numpy(ytr).to(device)
-    k = min(k, bank.shape[0])
-    rows = max(1, max_elements // bank.shape[0])
-    correct = 0
-    for lo in range(0, len(test_x), rows):
-        q = F.normalize(torch.from_numpy(test_x[lo:lo + rows]).to(device), dim=1)
-        sim, idx = (q @ bank.t()).topk(k, dim=1)
-        votes = q.new_zeros(len(q), classes).scatter_add_(1, labels[idx],
-                                                          (sim / temperature).exp())
-        pred = votes.argmax(dim=1).cpu().numpy()
-        correct += int((pred == yte[lo:lo + rows]).sum())
-    return correct / len(test_x)
+    pred = knn_predict(torch.from_numpy(train_x).to(device), torch.from_numpy(ytr).to(device),
+                       torch.from_numpy(test_x).to(device), classes=classes, k=k,
+                       temperature=temperature, max_elements=max_elements)
+    return int((pred.cpu().numpy() == yte).sum()) / len(yte)

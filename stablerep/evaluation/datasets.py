@@ -42,7 +42,7 @@ SPLITS: dict[str, str] = {
     "DTD": "official train+val / test (partition 1)",
     "Flowers102": "official train+val / test", "OxfordIIITPet": "official trainval / test",
     "Food101": "official train / test", "ImageNet": "official train / val",
-    "SUN397": "no official split here: stratified 50/50 per class (seed 0)",
+    "SUN397": "no official split here: stratified half to train (scikit-learn, seed 0)",
     "Caltech101": "no official split: 30 images per class train, the rest test (seed 0)",
 }
 
@@ -175,15 +175,45 @@ def _tv_split(cls, root: str, name: str, download: bool, seed: int):
     if name == "ImageNet":
         return cls(root=root, split="train"), cls(root=root, split="val"), None, None
     full = cls(**kw)
-    labels = np.asarray(_labels_of(full))
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
+    train_idx, test_idx = seeded_split(np.asarray(_labels_of(full)),
+                                       per_class=30 if name == "Caltech101" else None,
+                                       seed=seed)
+    return full, full, train_idx, test_idx
+
+
+def seeded_split(labels: np.ndarray, *, per_class: int | None,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documented split of a data set without an official one, by scikit-learn.
+
+    ``per_class=None``: half of the images to train, stratified
+    (``train_test_split(stratify=labels)``); else ``per_class`` images of each class to train
+    (fewer where a class has no more than that: all but one) and the rest to test.
+
+    Args:
+        labels: (n,) integer labels of the whole data set.
+        per_class: train images per class, or None for a stratified half.
+        seed: ``random_state`` of the splitter(s).
+
+    Returns:
+        (train indices, test indices), each sorted.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    if per_class is None:
+        train, test = train_test_split(idx, test_size=0.5, random_state=seed, stratify=labels)
+        return np.sort(train), np.sort(test)
+    train, test = [], []
     for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        cut = 30 if name == "Caltech101" else len(rows) // 2
-        train_idx += rows[:cut].tolist()
-        test_idx += rows[cut:].tolist()
-    return full, full, np.sort(train_idx), np.sort(test_idx)
+        rows = idx[labels == c]
+        if len(rows) < 2:  # a lone image can only train
+            train.append(rows)
+            continue
+        tr, te = train_test_split(rows, train_size=min(per_class, len(rows) - 1),
+                                  random_state=seed)
+        train.append(tr)
+        test.append(te)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test or [idx[:0]]))
 
 
 def _labels_of(ds) -> list[int]:
@@ -204,7 +234,7 @@ def load_torchvision(name: str, *, data_cache: str, download: bool, seed: int) -
     if name not in SPLITS or name == "sklearn:digits" or not hasattr(tvd, name):
         known = ", ".join(k for k in SPLITS if k != "sklearn:digits")
         raise InputError(f"torchvision:{name}: unknown data set; known: {known}")
-    root = str(Path(data_cache or storage.cache_dir() / "datasets") / name)
+    root = str(data_root(name, data_cache))
     try:
         train, test, tr_idx, te_idx = _tv_split(getattr(tvd, name), root, name, download, seed)
     except RuntimeError as e:
@@ -262,6 +292,54 @@ def check_names(specs: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- checks
+
+
+def data_root(name: str, data_cache: str) -> Path:
+    """Where ``torchvision:<name>`` is read from: ``<data_cache>/<name>`` (default cache)."""
+    return Path(data_cache or storage.cache_dir() / "datasets") / name
+
+
+def _present(spec: str, data_cache: str) -> bool:
+    kind, _, arg = spec.partition(":")
+    if kind == "torchvision":
+        root = data_root(arg, data_cache)  # a failed read can leave empty folders behind
+        return root.is_dir() and any(p.is_file() for p in root.rglob("*"))
+    if kind == "imagefolder" and "://" not in arg:  # a remote folder is checked when read
+        return (Path(arg) / "train").is_dir()
+    return True
+
+
+def check_available(specs: Sequence[str], *, data_cache: str = "",
+                    download: bool = False) -> None:
+    """Fail, naming every missing data set and how to provide it, before any stage runs.
+
+    A ``torchvision:<Name>`` data set must be a folder ``<data_cache>/<Name>`` holding files
+    (torchvision's layout; not checked with ``download``, except ImageNet, which torchvision
+    cannot download); a local ``imagefolder:`` needs its
+    ``train/`` folder. Names are checked too (:func:`check_names`).
+
+    Args:
+        specs: the ``eval.datasets`` names.
+        data_cache: ``eval.data_cache`` ("" = the stablerep cache).
+        download: ``eval.download``.
+
+    Raises:
+        InputError: one line listing what is missing.
+    """
+    check_names(specs)
+    missing = [s for s in specs if not (download and s.startswith("torchvision:")
+                                        and s != "torchvision:ImageNet")
+               and not _present(s, data_cache)]
+    if not missing:
+        return
+    cache = data_root("", data_cache)
+    raise InputError(
+        f"eval.datasets: {', '.join(missing)} not found (torchvision data sets are read from "
+        f"{cache}/<Name>, an imagefolder needs train/ and test/); put them there in "
+        "torchvision's layout (ImageNet: the ILSVRC2012 devkit and train/val tars), set "
+        "eval.data_cache to the folder that holds them, set eval.download=true where there is "
+        "network (not ImageNet), or list only the data sets you have in eval.datasets")
+
 
 
 def check_readable(data: EvalData) -> None:

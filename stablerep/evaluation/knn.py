@@ -13,7 +13,7 @@ from torch import nn
 
 from stablerep.distributed import DistEnv, all_gather_rows, all_reduce_sum, collectives
 from stablerep.evaluation.backbones import Backbone
-from stablerep.evaluation.classifiers import knn_accuracy
+from stablerep.evaluation.classifiers import knn_predict
 from stablerep.evaluation.datasets import EvalData, ImageList, check_names, load_dataset
 from stablerep.evaluation.features import extract
 
@@ -69,11 +69,11 @@ class KnnCheck:
         with collectives(env):
             train_x = all_gather_rows(torch.from_numpy(train.x).reshape(-1, d).to(env.device))
             train_y = all_gather_rows(torch.from_numpy(train.y).to(env.device))
-            correct = 0.0
-            if len(test.y) and len(train_y):
-                correct = len(test.y) * knn_accuracy(train_x.cpu().numpy(),
-                                                     train_y.cpu().numpy(), test.x, test.y,
-                                                     k=KNN_K)
-            correct = all_reduce_sum(round(correct), env.device)
+            correct = 0
+            if len(test.y) and len(train_y):  # on the training device, like the gather
+                pred = knn_predict(train_x, train_y, torch.from_numpy(test.x).to(env.device),
+                                   classes=len(self._data.classes), k=KNN_K)
+                correct = int((pred.cpu().numpy() == test.y).sum())
+            correct = all_reduce_sum(correct, env.device)
             total = all_reduce_sum(len(test.y), env.device)
         return correct / max(total, 1)

@@ -71,20 +71,20 @@ def _classify(tr: Features, te: Features, cfg: EvalConfig, device: str) -> dict[
                                cfg.probe_num_c)
         probe = linear_probe(tr.x, tr.y, te.x, te.y, c_values=c_values,
                              val_fraction=cfg.probe_val_fraction, seed=cfg.seed,
-                             device=device)
+                             device=device, max_iter=cfg.probe_max_iter)
         result["linear_probe"] = {"top1": probe.top1, "top5": probe.top5,
                                   "best_c": probe.best_c, "val_top1": probe.val_top1,
                                   "seconds": round(probe.seconds, 3)}
     if cfg.few_shot_episodes:
         fs = few_shot(te.x, te.y, way=cfg.few_shot_way, shot=cfg.few_shot_shot,
                       query=cfg.few_shot_query, episodes=cfg.few_shot_episodes,
-                      seed=cfg.seed)
+                      seed=cfg.seed, device=device)
         result["few_shot"] = {"way": fs.way, "shot": fs.shot, "query": fs.query,
                               "episodes": fs.episodes, "mean": fs.mean, "ci95": fs.ci95,
                               "seconds": round(fs.seconds, 3)}
     if cfg.knn_k:
         result["knn"] = {"k": cfg.knn_k, "top1": knn_accuracy(tr.x, tr.y, te.x, te.y,
-                                                              k=cfg.knn_k)}
+                                                              k=cfg.knn_k, device=device)}
     return result
 
 

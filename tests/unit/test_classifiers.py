@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedShuffleSplit, train_test_split
 
 from stablerep.errors import InputError
 from stablerep.evaluation.classifiers import (
@@ -21,6 +21,7 @@ from stablerep.evaluation.classifiers import (
     few_shot,
     fit_logistic,
     knn_accuracy,
+    knn_predict,
     linear_probe,
     sample_episodes,
     stratified_split,
@@ -87,6 +88,24 @@ def test_solver_agrees_with_sklearn(digits):
                                    atol=1e-2)
         ours = (b @ w.T + bias).argmax(1)
         assert (ours == yte).mean() == (sk.predict(b) == yte).mean()
+
+
+def test_stratified_split_is_sklearns_and_keeps_singletons_in_fit():
+    y = np.repeat(np.arange(4), [40, 25, 12, 1])
+    fit, held = stratified_split(y, 0.2, seed=3)
+    pool = np.flatnonzero(y != 3)
+    sk_fit, sk_held = next(StratifiedShuffleSplit(1, test_size=0.2, random_state=3)
+                           .split(pool, y[pool]))
+    assert held.tolist() == sorted(pool[sk_held].tolist())
+    assert fit.tolist() == sorted([*pool[sk_fit].tolist(), 77])
+    assert stratified_split(y, 0.2, seed=3)[1].tolist() == held.tolist()  # seeded
+    assert stratified_split(y, 0.2, seed=4)[1].tolist() != held.tolist()
+
+
+def test_stratified_split_too_small_to_hold_out_one_per_class():
+    y = np.repeat(np.arange(10), 2)  # 20 samples: 4 held out cannot cover 10 classes
+    fit, held = stratified_split(y, 0.2, seed=0)
+    assert fit.tolist() == list(range(20)) and held.tolist() == []
 
 
 def test_stratified_split_holds_out_each_class():
@@ -213,6 +232,14 @@ def test_knn_equals_brute_force(k, t):
     train_y, test_y = rng.integers(0, 4, 60), rng.integers(0, 4, 25)
     ours = knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=t, max_elements=100)
     assert ours == brute_force_knn(train_x, train_y, test_x, test_y, k, t)
+
+
+def test_knn_predict_on_tensors_matches_knn_accuracy(digits):
+    xtr, ytr, xte, yte = digits
+    pred = knn_predict(torch.from_numpy(xtr).float(), torch.from_numpy(ytr),
+                       torch.from_numpy(xte).float(), classes=10, k=20, max_elements=5000)
+    assert pred.dtype == torch.int64 and pred.shape == (len(yte),)
+    assert (pred.numpy() == yte).mean() == knn_accuracy(xtr, ytr, xte, yte, k=20)
 
 
 def test_knn_bad_input():

@@ -296,3 +296,170 @@ def test_feature_cache_round_trip(tmp_path: Path):
     assert Path(uri).is_file() and load_cached(str(tmp_path / "missing.npz")) is None
     other = cache_uri(str(tmp_path), backbone, "imagefolder:gs://b/x y", "train", 48)
     assert other != uri  # another input size is another cache entry
+
+
+# ---------------------------------------------------------------------- splits and devices
+
+
+def test_seeded_split_half_is_stratified_and_seeded():
+    from stablerep.evaluation.datasets import seeded_split
+
+    labels = np.repeat(np.arange(5), [10, 20, 7, 4, 9])
+    train, test = seeded_split(labels, per_class=None, seed=0)
+    assert sorted([*train, *test]) == list(range(len(labels)))
+    assert np.all(np.abs(np.bincount(labels[train]) - np.bincount(labels) / 2) <= 1)
+    again = seeded_split(labels, per_class=None, seed=0)
+    assert np.array_equal(again[0], train)
+    assert not np.array_equal(seeded_split(labels, per_class=None, seed=1)[0], train)
+
+
+def test_seeded_split_per_class_keeps_some_to_test():
+    from stablerep.evaluation.datasets import seeded_split
+
+    labels = np.repeat(np.arange(3), [40, 31, 5])
+    train, test = seeded_split(labels, per_class=30, seed=0)
+    assert np.bincount(labels[train]).tolist() == [30, 30, 4]
+    assert np.bincount(labels[test]).tolist() == [10, 1, 1]
+    assert set(train).isdisjoint(test)
+
+
+def test_every_classifier_runs_on_the_eval_device(monkeypatch):
+    from stablerep.config import EvalConfig
+    from stablerep.evaluation import classifiers, stage
+    from stablerep.evaluation.features import Features
+
+    seen = {}
+
+    def spy(name, fn):
+        def run(*args, **kwargs):
+            seen[name] = kwargs["device"]
+            return fn(*args, **{**kwargs, "device": "cpu"})
+        monkeypatch.setattr(classifiers, name, run)
+
+    for name in ("linear_probe", "few_shot", "knn_accuracy"):
+        spy(name, getattr(classifiers, name))
+    rng = np.random.default_rng(0)
+    tr = Features(rng.normal(size=(60, 4)).astype(np.float32), np.arange(60) % 3, 0, False)
+    te = Features(rng.normal(size=(60, 4)).astype(np.float32), np.arange(60) % 3, 0, False)
+    cfg = EvalConfig(probe_num_c=3, few_shot_way=3, few_shot_shot=2, few_shot_query=3,
+                     few_shot_episodes=4, knn_k=5)
+    result = stage._classify(tr, te, cfg, "cuda:7")
+    assert seen == {"linear_probe": "cuda:7", "few_shot": "cuda:7", "knn_accuracy": "cuda:7"}
+    assert set(result) == {"linear_probe", "few_shot", "knn"}
+
+
+# ------------------------------------------------------------------- data sets in the cache
+
+
+def _cache(root: Path, names: list[str]) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "data.bin").write_bytes(b"x")
+    return root
+
+
+def test_check_available_names_every_missing_set_and_how_to_provide_it(tmp_path: Path):
+    from stablerep.evaluation.datasets import check_available
+
+    cache = _cache(tmp_path / "cache", ["CIFAR10"])
+    (cache / "DTD").mkdir()  # an empty folder is not a data set
+    specs = ["torchvision:CIFAR10", "torchvision:DTD", "torchvision:ImageNet",
+             f"imagefolder:{tmp_path / 'nope'}", "sklearn:digits"]
+    with pytest.raises(InputError) as err:
+        check_available(specs, data_cache=str(cache))
+    text = str(err.value)
+    assert text.startswith(f"eval.datasets: torchvision:DTD, torchvision:ImageNet, "
+                           f"imagefolder:{tmp_path / 'nope'} not found")
+    assert str(cache) in text and "eval.data_cache" in text and "eval.download=true" in text
+    assert "\n" not in text and "CIFAR10," not in text
+    check_available(specs[:1] + specs[-1:], data_cache=str(cache))  # all there: no error
+
+
+def test_check_available_with_download_still_needs_imagenet(tmp_path: Path):
+    from stablerep.evaluation.datasets import check_available
+
+    check_available(["torchvision:CIFAR100"], data_cache=str(tmp_path), download=True)
+    with pytest.raises(InputError, match="torchvision:ImageNet not found"):
+        check_available(["torchvision:ImageNet", "torchvision:CIFAR100"],
+                        data_cache=str(tmp_path), download=True)
+
+
+def test_check_available_default_cache_and_imagefolder(tmp_path: Path, monkeypatch):
+    from stablerep.evaluation.datasets import check_available
+
+    monkeypatch.setenv("STABLEREP_CACHE", str(tmp_path / "c"))
+    _cache(tmp_path / "c" / "datasets", ["Food101"])
+    root = _folder(tmp_path / "f", {"train": {"a": 1, "b": 1}, "test": {"a": 1, "b": 1}})
+    check_available(["torchvision:Food101", f"imagefolder:{root}"])
+    with pytest.raises(InputError, match=str(tmp_path / "c" / "datasets")):
+        check_available(["torchvision:Flowers102"])
+
+
+@pytest.mark.parametrize("recipe", ["cc3m", "cc12m", "redcaps", "cc12m_plus", "laion10m",
+                                    "cc12m_simclr", "cc12m_clip"])
+def test_paper_recipes_probe_imagenet_and_the_fine_grained_sets(recipe):
+    from stablerep.config import load_config
+    from stablerep.evaluation.datasets import check_names
+
+    datasets = load_config(recipe).eval.datasets
+    check_names(datasets)
+    assert datasets[0] == "torchvision:ImageNet" and len(datasets) == 11
+    assert "sklearn:digits" not in datasets
+
+
+def test_paper_recipe_without_its_data_fails_in_the_pipelines_validate(tmp_path, monkeypatch):
+    from stablerep import pipeline
+
+    monkeypatch.setenv("STABLEREP_CACHE", str(tmp_path))
+    with pytest.raises(InputError) as err:
+        pipeline.validate({"recipe": "cc3m"}, local=False)
+    assert "torchvision:ImageNet, torchvision:CIFAR10" in str(err.value)
+    _cache(tmp_path / "datasets", list(pipeline.PAPER_EVAL_SETS))
+    cfg, _ = pipeline.validate({"recipe": "cc3m"}, local=False)
+    assert cfg.eval.datasets == [f"torchvision:{n}" for n in pipeline.PAPER_EVAL_SETS]
+
+
+def test_torchvision_sun397_reader_on_a_tiny_copy(tmp_path: Path):
+    """torchvision's SUN397 layout: the documented stratified half split, readable images."""
+    from stablerep.evaluation.datasets import check_available
+
+    data = tmp_path / "cache" / "SUN397" / "SUN397"  # <data_cache>/<Name>/, torchvision's root
+    classes = {"/a/abbey": 4, "/b/beach": 6}
+    data.mkdir(parents=True)
+    (data / "ClassName.txt").write_text("".join(f"{c}\n" for c in classes))
+    for c, (name, count) in enumerate(classes.items()):
+        folder = data / name.strip("/")
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (10, 10), (90 * c, 20 * i, 9)).save(folder / f"sun_{c}{i}.jpg")
+    cache = str(tmp_path / "cache")
+    check_available(["torchvision:SUN397"], data_cache=cache)
+    ds = load_dataset("torchvision:SUN397", data_cache=cache, seed=0)
+    assert ds.classes == ["abbey", "beach"]
+    assert np.bincount(ds.train.labels).tolist() == [2, 3]
+    assert np.bincount(ds.test.labels).tolist() == [2, 3]
+    image, label = ds.test[0]
+    assert image.mode == "RGB" and image.size == (10, 10) and label == ds.test.labels[0]
+    again = load_dataset("torchvision:SUN397", data_cache=cache, seed=0)
+    assert np.array_equal(again.train.labels, ds.train.labels)
+
+
+def test_torchvision_caltech101_reader_on_a_tiny_copy(tmp_path: Path):
+    """30 images per class to train, the rest to test; a failed read leaves no false copy."""
+    from stablerep.evaluation.datasets import check_available
+
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match="torchvision:Caltech101: not found"):
+        load_dataset("torchvision:Caltech101", data_cache=str(cache))
+    with pytest.raises(InputError, match="torchvision:Caltech101 not found"):
+        check_available(["torchvision:Caltech101"], data_cache=str(cache))  # folders, no file
+    cats = cache / "Caltech101" / "caltech101" / "101_ObjectCategories"
+    for name, count in (("BACKGROUND_Google", 2), ("accordion", 33), ("anchor", 3)):
+        (cats / name).mkdir(parents=True)
+        for i in range(1, count + 1):
+            Image.new("RGB", (8, 8), (7 * i, 0, 0)).save(cats / name / f"image_{i:04d}.jpg")
+    check_available(["torchvision:Caltech101"], data_cache=str(cache))
+    ds = load_dataset("torchvision:Caltech101", data_cache=str(cache), seed=0)
+    assert np.bincount(ds.train.labels).tolist() == [30, 2]
+    assert np.bincount(ds.test.labels).tolist() == [3, 1]
+    assert ds.train[0][0].size == (8, 8)
