@@ -145,9 +145,12 @@ class CaptionBatches(IterableDataset):
         st = ShardStats(ref.uri)
         if reports:
             stats.append(st)
-        sha256 = ref.sha256 if self.cfg.verify_shards else None
+        verify = self.cfg.verify_shards
         yield from iter_caption_groups(ref.uri, max_errors=self.cfg.max_sample_errors,
-                                       stats=st, sha256=sha256, log_skips=reports)
+                                       stats=st, sha256=ref.sha256 if verify else None,
+                                       log_skips=reports, record=ref.record,
+                                       expect=(ref.num_samples, ref.num_captions)
+                                       if verify else None)
 
     def _fill_cache(self) -> None:
         """Read shards into memory while they fit in ``train.cache_mb`` (once, in the main
