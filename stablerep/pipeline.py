@@ -419,12 +419,40 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[C
     if values["workers"] > cfg.captions.num_shards:
         raise ConfigError(f"parameter workers: got {values['workers']}, expected at most the "
                           f"{cfg.captions.num_shards} caption shards (parameter shards)")
+    _check_model(cfg)
     check_backend(values["train_backend"], local=not _in_cluster() if local is None else local)
     if values["train_backend"] != "local":
         check_job(cluster_config(values), values["cluster_recipe"])
     elif values["cluster_recipe"]:
         recipe_cluster(values["cluster_recipe"])  # read and checked even when unused
     return cfg, stage_overrides(values)
+
+
+def _check_model(cfg: Config) -> None:
+    """A model given as a folder or URI must hold a diffusers pipeline (model_index.json)."""
+    from stablerep import storage
+    from stablerep.generation.backends import HUB_ID
+
+    model = cfg.generate.model
+    if cfg.generate.backend != "diffusers":
+        return
+    if storage.is_local(model) and not storage.local_path(model).exists() \
+            and HUB_ID.match(model):
+        return  # a hub id: the stage_model step downloads it
+    if not storage.exists(storage.join(model, "model_index.json")):
+        raise ConfigError(f"parameter model: got {model!r}, expected a hub id or a folder "
+                          "holding a diffusers pipeline (no model_index.json there)")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A step's bad input ends it with one line on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except StablerepError as e:
+        sys.stdout.flush()
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def validate_step(params: Mapping[str, Any]) -> list[str]:
@@ -484,9 +512,10 @@ def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *, work
     from stablerep.stages import run_captions
 
     cfg = stage_config(data_root, recipe, overrides)
-    check_workers(0, workers, cfg.captions.num_shards)  # before any caption is written
-    result = run_captions(cfg)
-    check_workers(0, workers, result.num_shards)
+    with user_errors():
+        check_workers(0, workers, cfg.captions.num_shards)  # before any caption is written
+        result = run_captions(cfg)
+        check_workers(0, workers, result.num_shards)
     write_dataset(dataset, {"uri": result.uri, "manifest": result.manifest,
                             "count": result.count, "num_shards": result.num_shards,
                             "workers": workers})
@@ -506,7 +535,8 @@ def model_step(data_root: str, recipe: str, overrides: Sequence[str]) -> str:
     """
     from stablerep.stages import run_stage_model
 
-    return run_stage_model(stage_config(data_root, recipe, overrides))
+    with user_errors():
+        return run_stage_model(stage_config(data_root, recipe, overrides))
 
 
 def generate_step(params: Mapping[str, Any], *, worker: int, workers: int,
@@ -525,7 +555,8 @@ def generate_step(params: Mapping[str, Any], *, worker: int, workers: int,
     from stablerep.stages import run_generate
 
     cfg = stage_config(params["data_root"], params["recipe"], stage_overrides(params))
-    result = run_generate(cfg, worker=(worker, workers), staged_model=True)
+    with user_errors():
+        result = run_generate(cfg, worker=(worker, workers), staged_model=True)
     write_dataset(dataset, {"uri": result.uri, "worker": worker, "workers": workers,
                             "images": result.images, "shards_written": result.shards_written,
                             "shards_skipped": result.shards_skipped,
@@ -546,7 +577,8 @@ def manifest_step(data_root: str, recipe: str, overrides: Sequence[str], *,
     from stablerep import storage
     from stablerep.stages import run_images_manifest
 
-    uri = run_images_manifest(stage_config(data_root, recipe, overrides))
+    with user_errors():
+        uri = run_images_manifest(stage_config(data_root, recipe, overrides))
     doc = storage.read_json(uri)
     write_dataset(dataset, {"uri": uri.rsplit("/", 1)[0], "manifest": uri,
                             "num_shards": doc["num_shards"], "num_samples": doc["num_samples"],
