@@ -253,3 +253,63 @@ def test_stage_model_refuses_a_folder_without_model_index(root, tiny_sd):
     with pytest.raises(InputError, match=r"stablerep-model.json: missing; the run's copy"):
         stages.run_generate(missing, worker=(0, 1), staged_model=True)
     assert not storage.exists(f"{root}/images/shard-000000.json")
+
+
+def _png(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (value % 256, 7, 9)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _train_shards(root: str, shards: int, captions: int, m: int = 2) -> str:
+    """``shards`` verified shards of ``captions`` captions x ``m`` decodable images."""
+    folder = f"{root}/images"
+    cid = 0
+    for i in range(shards):
+        with storage.atomic_write(f"{folder}/{contracts.shard_tar_name(i)}") as w:
+            writer = contracts.TarShardWriter(w.file)
+            for _ in range(captions):
+                for j in range(m):
+                    writer.write(contracts.sample_key(cid, j), contracts.sample_members(
+                        _png(cid * m + j), "png", f"caption {cid}", {}))
+                cid += 1
+            writer.close()
+        contracts.write_shard_record(folder, i, {
+            "tar": contracts.shard_tar_name(i), "num_captions": captions,
+            "num_samples": captions * m, "images_per_caption": m, "sha256": w.sha256})
+    return folder
+
+
+def test_resume_skips_whole_shards_by_count_without_reading_them(root, counter):
+    """A mid-epoch resume gives the same batches and opens only the shards still needed."""
+    import torch
+
+    from stablerep.config import TrainConfig
+    from stablerep.data.loader import CaptionBatches, Layout
+
+    refs = discover([_train_shards(root, 24, 3)])
+    cfg = TrainConfig(model="vit_tiny", image_size=16, captions_per_batch=4,
+                      images_per_caption=2, num_workers=0, shuffle_buffer=2, seed=5,
+                      augmentation="none")
+    layout = Layout.create(cfg, refs, 1)
+
+    def batches(skip: int) -> tuple[list, int]:
+        ds = CaptionBatches(refs, cfg, layout, rank=0, world_size=1)
+        ds.set_epoch(0, skip)
+        counter.reset()
+        out = list(ds)
+        return out, counter.calls["open"]
+
+    full, opened_full = batches(0)
+    skip = 12  # of 18 micro-batches: 48 of 72 captions used before the restart
+    resumed, opened = batches(skip)
+    assert [b.index for b in resumed] == list(range(skip, len(full)))
+    for a, b in zip(full[skip:], resumed, strict=True):
+        assert torch.equal(a.caption_ids, b.caption_ids) and torch.equal(a.images, b.images)
+    print(f"\nshard reads: whole epoch {opened_full}, resumed at batch {skip} of {len(full)}: "
+          f"{opened}")
+    assert opened_full == 24 and opened <= 24 - 15  # at least 15 of the 16 used shards skipped
