@@ -108,8 +108,8 @@ def stage_model(cfg: GenerateConfig, data_root: str) -> str:
     if record is not None and record.get("source") == model_id(cfg):
         return location
     folder = _source_folder(cfg)
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not p.name.startswith(".") and "/.cache/" not in p.as_posix())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))  # no hub .cache/
     for path in files:
         rel = path.relative_to(folder).as_posix()
         with path.open("rb") as src, storage.atomic_write(storage.join(location, rel)) as w:

@@ -313,3 +313,16 @@ def test_resume_skips_whole_shards_by_count_without_reading_them(root, counter):
     print(f"\nshard reads: whole epoch {opened_full}, resumed at batch {skip} of {len(full)}: "
           f"{opened}")
     assert opened_full == 24 and opened <= 24 - 15  # at least 15 of the 16 used shards skipped
+
+
+def test_tiny_backend_is_staged_whole_from_a_hidden_cache(root, tmp_path):
+    """The tiny pipeline lives under a cache folder (often ~/.cache): every file is copied."""
+    cfg = load_config("demo_sd", [f"generate.tiny_cache={tmp_path / '.cache' / 'm'}"],
+                      require=("generate",), data_root=root)
+    location = stages.run_stage_model(cfg)
+    record = storage.read_json(f"{location}/stablerep-model.json")
+    assert record["source"] == "stablerep/tiny-sd"
+    assert {"model_index.json", "unet/config.json", "vae/config.json",
+            "tokenizer/vocab.json"} <= set(record["files"])
+    for name in record["files"]:
+        assert storage.exists(f"{location}/{name}"), name
