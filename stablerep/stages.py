@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stablerep import storage
-from stablerep.config import Config, TrainConfig, dump_yaml
+from stablerep.config import Config, GenerateConfig, TrainConfig, dump_yaml
 from stablerep.errors import ConfigError
 
 if TYPE_CHECKING:  # torch & co. load only when training runs
@@ -184,7 +184,7 @@ def run_generate(cfg: Config, *, shard: int | None = None,
     Raises:
         ConfigError / InputError: bad input (a shard out of range, missing captions ...).
     """
-    from stablerep.generation.backends import create_backend
+    from stablerep.generation.backends import Backend, create_backend
     from stablerep.generation.models import staged_model_path
     from stablerep.generation.runner import generate
 
@@ -194,11 +194,11 @@ def run_generate(cfg: Config, *, shard: int | None = None,
     captions, target = generate_inputs(cfg)
     check_outputs((_where(gen.out, "generate.out"), target), ("generate.tiny_cache",
                                                                gen.tiny_cache))
-    factory = create_backend
-    if staged_model:
-        def factory(c):  # noqa: ANN001, ANN202 - the runner's backend factory
-            return create_backend(c, staged_model_path(c, cfg.data_root))
-    results = generate(gen, captions=captions, out=target, backend_factory=factory,
+    def staged(c: GenerateConfig) -> Backend:  # loads the run's copy of the model
+        return create_backend(c, staged_model_path(c, cfg.data_root))
+
+    results = generate(gen, captions=captions, out=target,
+                       backend_factory=staged if staged_model else create_backend,
                        worker=worker)
     made = [r for r in results if not r.skipped]
     images = sum(r.samples for r in made)

@@ -88,7 +88,8 @@ def _record(location: str) -> dict[str, Any] | None:
     uri = storage.join(location, MODEL_RECORD)
     if not storage.exists(uri):
         return None
-    return storage.read_json(uri, what="the model record that the pipeline's model step writes")
+    return storage.read_json(uri, expect=dict,
+                             what="the model record that the pipeline's model step writes")
 
 
 def stage_model(cfg: GenerateConfig, data_root: str) -> str:
