@@ -225,7 +225,9 @@ class ShardJob:
 
     def __init__(self, run: GenerationRun, index: int):
         self.run, self.index, self.cfg = run, index, run.cfg
-        table = run.manifest.read_shard(index)
+        table = run.tables.pop(index, None)
+        if table is None:
+            table = run.manifest.read_shard(index)
         self.captions = list(zip(table.column("caption_id").to_pylist(),
                                  table.column("caption").to_pylist(), strict=True))
         m = self.cfg.images_per_caption
@@ -356,6 +358,7 @@ class GenerationRun:
         self.manifest = load_captions_manifest(captions_uri)
         self.fingerprint = output_fingerprint(cfg, self.manifest)
         self.batch_size = cfg.batch_size
+        self.tables: dict[int, Any] = {}  # captions parts checked and not drawn yet
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
         self.encoder: cf.ThreadPoolExecutor
@@ -448,7 +451,7 @@ class GenerationRun:
         selected = set(indices)
         for i, info in enumerate(self.manifest.shards):
             if i in selected:
-                self.manifest.read_shard(i)
+                self.tables[i] = self.manifest.read_shard(i)  # read once: kept for the draw
                 continue
             if not others:
                 continue
@@ -476,6 +479,7 @@ class GenerationRun:
         for i in indices:
             if self.is_done(i):
                 results[i] = ShardResult(i, skipped=True)
+                self.tables.pop(i, None)
             else:
                 todo.append(i)
         if len(todo) < len(indices):

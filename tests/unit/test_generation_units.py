@@ -66,7 +66,7 @@ def _stub_run(captions: list[tuple[int, str]], splits: list[int], cfg: GenerateC
                                "caption": [t for _, t in rows]}))
         start += n
     manifest = SimpleNamespace(read_shard=lambda i: parts[i], num_shards=len(parts))
-    return SimpleNamespace(cfg=cfg, manifest=manifest)
+    return SimpleNamespace(cfg=cfg, manifest=manifest, tables={})
 
 
 @pytest.mark.parametrize("splits", [[12], [4, 4, 4], [5, 7], [1, 1, 10]])
