@@ -430,18 +430,12 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None) -> tuple[C
 
 def _check_model(cfg: Config) -> None:
     """A model given as a folder or URI must hold a diffusers pipeline (model_index.json)."""
-    from stablerep import storage
-    from stablerep.generation.backends import HUB_ID
+    from stablerep.stages import check_model_source
 
-    model = cfg.generate.model
-    if cfg.generate.backend != "diffusers":
-        return
-    if storage.is_local(model) and not storage.local_path(model).exists() \
-            and HUB_ID.match(model):
-        return  # a hub id: the stage_model step downloads it
-    if not storage.exists(storage.join(model, "model_index.json")):
-        raise ConfigError(f"parameter model: got {model!r}, expected a hub id or a folder "
-                          "holding a diffusers pipeline (no model_index.json there)")
+    try:
+        check_model_source(cfg)
+    except ConfigError as e:
+        raise _name_parameter(e) from None
 
 
 @contextlib.contextmanager
@@ -508,8 +502,7 @@ def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *, work
         ``[0, ..., workers - 1]``: the generation loop's items (one task each, whatever the
         number of shards).
     """
-    from stablerep.generation.runner import check_workers
-    from stablerep.stages import run_captions
+    from stablerep.stages import check_workers, run_captions
 
     cfg = stage_config(data_root, recipe, overrides)
     with user_errors():

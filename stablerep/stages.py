@@ -209,6 +209,20 @@ def run_generate(cfg: Config, *, shard: int | None = None,
                           failed_captions=sum(len(r.failed) for r in made))
 
 
+def check_workers(worker: int, workers: int, num_shards: int) -> None:
+    """A pipeline worker partition of ``num_shards`` (see the generation runner)."""
+    from stablerep.generation.runner import check_workers as check
+
+    check(worker, workers, num_shards)
+
+
+def check_model_source(cfg: Config) -> None:
+    """The generation model, when a folder or URI, holds model_index.json (a ConfigError)."""
+    from stablerep.generation.models import check_model_source as check
+
+    check(_section(cfg, "generate"))
+
+
 def run_stage_model(cfg: Config) -> str:
     """Copy the text-to-image model once into the run (see :mod:`stablerep.generation.models`).
 

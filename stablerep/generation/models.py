@@ -20,7 +20,7 @@ from typing import Any
 
 from stablerep import storage
 from stablerep.config import GenerateConfig
-from stablerep.errors import InputError
+from stablerep.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,25 @@ def model_location(cfg: GenerateConfig, data_root: str) -> str:
     """The run-level folder of the model: ``<model_store or data_root/models>/<slug>``."""
     root = cfg.model_store or storage.join(data_root, MODELS_DIR)
     return storage.join(root, model_slug(cfg))
+
+
+def check_model_source(cfg: GenerateConfig) -> None:
+    """A model folder or URI must hold ``model_index.json`` (one request; hub ids pass).
+
+    Raises:
+        ConfigError: naming ``generate.model``.
+    """
+    from stablerep.generation.backends import HUB_ID
+
+    model = cfg.model
+    if cfg.backend != "diffusers":
+        return
+    if storage.is_local(model) and not storage.local_path(model).exists() \
+            and HUB_ID.match(model):
+        return  # a hub id: the stage_model step downloads it
+    if not storage.exists(storage.join(model, "model_index.json")):
+        raise ConfigError(f"generate.model: got {model!r}, expected a hub id or a folder "
+                          "holding a diffusers pipeline (no model_index.json there)")
 
 
 def _source_folder(cfg: GenerateConfig) -> Path:
