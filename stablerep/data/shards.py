@@ -37,6 +37,7 @@ from stablerep.contracts import (
     check_complete,
     finished_shards,
     images_manifest_refs,
+    is_shard_json,
     shard_ref_of,
     split_member,
 )
@@ -126,6 +127,23 @@ class _HashingReader:
         return self.digest.hexdigest()
 
 
+def _rest_hashed(reader: _HashingReader) -> str:
+    """The digest of the whole stream after a parse error (the rest read and hashed)."""
+    try:
+        return reader.drain()
+    except OSError:
+        return ""
+
+
+def _check_sha256(uri: str, got: str, sha256: str, record: str) -> None:
+    if got == sha256:
+        return
+    where = "its json" if not record or is_shard_json(record) else f"its json and in {record}"
+    raise ShardError(f"{uri}: sha256 {got[:16]}... does not match {sha256[:16]}... recorded "
+                     f"in {where}: the shard is corrupt or was replaced; generate it again "
+                     "(or train with --no-verify)")
+
+
 @contextlib.contextmanager
 def _open(uri: str, record: str) -> Iterator[io.BufferedIOBase]:
     """``storage.open_read(uri)``; a missing shard names the json that lists it."""
@@ -142,10 +160,10 @@ def _samples(uri: str, stats: ShardStats, sha256: str | None, log_skips: bool,
              record: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample, in tar order; with ``sha256``, the hash is checked
     after the last sample (the caller holds the samples back until then)."""
-    key, members = None, {}
-    try:
-        with _open(uri, record) as raw:
-            reader = _HashingReader(raw)
+    key, members, got = None, {}, None
+    with _open(uri, record) as raw:
+        reader = _HashingReader(raw)
+        try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for info in tar:
                     if not info.isfile():
@@ -165,14 +183,15 @@ def _samples(uri: str, stats: ShardStats, sha256: str | None, log_skips: bool,
                         key, members = k, {}
                     members[ext] = data
             got = reader.drain() if sha256 is not None else None
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, storage.StorageError):
-            raise
-        raise ShardError(f"{uri}: not a readable tar shard ({type(e).__name__}: {e})") from None
-    if got is not None and got != sha256:
-        raise ShardError(f"{uri}: sha256 {got[:16]}... does not match {sha256[:16]}... "
-                         f"recorded in {record or 'its json'}: the shard is corrupt or was "
-                         "replaced; generate it again (or train with --no-verify)")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            if isinstance(e, storage.StorageError):
+                raise
+            if sha256 is not None:  # other bytes than the recorded ones: say that first
+                _check_sha256(uri, _rest_hashed(reader), sha256, record)
+            raise ShardError(f"{uri}: not a readable tar shard ({type(e).__name__}: {e})"
+                             ) from None
+    if got is not None:
+        _check_sha256(uri, got, sha256, record)
     if key is not None:
         yield key, members
 
@@ -221,8 +240,9 @@ def iter_caption_groups(uri: str, *, max_errors: int = 10, stats: ShardStats | N
         return
     stats = stats or ShardStats(uri)
     held = list(_groups(uri, max_errors, stats, sha256, log_skips, record))  # verified first
-    if expect is not None and (stats.samples, len(held)) != tuple(expect):
-        raise ShardError(f"{uri}: holds {stats.samples} samples of {len(held)} captions; "
+    samples = sum(len(g.keys) for g in held)  # usable ones, as the json counts them
+    if expect is not None and (samples, len(held)) != tuple(expect):
+        raise ShardError(f"{uri}: holds {samples} samples of {len(held)} captions; "
                          f"{record or 'its json'} says {expect[0]} of {expect[1]}")
     yield from held
 
