@@ -6,6 +6,15 @@ is pip-installed when a step starts. Outputs are small artifacts only: Dataset m
 points at the data_root URIs, Metrics, and the report as HTML and Markdown.
 """
 
-from components.stages import captions, evaluate, generate_shard, train, validate
+from components.stages import (
+    captions,
+    evaluate,
+    generate_shards,
+    images_manifest,
+    stage_model,
+    train,
+    validate,
+)
 
-__all__ = ["captions", "evaluate", "generate_shard", "train", "validate"]
+__all__ = ["captions", "evaluate", "generate_shards", "images_manifest", "stage_model", "train",
+           "validate"]

@@ -1,4 +1,5 @@
-"""The five components: validate (first step), captions, generate_shard, train, evaluate.
+"""The components: validate (first step), captions, stage_model, generate_shards,
+images_manifest, train, evaluate.
 
 Bodies run in a fresh interpreter (KFP serialises the function source), so every import is
 inside the body. The base image is :func:`stablerep.pipeline.component_image`, read when this
@@ -20,7 +21,7 @@ def _component(fn):
 @_component
 def validate(
     data_root: str, recipe: str, overrides: list, caption_source: str, caption_inputs: list,
-    num_captions: int, shards: int, images_per_caption: int, guidance_scale: float,
+    num_captions: int, shards: int, workers: int, images_per_caption: int, guidance_scale: float,
     scheduler: str, inference_steps: int, model: str, backbone: str, method: str,
     captions_per_batch: int, epochs: float, eval_datasets: list, train_backend: str,
     nodes: int, gpus_per_node: int, node_selector: dict, tolerations: list, image: str,
@@ -36,6 +37,7 @@ def validate(
         caption_inputs: caption file URIs.
         num_captions: captions to sample (0 = all).
         shards: caption shards.
+        workers: generation tasks.
         images_per_caption: images per caption.
         guidance_scale: classifier-free guidance scale.
         scheduler: diffusion scheduler.
@@ -67,28 +69,47 @@ def validate(
 
 
 @_component
-def captions(data_root: str, recipe: str, overrides: list, dataset: Output[Dataset]) -> list:
+def captions(data_root: str, recipe: str, overrides: list, workers: int,
+             dataset: Output[Dataset]) -> list:
     """The caption stage.
 
     Args:
         data_root: folder URI every stage writes under.
         recipe: built-in recipe name or recipe URI.
         overrides: the validated overrides.
+        workers: generation tasks.
         dataset: metadata of the captions (URI, manifest, count, shards).
 
     Returns:
-        The shard indices the generation loop fans out over.
+        The worker indices the generation loop fans out over (workers items, not shards).
     """
     from stablerep.pipeline import captions_step
 
-    return captions_step(data_root, recipe, overrides, dataset=dataset)
+    return captions_step(data_root, recipe, overrides, workers=workers, dataset=dataset)
 
 
 @_component
-def generate_shard(data_root: str, recipe: str, overrides: list, images_per_caption: int,
-                   guidance_scale: float, scheduler: str, inference_steps: int, model: str,
-                   shard: int, dataset: Output[Dataset]):
-    """Generate one caption shard's images (skipped when its shard is already committed).
+def stage_model(data_root: str, recipe: str, overrides: list) -> str:
+    """Copy the text-to-image model once into the run; every generation task loads it there.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the validated overrides.
+
+    Returns:
+        The run-level folder of the model.
+    """
+    from stablerep.pipeline import model_step
+
+    return model_step(data_root, recipe, overrides)
+
+
+@_component
+def generate_shards(data_root: str, recipe: str, overrides: list, images_per_caption: int,
+                    guidance_scale: float, scheduler: str, inference_steps: int, model: str,
+                    worker: int, workers: int, dataset: Output[Dataset]):
+    """Generate the shards of one worker: worker, worker + workers, ... (committed ones skipped).
 
     Its inputs are pipeline parameters, not the validate step's output: the local runner
     (kfp.local 2.17) gives every task output read inside a ParallelFor the loop item instead.
@@ -102,13 +123,30 @@ def generate_shard(data_root: str, recipe: str, overrides: list, images_per_capt
         scheduler: diffusion scheduler.
         inference_steps: denoising steps.
         model: text-to-image model.
-        shard: the caption shard index.
-        dataset: metadata of the shard (URI, images, rate).
+        worker: this task's index.
+        workers: generation tasks.
+        dataset: metadata of the worker's shards (URI, images, rate).
     """
     params = dict(locals())
     from stablerep.pipeline import generate_step
 
-    generate_step(params, dataset=params.pop("dataset"), shard=params.pop("shard"))
+    generate_step(params, dataset=params.pop("dataset"), worker=params.pop("worker"),
+                  workers=params.pop("workers"))
+
+
+@_component
+def images_manifest(data_root: str, recipe: str, overrides: list, dataset: Output[Dataset]):
+    """Write the images manifest once every generation task is done (the fan-in).
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the validated overrides.
+        dataset: metadata of the images (manifest URI, shards, samples).
+    """
+    from stablerep.pipeline import manifest_step
+
+    manifest_step(data_root, recipe, overrides, dataset=dataset)
 
 
 @_component

@@ -1,19 +1,31 @@
-"""The stablerep pipeline: validate -> captions -> generate (ParallelFor) -> train -> evaluate.
+"""The stablerep pipeline: validate -> captions + stage_model -> generate (ParallelFor over
+workers) -> images_manifest -> train -> evaluate.
 
 Compile it with ``make compile`` (``stablerep pipeline compile``); run it in the Kubeflow UI,
 with ``kfp run create``, ``stablerep pipeline submit``, or on this machine with
 ``stablerep pipeline run-local``. The parameters, their defaults (the paper's CC12M recipe)
 and descriptions come from :data:`stablerep.pipeline.PARAMS`.
 
-The shards meet again through data_root, not through KFP: training waits for every
-generation task and reads the committed shards (a shard exists only when its json does).
+The loop has ``workers`` items (a parameter, at most ``shards``), not one per shard: task w
+draws shards w, w + workers, ... with one model load, from the run's copy of the model that
+stage_model made. The shards meet again through data_root, not through KFP: the manifest
+step waits for every generation task, reads each shard record once and writes
+``images/manifest.json``, which training reads.
 """
 
 import os
 
 from kfp import dsl, kubernetes
 
-from components import captions, evaluate, generate_shard, train, validate
+from components import (
+    captions,
+    evaluate,
+    generate_shards,
+    images_manifest,
+    stage_model,
+    train,
+    validate,
+)
 from stablerep.pipeline import (
     DEFAULT_PARALLELISM,
     PARAMS,
@@ -59,6 +71,7 @@ def stablerep_pipeline(
     caption_inputs: list = D["caption_inputs"],
     num_captions: int = D["num_captions"],
     shards: int = D["shards"],
+    workers: int = D["workers"],
     images_per_caption: int = D["images_per_caption"],
     guidance_scale: float = D["guidance_scale"],
     scheduler: str = D["scheduler"],
@@ -85,19 +98,26 @@ def stablerep_pipeline(
     _resources(check, "1", "2Gi", timeout_s=HOUR).set_caching_options(False)
     common = dict(data_root=data_root, recipe=recipe, overrides=check.output)
 
-    caps = captions(**common).set_display_name("captions")
+    caps = captions(**common, workers=workers).set_display_name("captions")
     _resources(caps, "8", "32Gi", timeout_s=12 * HOUR)
+    weights = stage_model(**common).set_display_name("copy the model into the run")
+    _resources(weights, "4", "32Gi", timeout_s=6 * HOUR)
 
     with dsl.ParallelFor(caps.outputs["Output"], parallelism=PARALLELISM,
-                         name="shards") as shard:
-        gen = generate_shard(data_root=data_root, recipe=recipe, overrides=overrides,
-                             images_per_caption=images_per_caption,
-                             guidance_scale=guidance_scale, scheduler=scheduler,
-                             inference_steps=inference_steps, model=model, shard=shard)
-        gen.set_display_name("generate shard")
-        _resources(gen, "8", "64Gi", timeout_s=12 * HOUR, shm="8Gi")
+                         name="workers") as worker:
+        gen = generate_shards(data_root=data_root, recipe=recipe, overrides=overrides,
+                              images_per_caption=images_per_caption,
+                              guidance_scale=guidance_scale, scheduler=scheduler,
+                              inference_steps=inference_steps, model=model, worker=worker,
+                              workers=workers).after(weights)
+        gen.set_display_name("generate shards")
+        _resources(gen, "8", "64Gi", timeout_s=14 * 24 * HOUR, shm="8Gi")
         _gpus(gen, 1, node_selector, tolerations)
         gen.set_caching_options(False).set_retry(num_retries=3, backoff_duration="60s")
+
+    done = images_manifest(**common).after(gen).set_display_name("images manifest")
+    _resources(done, "2", "8Gi", timeout_s=2 * HOUR)
+    done.set_caching_options(False)
 
     job = dict(train_backend=train_backend, nodes=nodes, gpus_per_node=gpus_per_node,
                node_selector=node_selector, tolerations=tolerations, image=image,
@@ -105,12 +125,12 @@ def stablerep_pipeline(
                queue_name=queue_name, priority_class=priority_class,
                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER)
     with dsl.If(train_backend == "local", name="train-here"):
-        here = train(**common, **job).after(gen).set_display_name("train (local)")
+        here = train(**common, **job).after(done).set_display_name("train (local)")
         _resources(here, "32", "256Gi", timeout_s=14 * 24 * HOUR, shm="64Gi")
         _gpus(here, gpus_per_node, node_selector, tolerations)
         here.set_caching_options(False)
     with dsl.Else(name="train-on-cluster"):
-        launcher = train(**common, **job).after(gen).set_display_name("train (job launcher)")
+        launcher = train(**common, **job).after(done).set_display_name("train (job launcher)")
         _resources(launcher, "1", "2Gi", timeout_s=14 * 24 * HOUR)
         kubernetes.use_field_path_as_env(launcher, "POD_NAME", "metadata.name")
         kubernetes.use_field_path_as_env(launcher, "POD_UID", "metadata.uid")

@@ -259,6 +259,7 @@ class GenerateConfig:
     encode_workers: int = 4  # threads resizing/encoding images beside the GPU
     max_failures: int = 0  # captions allowed to fail per shard; -1 = any number
     tiny_cache: str = ""  # tiny backend: where the random pipeline is saved (default cache)
+    model_store: str = ""  # the run's model copies (pipeline); default <data_root>/models
     overwrite: bool = False  # replace shards made with another config under `out`
 
     def __post_init__(self) -> None:

@@ -406,6 +406,7 @@ class ShardRef:
     num_samples: int
     images_per_caption: int
     sha256: str | None = None  # of the tar, as its json records it
+    record: str = field(default="", compare=False)  # the json that lists it (for errors)
 
 
 def shard_ref(folder: str, doc_uri: str, *, verify: bool) -> ShardRef:
@@ -430,7 +431,7 @@ def shard_ref_of(folder: str, doc_uri: str, doc: Any, *, verify: bool) -> ShardR
             raise InputError(f"{doc_uri}: not a stablerep shard json: field {key}: got "
                              f"{value!r}, expected an integer >= 0")
         counts.append(value)
-    ref = ShardRef(storage.join(folder, doc["tar"]), *counts, doc.get("sha256"))
+    ref = ShardRef(storage.join(folder, doc["tar"]), *counts, doc.get("sha256"), doc_uri)
     if verify and not (isinstance(ref.sha256, str) and SHA256.fullmatch(ref.sha256)):
         raise InputError(f"{doc_uri}: field sha256: got {ref.sha256!r}, expected the tar's "
                          "sha256 as 64 hex digits (or train with --no-verify)")
@@ -476,6 +477,42 @@ def read_images_manifest(out: str) -> dict[str, Any] | None:
     if not storage.exists(uri):
         return None
     return read_json_object(uri, "JSON images manifest", writer="stablerep generate")
+
+
+def images_manifest_refs(folder: str, *, verify: bool) -> list[ShardRef] | None:
+    """The shards an images folder's ``manifest.json`` lists (one read); None without one.
+
+    Args:
+        folder: the images folder.
+        verify: require each listed shard's sha256 (checked when its tar is read).
+
+    Raises:
+        InputError: naming the manifest, when it is not an images manifest, lists no shard,
+            or its counts disagree with its own shard list.
+    """
+    uri = storage.join(folder, IMAGES_MANIFEST)
+    try:
+        doc = read_json_object(uri, "JSON images manifest", writer="stablerep generate")
+    except storage.StorageNotFound:
+        return None
+    shards, m = doc.get("shards"), doc.get("images_per_caption")
+    if doc.get("kind") != IMAGES_KIND or not isinstance(shards, list) or not shards \
+            or not isinstance(m, int):
+        raise InputError(f"{uri}: not an images manifest (expected kind {IMAGES_KIND!r}, a "
+                         "non-empty 'shards' list and 'images_per_caption')")
+    refs = [shard_ref_of(folder, uri, {**s, "images_per_caption": m} if isinstance(s, dict)
+                         else s, verify=verify) for s in shards]
+    totals = {"num_shards": len(refs), "num_samples": sum(r.num_samples for r in refs),
+              "num_captions": sum(r.num_captions for r in refs)}
+    for key, total in totals.items():
+        if doc.get(key) != total:
+            raise InputError(f"{uri}: {key} is {doc.get(key)!r} but its shards list adds up to "
+                             f"{total}; the manifest was changed (write it again with the "
+                             "pipeline's images manifest step)")
+    indices = [s.get("index") for s in shards]
+    if indices != list(range(len(shards))):
+        raise InputError(f"{uri}: shards are not listed as indices 0..{len(shards) - 1}")
+    return refs
 
 
 def write_images_manifest(out: str, records: list[dict[str, Any]], *, images_per_caption: int,

@@ -97,8 +97,10 @@ PARAMS: tuple[Param, ...] = (
           field="captions.inputs"),
     Param("num_captions", int, 0, "Captions to sample (0 = all captions of the files source).",
           field="captions.num_captions", minimum=0, zero_is_none=True),
-    Param("shards", int, 8192, "Caption shards = generation tasks.",
+    Param("shards", int, 8192, "Caption shards (one tar of images each).",
           field="captions.num_shards", minimum=1),
+    Param("workers", int, DEFAULT_PARALLELISM, "Generation tasks, one GPU each (at most "
+          "shards): task w draws shards w, w + workers, ... with one model load.", minimum=1),
     Param("images_per_caption", int, 10, "Images generated per caption (the paper: 10).",
           field="generate.images_per_caption", minimum=1),
     Param("guidance_scale", float, 2.0, "Classifier-free guidance scale (the paper: 2.0).",
@@ -393,6 +395,10 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None,
         raise ConfigError(f"parameter images_per_caption: got "
                           f"{cfg.generate.images_per_caption}, but train.images_per_caption "
                           f"reads {cfg.train.images_read_per_caption} per caption")
+    if values["workers"] > cfg.captions.num_shards:
+        raise ConfigError(f"parameter workers: got {values['workers']}, expected at most the "
+                          f"{cfg.captions.num_shards} caption shards (parameter shards)")
+    _check_model(cfg)
     check_backend(values["train_backend"], local=not _in_cluster() if local is None else local)
     if values["train_backend"] != "local":
         check_job(cluster_config(values), values["cluster_recipe"])
@@ -403,6 +409,27 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None,
 
         check_eval_data(cfg)
     return cfg, stage_overrides(values)
+
+
+def _check_model(cfg: Config) -> None:
+    """A model given as a folder or URI must hold a diffusers pipeline (model_index.json)."""
+    from stablerep.stages import check_model_source
+
+    try:
+        check_model_source(cfg)
+    except ConfigError as e:
+        raise _name_parameter(e) from None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A step's bad input ends it with one line on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except StablerepError as e:
+        sys.stdout.flush()
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def validate_step(params: Mapping[str, Any]) -> list[str]:
@@ -443,42 +470,95 @@ def log_metrics(artifact: Any, values: Mapping[str, float]) -> None:
         artifact.log_metric(name, value)
 
 
-def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *,
+def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *, workers: int,
                   dataset: Any) -> list[int]:
-    """The captions component: run the stage, describe it; returns the shard indices.
+    """The captions component: run the stage, describe it; returns the worker indices.
 
     Args:
         data_root: folder URI every stage writes under.
         recipe: built-in recipe name or recipe URI.
         overrides: the overrides the validate step returned.
+        workers: generation tasks (the ``workers`` parameter, at most the shards written).
         dataset: the KFP Dataset artifact to describe the captions with.
+
+    Returns:
+        ``[0, ..., workers - 1]``: the generation loop's items (one task each, whatever the
+        number of shards).
     """
-    from stablerep.stages import run_captions
+    from stablerep.stages import check_workers, run_captions
 
-    result = run_captions(stage_config(data_root, recipe, overrides))
+    cfg = stage_config(data_root, recipe, overrides)
+    with user_errors():
+        check_workers(0, workers, cfg.captions.num_shards)  # before any caption is written
+        result = run_captions(cfg)
+        check_workers(0, workers, result.num_shards)
     write_dataset(dataset, {"uri": result.uri, "manifest": result.manifest,
-                            "count": result.count, "num_shards": result.num_shards})
-    return list(range(result.num_shards))
+                            "count": result.count, "num_shards": result.num_shards,
+                            "workers": workers})
+    return list(range(workers))
 
 
-def generate_step(params: Mapping[str, Any], *, shard: int, dataset: Any) -> None:
-    """The generate_shard component: draw one caption shard (a committed one is skipped).
+def model_step(data_root: str, recipe: str, overrides: Sequence[str]) -> str:
+    """The stage_model component: copy the text-to-image model once into the run.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the overrides the validate step returned.
+
+    Returns:
+        The run-level folder of the model ("" when the backend has none).
+    """
+    from stablerep.stages import run_stage_model
+
+    with user_errors():
+        return run_stage_model(stage_config(data_root, recipe, overrides))
+
+
+def generate_step(params: Mapping[str, Any], *, worker: int, workers: int,
+                  dataset: Any) -> None:
+    """The generate component: draw worker ``worker``'s shards (committed ones are skipped).
+
+    The model is loaded once, from the run's copy the stage_model step made.
 
     Args:
         params: the generation's pipeline parameters (data_root, recipe, overrides and the
             generate.* ones); the recipe with them is the same config the validate step built.
-        shard: the caption shard index.
-        dataset: the KFP Dataset artifact to describe the shard with.
+        worker: this task's index (0 .. workers - 1).
+        workers: the number of generation tasks.
+        dataset: the KFP Dataset artifact to describe the worker's shards with.
     """
     from stablerep.stages import run_generate
 
     cfg = stage_config(params["data_root"], params["recipe"], stage_overrides(params))
-    result = run_generate(cfg, shard=shard)
-    write_dataset(dataset, {"uri": result.uri, "shard": shard, "images": result.images,
-                            "shards_written": result.shards_written,
+    with user_errors():
+        result = run_generate(cfg, worker=(worker, workers), staged_model=True)
+    write_dataset(dataset, {"uri": result.uri, "worker": worker, "workers": workers,
+                            "images": result.images, "shards_written": result.shards_written,
                             "shards_skipped": result.shards_skipped,
                             "images_per_s": result.images_per_s,
                             "failed_captions": result.failed_captions})
+
+
+def manifest_step(data_root: str, recipe: str, overrides: Sequence[str], *,
+                  dataset: Any) -> None:
+    """The images_manifest component: the images manifest, once every worker is done.
+
+    Args:
+        data_root: folder URI every stage writes under.
+        recipe: built-in recipe name or recipe URI.
+        overrides: the overrides the validate step returned.
+        dataset: the KFP Dataset artifact to describe the images with.
+    """
+    from stablerep import storage
+    from stablerep.stages import run_images_manifest
+
+    with user_errors():
+        uri = run_images_manifest(stage_config(data_root, recipe, overrides))
+    doc = storage.read_json(uri)
+    write_dataset(dataset, {"uri": uri.rsplit("/", 1)[0], "manifest": uri,
+                            "num_shards": doc["num_shards"], "num_samples": doc["num_samples"],
+                            "failed_captions": doc["failed_captions"]})
 
 
 def train_step(values: Mapping[str, Any], *, run_id: str, task: str, dataset: Any,
@@ -776,6 +856,7 @@ def recipe_params(recipe: str) -> dict[str, Any]:
         for part in p.field.split("."):
             node = node[part]
         out[p.name] = 0 if node is None and p.zero_is_none else node
+    out["workers"] = min(_BY_NAME["workers"].default, out["shards"])  # <= shards
     return out
 
 

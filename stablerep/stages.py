@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stablerep import cpus, storage
-from stablerep.config import Config, TrainConfig, dump_yaml
+from stablerep.config import Config, GenerateConfig, TrainConfig, dump_yaml
 from stablerep.errors import ConfigError
 
 if TYPE_CHECKING:  # torch & co. load only when training runs
@@ -167,27 +167,41 @@ def run_captions(cfg: Config) -> CaptionsResult:
                           count=manifest.count, num_shards=manifest.num_shards)
 
 
-def run_generate(cfg: Config, *, shard: int | None = None) -> GenerateResult:
-    """Draw the images of one shard, or of the shards ``cfg.generate`` selects.
+def run_generate(cfg: Config, *, shard: int | None = None,
+                 worker: tuple[int, int] | None = None,
+                 staged_model: bool = False) -> GenerateResult:
+    """Draw the images of one shard, of one worker's shards, or of what ``cfg.generate`` selects.
 
     Args:
         cfg: the whole config; its ``generate`` section is used.
         shard: one captions shard to process; None = what ``generate.shard`` /
             ``all_shards`` / ``shard_from_env`` say (none of them = every shard).
+        worker: (index, count) of a pipeline worker: shards ``index, index + count, ...``,
+            drawn with one model load.
+        staged_model: load the run's copy of the model (:func:`run_stage_model` made it)
+            instead of ``generate.model``.
 
     Raises:
         ConfigError / InputError: bad input (a shard out of range, missing captions ...).
     """
+    from stablerep.generation.backends import Backend, create_backend
+    from stablerep.generation.models import staged_model_path
     from stablerep.generation.runner import generate
 
     gen = _section(cfg, "generate")
-    if shard is not None:
+    if shard is not None or worker is not None:
         gen = dataclasses.replace(gen, shard=shard, all_shards=False, shard_from_env=False)
     captions, target = generate_inputs(cfg)
     check_outputs((_where(gen.out, "generate.out"), target), ("generate.tiny_cache",
                                                                gen.tiny_cache))
     cpus.size_threads("generate")
-    results = generate(gen, captions=captions, out=target)
+
+    def staged(c: GenerateConfig) -> Backend:  # loads the run's copy of the model
+        return create_backend(c, staged_model_path(c, cfg.data_root))
+
+    results = generate(gen, captions=captions, out=target,
+                       backend_factory=staged if staged_model else create_backend,
+                       worker=worker)
     made = [r for r in results if not r.skipped]
     images = sum(r.samples for r in made)
     seconds = sum(r.seconds for r in made)
@@ -195,6 +209,48 @@ def run_generate(cfg: Config, *, shard: int | None = None) -> GenerateResult:
                           shards_skipped=len(results) - len(made), images=images,
                           images_per_s=images / seconds if seconds else 0.0,
                           failed_captions=sum(len(r.failed) for r in made))
+
+
+def check_workers(worker: int, workers: int, num_shards: int) -> None:
+    """A pipeline worker partition of ``num_shards`` (see the generation runner)."""
+    from stablerep.generation.runner import check_workers as check
+
+    check(worker, workers, num_shards)
+
+
+def check_model_source(cfg: Config) -> None:
+    """The generation model, when a folder or URI, holds model_index.json (a ConfigError)."""
+    from stablerep.generation.models import check_model_source as check
+
+    check(_section(cfg, "generate"))
+
+
+def run_stage_model(cfg: Config) -> str:
+    """Copy the text-to-image model once into the run (see :mod:`stablerep.generation.models`).
+
+    Returns:
+        The run-level folder of the model ("" for the procedural backend, which has none).
+    """
+    from stablerep.generation.models import needs_model, stage_model
+
+    gen = _section(cfg, "generate")
+    if not needs_model(gen):
+        return ""
+    check_outputs(("generate.model_store", gen.model_store or cfg.data_root))
+    return stage_model(gen, cfg.data_root)
+
+
+def run_images_manifest(cfg: Config) -> str:
+    """Write the images manifest once every shard is drawn (the fan-in after the workers).
+
+    Returns:
+        The manifest's URI.
+    """
+    from stablerep.generation.runner import write_manifest
+
+    gen = _section(cfg, "generate")
+    captions, target = generate_inputs(cfg)
+    return write_manifest(gen, captions=captions, out=target)
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -221,7 +277,6 @@ def run_training(cfg: Config) -> TrainResult:
     tc = _section(cfg, "train")
     data, out = train_locations(cfg)
     check_outputs((_where(tc.out, "train.out"), out))
-    cpus.size_threads("train", tc.num_workers, cap_workers=False)  # workers cut the streams
     from stablerep import distributed  # torch & co. only once the config is valid
     from stablerep.training.trainer import Trainer
 
@@ -229,6 +284,8 @@ def run_training(cfg: Config) -> TrainResult:
     try:
         trainer = Trainer(tc, data=data, out=out, env=env, knn_check=knn_callback(tc, env))
         trainer.resume()  # a checkpoint of another model fails here, before config.yaml
+        # sized once every input has passed (loader workers kept: they cut the data streams)
+        cpus.size_threads("train", tc.num_workers, cap_workers=False)
         if env.is_main:
             storage.write_text(storage.join(trainer.out, STAGE_CONFIG), dump_yaml(cfg))
         started = time.perf_counter()

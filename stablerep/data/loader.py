@@ -13,7 +13,10 @@ in. A stream that runs out wraps around with a new shard order, so every rank yi
 Everything random is seeded from (seed, epoch, rank, stream) or (seed, epoch, rank, batch), so
 the batches depend on those alone. That makes resuming exact: the *data position* is (epoch,
 micro-batches done), and on restart each worker replays the stream it must continue, skipping
-the batches already used without decoding their images.
+the batches already used without decoding their images. The shuffle depends on caption counts
+alone, so a dry run over the shards' recorded counts tells which shards were wholly used
+before the resume point: those are skipped by count, without reading them (verified shards
+only, whose counts the read checks).
 
 Workers send uint8 images (decoded, cropped, flipped: 1/4 of float32's bytes in shared memory
 and pinned buffers) and each batch's ``seed``; the trainer converts, colour-augments and
@@ -138,13 +141,18 @@ class CaptionBatches(IterableDataset):
         self._fill_cache()
 
     # -- streams ------------------------------------------------------------------------
-    def _pass(self, stream: int, num_streams: int, wrap: int,
-              stats: list[ShardStats]) -> Iterator[CaptionGroup]:
+    def _pass(self, stream: int, num_streams: int, wrap: int, stats: list[ShardStats],
+              skip: frozenset = frozenset(), done: dict | None = None
+              ) -> Iterator[CaptionGroup]:
         """One pass of this stream over its captions (the shard order depends on ``wrap``).
 
         Each read of a shard appends its :class:`ShardStats` to ``stats``; when every stream
         reads every shard (fewer shards than streams) only stream 0 counts and logs what the
-        shards skip, so a sum over streams counts each skipped sample once.
+        shards skip, so a sum over streams counts each skipped sample once. A shard in
+        ``skip`` (keys ``(wrap, index)``) is not read: its recorded caption count of
+        placeholders stands in for it. With ``done`` (a dry run, see :meth:`_skippable`)
+        nothing is read: the items are ``(wrap, index)`` keys, and ``done[key]`` is set to how
+        many this stream kept once a shard is passed.
         """
         cfg, n_shards = self.cfg, len(self.shards)
         order = np.random.default_rng(_seed(cfg.seed, self.epoch, wrap, 7)).permutation(n_shards)
@@ -153,12 +161,39 @@ class CaptionBatches(IterableDataset):
         reports = by_shard or stream == 0
         position = 0
         for i in mine:
-            ref = self.shards[i]
-            for group in self._read(ref, stats, reports):
+            ref, key = self.shards[i], (wrap, int(i))
+            if done is not None or key in skip:
+                item = key if done is not None else CaptionGroup(-1, "", shard=ref.uri)
+                groups: Iterator = iter([item] * ref.num_captions)
+            else:
+                groups = self._read(ref, stats, reports)
+            kept = 0
+            for group in groups:
                 position += 1
                 if not by_shard and (position - 1) % num_streams != stream:
                     continue
+                kept += 1
                 yield group
+            if done is not None:
+                done[key] = kept
+
+    def _skippable(self, stream: int, num_streams: int, first: int, step: int) -> frozenset:
+        """The shards (``(wrap, index)``) whose captions all went to batches before the resume
+        point: a dry run of the stream over recorded caption counts, reading nothing.
+
+        Exact when each shard holds the captions its record says, which reading a verified
+        shard checks; without ``train.verify_shards`` every shard is read as before.
+        """
+        if not self.skip or not self.cfg.verify_shards:
+            return frozenset()
+        done: dict = {}
+        keys = self._shuffled(stream, num_streams, done=done)
+        taken: dict = {}
+        for _ in range(first, min(self.skip, self.layout.micro_batches_per_epoch), step):
+            for _ in range(self.layout.captions_per_micro_batch):
+                key = next(keys)
+                taken[key] = taken.get(key, 0) + 1
+        return frozenset(k for k, kept in done.items() if taken.get(k, 0) == kept)
 
     def _read(self, ref: ShardRef, stats: list[ShardStats], reports: bool
               ) -> Iterator[CaptionGroup]:
@@ -169,9 +204,12 @@ class CaptionBatches(IterableDataset):
         st = ShardStats(ref.uri)
         if reports:
             stats.append(st)
-        sha256 = ref.sha256 if self.cfg.verify_shards else None
+        verify = self.cfg.verify_shards
         yield from iter_caption_groups(ref.uri, max_errors=self.cfg.max_sample_errors,
-                                       stats=st, sha256=sha256, log_skips=reports)
+                                       stats=st, sha256=ref.sha256 if verify else None,
+                                       log_skips=reports, record=ref.record,
+                                       expect=(ref.num_samples, ref.num_captions)
+                                       if verify else None)
 
     def _fill_cache(self) -> None:
         """Read shards into memory while they fit in ``train.cache_mb`` (once, in the main
@@ -190,15 +228,21 @@ class CaptionBatches(IterableDataset):
         log.info("data: %d of %d shards held in memory (train.cache_mb=%g)", len(self._cache),
                  len(self.shards), self.cfg.cache_mb)
 
-    def _shuffled(self, stream: int, num_streams: int) -> Iterator[CaptionGroup]:
-        """This stream's captions, shuffled within each pass, endlessly (passes wrap around)."""
+    def _shuffled(self, stream: int, num_streams: int, skip: frozenset = frozenset(),
+                  done: dict | None = None) -> Iterator[CaptionGroup]:
+        """This stream's captions, shuffled within each pass, endlessly (passes wrap around).
+
+        ``skip`` and ``done`` go to :meth:`_pass`; the shuffle depends on counts alone, so a
+        dry run (``done``) moves its keys exactly as the real run moves captions.
+        """
         rng = np.random.default_rng(_seed(self.cfg.seed, self.epoch, stream, 11))
         stats: list[ShardStats] = []
-        self.shard_stats = stats  # what this stream skipped in the shards, read by _make_batch
+        if done is None:
+            self.shard_stats = stats  # what this stream skipped in the shards (_make_batch)
         for wrap in range(1 << 30):
             buffer: list[CaptionGroup] = []
             yielded = 0
-            for group in self._pass(stream, num_streams, wrap, stats):
+            for group in self._pass(stream, num_streams, wrap, stats, skip, done):
                 yielded += 1
                 if len(buffer) < self.cfg.shuffle_buffer:
                     buffer.append(group)
@@ -230,13 +274,15 @@ class CaptionBatches(IterableDataset):
             return
         original = first % workers
         stream = self.rank * workers + original
-        groups = self._shuffled(stream, self.world_size * workers)
+        num_streams = self.world_size * workers
+        skip = self._skippable(stream, num_streams, original, workers)
+        groups = self._shuffled(stream, num_streams, skip)
         self.decode_bad_samples = 0
         need = self.cfg.images_read_per_caption
         for b in range(original, layout.micro_batches_per_epoch, workers):
-            chosen = self._take(groups, need)
+            chosen = self._take(groups, need if b >= self.skip else 0)
             if b < self.skip:
-                continue  # already used before the restart: no decoding
+                continue  # used before the restart: shards wholly before it are not read
             batch = self._make_batch(b, chosen)
             batch.stream = original
             yield batch

@@ -283,8 +283,19 @@ def tiny_model_folder(cfg: GenerateConfig) -> Path:
     return save_tiny_pipeline(root / "tiny-sd", seed=0)
 
 
-def create_backend(cfg: GenerateConfig) -> Backend:
-    """The backend named by ``cfg.backend``, loaded and ready to draw."""
+def create_backend(cfg: GenerateConfig, model_path: str = "") -> Backend:
+    """The backend named by ``cfg.backend``, loaded and ready to draw.
+
+    Args:
+        cfg: the generation config.
+        model_path: a local folder with the run's copy of the model
+            (:func:`stablerep.generation.models.staged_model_path`) to load instead of
+            ``cfg.model`` / the tiny pipeline; "" = the model itself.
+    """
+    if model_path and cfg.backend != "procedural":
+        from stablerep.generation.models import model_id
+
+        return DiffusersBackend.load(cfg, model_path, model_id=model_id(cfg))
     if cfg.backend == "procedural":
         from stablerep.generation.procedural import ProceduralBackend
 

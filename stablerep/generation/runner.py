@@ -39,6 +39,7 @@ from typing import Any
 from stablerep import storage
 from stablerep.config import GenerateConfig, dump_yaml, fingerprint, to_dict
 from stablerep.contracts import (
+    IMAGES_MANIFEST,
     SHARD_JSON_KIND,
     STAGE_CONFIG,
     CaptionsManifest,
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 # Fields that change how generation runs, never what it writes.
 _RUN_ONLY_FIELDS = ("captions", "out", "batch_size", "shard", "all_shards", "shard_from_env",
                     "device", "compile", "channels_last", "encode_workers", "max_failures",
-                    "tiny_cache", "overwrite")
+                    "tiny_cache", "overwrite", "model_store")
 
 
 class GenerationError(StablerepError):
@@ -80,6 +81,25 @@ def output_fingerprint(cfg: GenerateConfig, captions: CaptionsManifest) -> str:
     data["captions_fingerprint"] = captions.config_fingerprint
     data["captions_sha256"] = [s.sha256 for s in captions.shards]
     return fingerprint(data)
+
+
+def check_workers(worker: int, workers: int, num_shards: int) -> None:
+    """A worker partition that gives every worker at least one shard.
+
+    Raises:
+        ConfigError: naming ``workers`` (< 1 or more than the shards) or ``worker``.
+    """
+    if not 1 <= workers <= num_shards:
+        raise ConfigError(f"parameter workers: got {workers}, expected 1..{num_shards} (the "
+                          f"captions have {num_shards} shards; each worker takes at least one)")
+    if not 0 <= worker < workers:
+        raise ConfigError(f"worker: got {worker}, expected 0..{workers - 1}")
+
+
+def worker_shards(worker: int, workers: int, num_shards: int) -> list[int]:
+    """The shards of generation worker ``worker`` of ``workers``: i with i % workers == worker."""
+    check_workers(worker, workers, num_shards)
+    return list(range(worker, num_shards, workers))
 
 
 def select_shards(cfg: GenerateConfig, num_shards: int) -> list[int]:
@@ -205,7 +225,9 @@ class ShardJob:
 
     def __init__(self, run: GenerationRun, index: int):
         self.run, self.index, self.cfg = run, index, run.cfg
-        table = run.manifest.read_shard(index)
+        table = run.tables.pop(index, None)
+        if table is None:
+            table = run.manifest.read_shard(index)
         self.captions = list(zip(table.column("caption_id").to_pylist(),
                                  table.column("caption").to_pylist(), strict=True))
         m = self.cfg.images_per_caption
@@ -336,6 +358,7 @@ class GenerationRun:
         self.manifest = load_captions_manifest(captions_uri)
         self.fingerprint = output_fingerprint(cfg, self.manifest)
         self.batch_size = cfg.batch_size
+        self.tables: dict[int, Any] = {}  # captions parts checked and not drawn yet
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
         self.encoder: cf.ThreadPoolExecutor
@@ -416,17 +439,21 @@ class GenerationRun:
                  self.tar_uri(job.index), job.result.samples, job.result.captions,
                  job.result.images_per_s)
 
-    def check_captions(self, indices: list[int]) -> None:
+    def check_captions(self, indices: list[int], *, others: bool = True) -> None:
         """Check the captions parts before anything is written (a bad part names itself).
 
         The parts this process draws are read in full (sha256, Parquet schema, row count);
-        every other listed part must exist with the size the manifest records, so a missing
-        or truncated part fails every pod of an Indexed Job, not only the one that owns it.
+        with ``others``, every other listed part must exist with the size the manifest
+        records, so a missing or truncated part fails every pod of an Indexed Job, not only
+        the one that owns it. A pipeline worker passes ``others=False``: each part is then
+        checked by the one worker that draws it, one read per part over the whole run.
         """
         selected = set(indices)
         for i, info in enumerate(self.manifest.shards):
             if i in selected:
-                self.manifest.read_shard(i)
+                self.tables[i] = self.manifest.read_shard(i)  # read once: kept for the draw
+                continue
+            if not others:
                 continue
             uri = self.manifest.shard_uri(i)
             try:
@@ -438,18 +465,28 @@ class GenerationRun:
                 raise InputError(f"{uri}: {got} bytes; the captions manifest says "
                                  f"{info.bytes} (the part was changed or truncated)")
 
-    def run(self, indices: list[int]) -> list[ShardResult]:
-        self.check_captions(indices)
+    def run(self, indices: list[int], *, check_others: bool = True) -> list[ShardResult]:
+        """Draw the shards ``indices`` that are not done; the manifest when they are all.
+
+        Args:
+            indices: shard indices, in order.
+            check_others: also check that the parts of other shards exist (see
+                :meth:`check_captions`).
+        """
+        self.check_captions(indices, others=check_others)
         results: dict[int, ShardResult] = {}
         todo = []
         for i in indices:
             if self.is_done(i):
                 results[i] = ShardResult(i, skipped=True)
+                self.tables.pop(i, None)
             else:
                 todo.append(i)
         if len(todo) < len(indices):
             log.info("generate: %d of %d shards already done; skipping them",
                      len(indices) - len(todo), len(indices))
+        if todo:  # a manifest of an earlier run would list shards this run replaces
+            storage.remove(storage.join(self.out, IMAGES_MANIFEST), missing_ok=True)
         with cf.ThreadPoolExecutor(self.cfg.encode_workers, "encode") as self.encoder, \
                 cf.ThreadPoolExecutor(1, "publish") as publisher:
             pending: cf.Future | None = None
@@ -462,28 +499,42 @@ class GenerationRun:
                 results[i] = job.result
             if pending is not None:
                 pending.result()
-        self.write_manifest_if_complete()
+        if sorted(indices) == list(range(self.manifest.num_shards)):
+            self.write_manifest()
         return [results[i] for i in indices]
 
-    def write_manifest_if_complete(self) -> bool:
-        """Write ``manifest.json`` (and ``config.yaml``) once every shard's json exists."""
+    def write_manifest(self) -> str:
+        """Write ``manifest.json`` (and ``config.yaml``, ``sizes.json``) of the whole folder.
+
+        Reads each shard record once (N reads); the one step that knows every shard is
+        done calls it (the pipeline's fan-in step, or a run over every shard).
+
+        Raises:
+            InputError: naming the first shard record that is missing or that was made
+                with another config.
+        """
         current = read_images_manifest(self.out)
-        if current is not None and current.get("config_fingerprint") == self.fingerprint:
-            return True  # already complete with this config
+        if current is not None and current.get("config_fingerprint") == self.fingerprint \
+                and current.get("num_shards") == self.manifest.num_shards:
+            return storage.join(self.out, IMAGES_MANIFEST)  # already written by this config
         docs = []
         for i in range(self.manifest.num_shards):
             uri = self.json_uri(i)
-            if not storage.exists(uri):
-                return False
-            docs.append(read_shard_record(uri))
-        if any(d.get("config_fingerprint") != self.fingerprint for d in docs):
-            log.warning("generate: %s holds shards of another config; no manifest written",
-                        self.out)
-            return False
+            try:
+                doc = read_shard_record(uri)
+            except storage.StorageNotFound:
+                raise InputError(f"{uri}: missing; the images manifest needs every one of "
+                                 f"the {self.manifest.num_shards} shards (generate it first: "
+                                 f"stablerep generate --shard {i})") from None
+            if doc.get("config_fingerprint") != self.fingerprint:
+                raise InputError(f"{uri}: made with another config (fingerprint "
+                                 f"{doc.get('config_fingerprint')}, now {self.fingerprint}); "
+                                 "no manifest written")
+            docs.append(doc)
         storage.write_text(storage.join(self.out, STAGE_CONFIG), dump_yaml(self.cfg))
-        write_images_manifest(self.out, docs, images_per_caption=self.cfg.images_per_caption,
-                              fingerprint=self.fingerprint, captions=self.captions_uri)
-        return True
+        return write_images_manifest(self.out, docs,
+                                     images_per_caption=self.cfg.images_per_caption,
+                                     fingerprint=self.fingerprint, captions=self.captions_uri)
 
 
 def _gpu_memory() -> dict[str, float]:
@@ -495,8 +546,8 @@ def _gpu_memory() -> dict[str, float]:
 
 
 def generate(cfg: GenerateConfig, *, captions: str, out: str,
-             backend_factory: Callable[[GenerateConfig], Backend] = create_backend
-             ) -> list[ShardResult]:
+             backend_factory: Callable[[GenerateConfig], Backend] = create_backend,
+             worker: tuple[int, int] | None = None) -> list[ShardResult]:
     """Generate the selected shards of ``captions`` into ``out``.
 
     Args:
@@ -505,11 +556,29 @@ def generate(cfg: GenerateConfig, *, captions: str, out: str,
         captions: the captions folder URI (with its manifest.json).
         out: the images folder URI.
         backend_factory: builds the text-to-image backend on first use (never, when every
-            selected shard is already done).
+            selected shard is already done); one model load for all the shards drawn.
+        worker: (index, count): draw the shards of this pipeline worker instead
+            (:func:`worker_shards`), checking only their captions parts.
 
     Returns:
         One result per selected shard, in order.
     """
     run = GenerationRun(cfg, captions, out, backend_factory)
-    indices = select_shards(cfg, run.manifest.num_shards)
-    return run.run(indices)
+    if worker is None:
+        return run.run(select_shards(cfg, run.manifest.num_shards))
+    indices = worker_shards(*worker, run.manifest.num_shards)
+    return run.run(indices, check_others=False)
+
+
+def write_manifest(cfg: GenerateConfig, *, captions: str, out: str) -> str:
+    """Write the images manifest once every shard is committed (the fan-in step).
+
+    Args:
+        cfg: the stage config the shards were drawn with.
+        captions: the captions folder URI.
+        out: the images folder URI.
+
+    Returns:
+        The manifest's URI.
+    """
+    return GenerationRun(cfg, captions, out).write_manifest()

@@ -16,7 +16,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--param", "num_captions=8", "--param", "shards=2", "--param", "images_per_caption=2",
+TINY = ["--param", "num_captions=8", "--param", "shards=2", "--param", "workers=2",
+        "--param", "images_per_caption=2",
         "--param", "inference_steps=2", "--set", "train.max_steps=2",
         "--set", "train.captions_per_batch=4", "--set", "train.checkpoint_every=2",
         "--set", "eval.few_shot_episodes=5", "--set", "eval.probe_num_c=3"]
@@ -42,6 +43,15 @@ def test_run_local_tiny_pipeline(tmp_path):
     for i in range(2):  # committed shards: tar and json
         assert (root / "images" / f"shard-{i:06d}.tar").is_file()
         assert json.loads((root / "images" / f"shard-{i:06d}.json").read_text())
+    manifest = json.loads((root / "images" / "manifest.json").read_text())  # the fan-in step
+    assert [s["tar"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    (model,) = (root / "models").iterdir()  # the run's copy of the model, loaded by each task
+    assert (model / "model_index.json").is_file() and (model / "stablerep-model.json").is_file()
+    workers = [_artifact(root, f"for-loop-1-iteration-{i}/generate-shards", "dataset")[
+        "metadata"] for i in range(2)]  # one task per worker, each drawing its own shard
+    assert [(w["worker"], w["workers"], w["shards_written"]) for w in workers] == [
+        (0, 2, 1), (1, 2, 1)]
+    assert _artifact(root, "images-manifest", "dataset")["metadata"]["num_shards"] == 2
     assert (root / "train" / "latest.json").is_file()
     assert (root / "train" / "backbone.pt").is_file()
     metrics = json.loads((root / "eval" / "metrics.json").read_text())

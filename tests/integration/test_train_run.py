@@ -654,6 +654,7 @@ def _drop_images(tar_path: Path, count: int) -> list[str]:
     doc.update(sha256=hashlib.sha256(tar_path.read_bytes()).hexdigest(),
                num_samples=doc["num_samples"] - count)
     doc_path.write_text(json.dumps(doc))
+    (tar_path.parent / "manifest.json").unlink(missing_ok=True)  # it lists the old sha256
     return keys
 
 

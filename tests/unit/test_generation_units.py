@@ -66,7 +66,7 @@ def _stub_run(captions: list[tuple[int, str]], splits: list[int], cfg: GenerateC
                                "caption": [t for _, t in rows]}))
         start += n
     manifest = SimpleNamespace(read_shard=lambda i: parts[i], num_shards=len(parts))
-    return SimpleNamespace(cfg=cfg, manifest=manifest)
+    return SimpleNamespace(cfg=cfg, manifest=manifest, tables={})
 
 
 @pytest.mark.parametrize("splits", [[12], [4, 4, 4], [5, 7], [1, 1, 10]])
@@ -332,3 +332,54 @@ def test_captions_part_row_count_and_types_are_checked(tmp_path) -> None:
     part.write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="not a readable Parquet file"):
         manifest.read_shard(0, verify=False)
+
+
+def test_worker_shards_partition_every_shard_once() -> None:
+    from stablerep.generation.runner import worker_shards
+
+    parts = [worker_shards(w, 64, 8192) for w in range(64)]
+    assert parts[0][:3] == [0, 64, 128] and parts[63][-1] == 8191
+    assert sorted(i for p in parts for i in p) == list(range(8192))
+    assert {len(p) for p in parts} == {128}
+    assert worker_shards(2, 3, 4) == [2]
+
+
+@pytest.mark.parametrize(("workers", "message"), [
+    (0, "parameter workers: got 0, expected a value >= 1"),
+    (5, "parameter workers: got 5, expected at most the 4 caption shards (parameter shards)")])
+def test_pipeline_refuses_workers_out_of_range(workers: int, message: str) -> None:
+    from stablerep.errors import ConfigError
+    from stablerep.pipeline import recipe_params, validate
+
+    params = {**recipe_params("demo"), "train_backend": "local", "workers": workers}
+    with pytest.raises(ConfigError) as e:
+        validate(params, local=True)
+    assert str(e.value) == message
+    assert recipe_params("demo")["workers"] == 4  # a recipe's default fits its shards
+    assert recipe_params("cc12m")["workers"] == 64
+
+
+def test_pipeline_refuses_a_model_folder_without_model_index(tmp_path) -> None:
+    from stablerep.errors import ConfigError
+    from stablerep.pipeline import recipe_params, validate
+
+    (tmp_path / "unet").mkdir()
+    params = {**recipe_params("demo"), "train_backend": "local", "model": str(tmp_path),
+              "overrides": ["generate.backend=diffusers"]}
+    with pytest.raises(ConfigError, match=rf"parameter model \(generate.model: got .{tmp_path}., "
+                                          "expected a hub id or a folder holding a diffusers "
+                                          "pipeline"):
+        validate(params, local=True)
+
+
+def test_run_local_bad_workers_is_one_line_exit_2(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "stablerep", "pipeline", "run-local",
+                           "--data-root", str(tmp_path / "d"), "--param", "workers=9"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("error: parameter workers: got 9, expected at most the 4 "
+                                   "caption shards (parameter shards)")
+    assert not (tmp_path / "d").exists()

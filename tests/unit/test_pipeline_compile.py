@@ -97,7 +97,7 @@ def test_kubernetes_settings_compiled_in(fresh):
         assert res["cpuRequest"] and res["cpuLimit"] and res["memoryRequest"], name
         assert platform[name]["securityContext"]["runAsNonRoot"] is True, name
         assert int(platform[name]["activeDeadlineSeconds"]) > 0, name
-    for name in ("exec-generate-shard", "exec-train", "exec-evaluate"):
+    for name in ("exec-generate-shards", "exec-train", "exec-evaluate"):
         assert executors[name]["container"]["resources"]["accelerator"]["resourceType"] == \
             "nvidia.com/gpu", name
         assert platform[name]["emptyDirMounts"][0]["mountPath"] == "/dev/shm", name
@@ -105,13 +105,59 @@ def test_kubernetes_settings_compiled_in(fresh):
     tasks = {**spec["root"]["dag"]["tasks"]}
     for comp in spec["components"].values():
         tasks.update(comp.get("dag", {}).get("tasks", {}))
-    assert tasks["generate-shard"]["retryPolicy"]["maxRetryCount"] == 3
+    assert tasks["generate-shards"]["retryPolicy"]["maxRetryCount"] == 3
     # an evicted launcher's retry attaches to the job it left running
     assert tasks["train-2"]["retryPolicy"]["maxRetryCount"] == 3
-    for name in ("generate-shard", "train", "train-2", "evaluate"):
+    for name in ("generate-shards", "images-manifest", "train", "train-2", "evaluate"):
         assert tasks[name]["cachingOptions"] == {}, name  # caching off
     assert tasks["captions"]["cachingOptions"]["enableCache"] is True
     launcher = platform["exec-train-2"]
     assert {e["name"]: e["fieldPath"] for e in launcher["fieldPathAsEnv"]} == {
         "POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
     assert "accelerator" not in executors["exec-train-2"]["container"]["resources"]
+
+
+def _tasks(spec: dict) -> dict:
+    tasks = {**spec["root"]["dag"]["tasks"]}
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_generation_fans_out_over_workers_not_shards(fresh, tmp_path, monkeypatch):
+    """The paper's 8192 shards at 64 workers: the loop iterates the captions step's output,
+    which holds one item per worker, so a run creates 64 generation tasks, not 8192."""
+    spec, _ = _docs(fresh[0])
+    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["taskInfo"]["name"] == "workers"
+    assert loop["iteratorPolicy"]["parallelismLimit"] == lib.DEFAULT_PARALLELISM
+    assert loop["parameterIterator"]["items"] == {"inputParameter":
+                                                  "pipelinechannel--captions-Output"}
+    assert loop["inputs"]["parameters"]["pipelinechannel--captions-Output"][
+        "taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "captions"}
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["generate-shards"]  # one task per loop item
+    gen = body["generate-shards"]["inputs"]["parameters"]
+    assert gen["worker"] == {"componentInputParameter":
+                             "pipelinechannel--captions-Output-loop-item"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == 8192
+    assert spec["root"]["inputDefinitions"]["parameters"]["workers"]["defaultValue"] == 64
+    # what the captions step returns for those parameters: the loop's items
+    from stablerep.pipeline import captions_step
+    from stablerep.stages import CaptionsResult
+
+    made = CaptionsResult(uri="u", manifest="m", count=10_000_000, num_shards=8192)
+    monkeypatch.setattr("stablerep.stages.run_captions", lambda cfg: made)
+
+    class Artifact:
+        path, metadata = str(tmp_path / "meta.json"), {}
+
+    items = captions_step(str(tmp_path), "cc12m", [], workers=64, dataset=Artifact())
+    print(f"shards=8192 workers=64: {len(items)} generation tasks")
+    assert items == list(range(64))
+    assert "generate-shards" not in spec["root"]["dag"]["tasks"]  # only inside the loop
+    tasks = _tasks(spec)
+    assert sorted(loop["dependentTasks"]) == ["captions", "stage-model"]  # model copied first
+    assert set(tasks["images-manifest"]["dependentTasks"]) >= {"for-loop-1"}
+    assert "images-manifest" in spec["root"]["dag"]["tasks"]["condition-branches-2"][
+        "dependentTasks"]  # training starts after the manifest is written
