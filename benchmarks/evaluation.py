@@ -292,7 +292,13 @@ def parse_args() -> argparse.Namespace:
                         "0 = the libraries' defaults. On a shared machine use 1: spinning "
                         "thread pools on busy cores make every figure noise")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args()
+    p.add_argument("--skip-few-shot", action="store_true", help="extraction and probe only")
+    p.add_argument("--smoke", action="store_true",
+                   help="toy size: 1,000 x 32 synthetic features, 5 classes, 20 episodes")
+    args = p.parse_args()
+    if args.smoke:
+        args.n, args.dim, args.classes, args.episodes, args.max_iter = 1000, 32, 5, 20, 30
+    return args
 
 
 def main() -> None:
@@ -307,7 +313,8 @@ def main() -> None:
                                    args.classes, args.separation, seed=0)
     for fs in (digits, synthetic):
         rows.append(bench_probe(fs, args, device))
-        rows.append(bench_few_shot(fs, args, device))
+        if not args.skip_few_shot:
+            rows.append(bench_few_shot(fs, args, device))
     print(f"device {device}  torch threads {torch.get_num_threads()}  "
           "baseline: plain loop (extraction), scikit-learn LogisticRegression (probe, few-shot)")
     print_table(rows)

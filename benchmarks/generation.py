@@ -107,12 +107,16 @@ def stage_configs(args: argparse.Namespace) -> list[tuple[str, bool, int]]:
     return rows
 
 
-def time_stage(master, cfg: GenerateConfig, work: Path, name: str, device: str) -> tuple[int, float]:
-    """Images and seconds of the stage (generation, JPEG encoding, shard writing)."""
-    import copy
+def time_stage(pipe, cfg: GenerateConfig, work: Path, name: str,
+               device: str) -> tuple[int, float]:
+    """Images and seconds of the stage (generation, JPEG encoding, shard writing).
 
-    backend = DiffusersBackend(cfg, copy.deepcopy(master), cfg.model)
-    warm = max(1, cfg.batch_size // cfg.images_per_caption)  # one batch: compile, allocator
+    The backend casts ``pipe`` in place (dtype, channels_last, compiled UNet): rows run in
+    the order of :func:`stage_configs`, compiled ones last.
+    """
+    backend = DiffusersBackend(cfg, pipe, cfg.model)
+    # warm-up: one caption (kernels, allocator); a whole batch when compiling (its shapes)
+    warm = max(1, cfg.batch_size // cfg.images_per_caption) if cfg.compile else 1
     make_captions(CaptionsConfig(num_captions=warm, num_shards=1), str(work / f"{name}-wcap"))
     generate(cfg, captions=str(work / f"{name}-wcap"), out=str(work / f"{name}-warm"),
              backend_factory=lambda _: backend)
@@ -121,21 +125,15 @@ def time_stage(master, cfg: GenerateConfig, work: Path, name: str, device: str) 
     results = generate(cfg, captions=str(work / "captions"), out=str(work / name),
                        backend_factory=lambda _: backend)
     sync(device)
-    seconds = time.perf_counter() - start
-    backend.pipe = None  # free the device copy before the next row
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return sum(r.samples for r in results), seconds
+    return sum(r.samples for r in results), time.perf_counter() - start
 
 
-def time_baseline(master, cfg: GenerateConfig, pairs, work: Path, device: str,
+def time_baseline(pipe, cfg: GenerateConfig, pairs, work: Path, device: str,
                   dtype) -> tuple[int, float]:
     """Images and seconds of plain diffusers called once per caption (default settings)."""
-    import copy
-
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    pipe = copy.deepcopy(master).to(device=device, dtype=dtype)
+    pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = (DDIMScheduler if cfg.scheduler == "ddim" else
                       DPMSolverMultistepScheduler).from_config(pipe.scheduler.config)
@@ -208,7 +206,7 @@ def main() -> None:
             n, t = time_stage(master, run_cfg, work, f"stage{i}", device)
             add("stage", dtype, compiled, batch, n, t)
             print(f"stage {dtype} compile={compiled} batch {batch}: {n / t:.2f} img/s",
-                  flush=True)
+                  flush=True)  # a run stopped by its time cap keeps the rows printed
     print_rows(args, device, peak, rows)
     finish(f"generation-{args.arch}-{device.split(':')[0]}",
            {"args": vars(args), "device": device, "matmul_tflops": peak,
