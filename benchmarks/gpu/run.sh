@@ -18,7 +18,7 @@
 # fails or runs out of time is recorded as such and the run goes on.
 #
 # Time caps on an H200 (seconds; the expected times are below them), 480 s = 8 min in all:
-#   wheels 40 | machine 20 | tests 140 | generation 170 | training 50 | evaluation 60
+#   wheels 30 | machine 20 | tests 130 | generation 160 | training 50 | evaluation 90
 # --smoke runs the same code paths at toy size on the CPU (no wheels; tiny SD at 64 px,
 # ViT-Ti at 32 px, a few steps; the GPU tests in STABLEREP_GPU_SMOKE mode): about 2 minutes.
 set -uo pipefail
@@ -34,11 +34,13 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 OUT="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$OUT/json"
 OUT="$(cd "$OUT" && pwd)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the carried wheels go to a folder of their own, on the path (site-packages is left alone)
+SITE="${GPU_SITE:-${TMPDIR:-/tmp}/stablerep-gpu-site}"
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export STABLEREP_BENCH_RESULTS="$OUT/json" GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
 export PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning"
 : > "$OUT/parts.tsv"
@@ -65,16 +67,16 @@ if [ "$SMOKE" = 1 ]; then
   part training 120 "$PY" benchmarks/training.py --smoke
   part evaluation 120 "$PY" benchmarks/evaluation.py --smoke --threads 1
 else
-  part wheels 40 "$PY" benchmarks/gpu/wheels.py install "$WHEELS"
+  part wheels 30 "$PY" benchmarks/gpu/wheels.py install "$WHEELS" --target "$SITE"
   part machine 20 "$PY" benchmarks/gpu/machine.py
-  part tests 140 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
-  part generation 170 "$PY" benchmarks/generation.py --arch sd15 --size 512 --steps 25 \
+  part tests 130 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+  part generation 160 "$PY" benchmarks/generation.py --arch sd15 --size 512 --steps 25 \
     --scheduler dpmsolver++ --guidance 2 --captions 16 -m 4 --baseline-captions 3 \
     --batch-size 16 32 64 --dtype fp16 bf16 --compile --compile-batch-size 32
   part training 50 "$PY" benchmarks/training.py --model vit_base --image-size 224 \
     --captions 43 -k 6 --steps 8 --repeats 2 --data-steps 12
-  part evaluation 60 "$PY" benchmarks/evaluation.py --model vit_base_patch16_224 \
-    --image-size 224 --batch-size 256 --n 50000 --dim 768 --classes 100 --max-iter 50 \
+  part evaluation 90 "$PY" benchmarks/evaluation.py --model vit_base_patch16_224 \
+    --image-size 224 --batch-size 256 --n 50000 --dim 768 --classes 100 --max-iter 30 \
     --episodes 200
 fi
 "$PY" benchmarks/gpu/collect.py "$OUT"

@@ -1,12 +1,14 @@
 """The carried wheels of the GPU run: download them here, install the missing ones there.
 
     python benchmarks/gpu/wheels.py download .wheels   # lock pins, for Python 3.12 x86_64
-    python benchmarks/gpu/wheels.py install .wheels    # on the GPU machine, no network
+    python benchmarks/gpu/wheels.py install .wheels --target DIR   # on the GPU machine
     python benchmarks/gpu/wheels.py check              # which modules import here
 
 ``wheels.txt`` (beside this file) names each distribution and the module it provides; the
 version is the pin of ``requirements.lock``. ``install`` installs (``pip --no-index --no-deps``)
-only the wheels whose module does not import, so the machine's own torch stack is left alone.
+only the wheels whose module does not import, so the machine's own torch stack is left alone;
+with ``--target`` into that folder (no site-packages write, no externally-managed refusal),
+which the caller then puts on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def wheel_files(folder: Path, dist: str) -> list[Path]:
     return [w for w in folder.glob("*.whl") if norm(w.name.split("-")[0]) == norm(dist)]
 
 
-def install(folder: Path) -> int:
+def install(folder: Path, target: str = "") -> int:
     """Install the wheels of the modules that do not import; 1 if one has no wheel."""
     todo = missing()
     if not todo:
@@ -87,8 +89,9 @@ def install(folder: Path) -> int:
         (files.extend(found) if found else absent.append(f"{dist} ({module})"))
     if files:
         print("wheels: installing " + ", ".join(w.name for w in files), flush=True)
+        where = ["--target", target] if target else []
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--find-links", str(folder), *map(str, files)], check=True)
+                        *where, "--find-links", str(folder), *map(str, files)], check=True)
     if absent:
         print(f"wheels: not importable and no wheel in {folder}: {', '.join(absent)}")
         return 1
@@ -107,11 +110,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=["download", "install", "check"])
     p.add_argument("folder", nargs="?", default=str(ROOT / ".wheels"))
+    p.add_argument("--target", default="", help="install into this folder (put it on "
+                   "PYTHONPATH) instead of site-packages")
     args = p.parse_args()
     if args.action == "download":
         return download(Path(args.folder))
     if args.action == "install":
-        return install(Path(args.folder))
+        return install(Path(args.folder), args.target)
     return check()
 
 

@@ -31,6 +31,7 @@ class Profile:
     k: int  # images per caption in the step tests
     train_steps: int  # `stablerep train` steps of the resume test
     cli_model: tuple[str, ...]  # model options of the `stablerep train` runs
+    workers: int  # loader processes of the `stablerep train` runs
 
     @property
     def cuda(self) -> bool:
@@ -39,11 +40,12 @@ class Profile:
 
 GPU = Profile(device="cuda", smoke=False, sd_arch="sd15", size=512, steps=10, vit="vit_base",
               vit_size=224, captions=43, k=6, train_steps=200,
-              cli_model=("--model", "vit_small", "--image-size", "64"))
+              cli_model=("--model", "vit_small", "--image-size", "64"), workers=4)
 SMOKE = Profile(device="cpu", smoke=True, sd_arch="tiny", size=64, steps=2, vit="vit_tiny",
                 vit_size=32, captions=4, k=2, train_steps=6,
                 cli_model=("--model", "vit_tiny", "--image-size", "32", "--set",
-                           "train.head_hidden_dim=64", "--set", "train.head_out_dim=32"))
+                           "train.head_hidden_dim=64", "--set", "train.head_out_dim=32"),
+                workers=0)
 
 
 def smoke_mode() -> bool:

@@ -117,6 +117,8 @@ def shards(profile, tmp_path_factory) -> Path:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(PYTHONWARNINGS="ignore::FutureWarning")
+    if not torch.cuda.is_available():  # smoke mode on a shared CPU: one thread per process
+        env.update(OMP_NUM_THREADS="1")
     return env
 
 
@@ -124,7 +126,7 @@ def _train_cmd(profile, data: Path, out: Path) -> list[str]:
     every = max(profile.train_steps // 4, 1)
     return [sys.executable, "-m", "stablerep.cli", "train", "--data-root", str(data),
             "--out", str(out), *profile.cli_model, "--captions-per-batch", "8", "-k", "2",
-            "--max-steps", str(profile.train_steps), "--num-workers", "2",
+            "--max-steps", str(profile.train_steps), "--num-workers", str(profile.workers),
             "--device", profile.device, "--set", f"train.checkpoint_every={every}",
             "--set", "train.tensorboard=false", "--set", "train.knn_every=0"]
 
