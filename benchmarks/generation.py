@@ -146,6 +146,18 @@ def time_baseline(pipe, cfg: GenerateConfig, pairs, work: Path, device: str,
     return n, time.perf_counter() - start
 
 
+def save_partial(args, device: str, peak: float, rows: list[dict]) -> None:
+    """The rows so far, in the results file that :func:`finish` writes at the end."""
+    import json
+
+    from _common import RESULTS
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"generation-{args.arch}-{device.split(':')[0]}.json"
+    path.write_text(json.dumps({"args": vars(args), "device": device, "matmul_tflops": peak,
+                                "partial": True, "results": rows}, indent=2))
+
+
 def print_rows(args, device: str, peak: float, rows: list[dict]) -> None:
     print(f"device {device}  arch {args.arch}  {args.size}px  {args.steps} {args.scheduler} "
           f"steps  guidance {args.guidance}  m {args.images_per_caption}  "
@@ -206,7 +218,8 @@ def main() -> None:
             n, t = time_stage(master, run_cfg, work, f"stage{i}", device)
             add("stage", dtype, compiled, batch, n, t)
             print(f"stage {dtype} compile={compiled} batch {batch}: {n / t:.2f} img/s",
-                  flush=True)  # a run stopped by its time cap keeps the rows printed
+                  flush=True)
+            save_partial(args, device, peak, rows)  # a run stopped by its cap keeps its rows
     print_rows(args, device, peak, rows)
     finish(f"generation-{args.arch}-{device.split(':')[0]}",
            {"args": vars(args), "device": device, "matmul_tflops": peak,

@@ -17,8 +17,19 @@
 # and summary.json (all of it in one file). Every part runs under a time cap; a part that
 # fails or runs out of time is recorded as such and the run goes on.
 #
-# Time caps on an H200 (seconds; the expected times are below them), 480 s = 8 min in all:
-#   wheels 30 | machine 20 | tests 130 | generation 160 | training 50 | evaluation 90
+# Time caps on an H200 (seconds), 480 s = 8 min in all, and the expected time of each part
+# (estimated from FLOP counts and typical H200 rates; no part has run on a GPU yet):
+#   wheels      25  (~10: pip unpacks the missing wheels, scipy the largest)
+#   machine     15  (~5: versions, one bf16 8192^2 GEMM loop)
+#   tests      180  (~150: SD v1.5 built once on the CPU ~20, UNet compile ~60, ViT-B compile
+#                    ~40, three `stablerep train` runs ~35, eval CLI ~15)
+#   generation 140  (~120: 6 eager rows x 64 images at ~7 img/s, the compiled row reusing the
+#                    tests' inductor cache, the per-caption baseline on 12 images)
+#   training    45  (~35: 2 x 2 x 8 ViT-B steps of 258 images, 3.6k JPEG shards, loader and
+#                    end to end over 12 steps)
+#   evaluation  75  (~60: ViT-B features of 1,797 digits x 3 passes; the probe sweep on 50k x
+#                    768, 100 classes, 45 C values x 20 iterations, GPU and scikit-learn)
+# The generation rows are saved as they finish, so a part stopped by its cap keeps its figures.
 # --smoke runs the same code paths at toy size on the CPU (no wheels; tiny SD at 64 px,
 # ViT-Ti at 32 px, a few steps; the GPU tests in STABLEREP_GPU_SMOKE mode): about 2 minutes.
 set -uo pipefail
@@ -67,16 +78,16 @@ if [ "$SMOKE" = 1 ]; then
   part training 120 "$PY" benchmarks/training.py --smoke
   part evaluation 120 "$PY" benchmarks/evaluation.py --smoke --threads 1
 else
-  part wheels 30 "$PY" benchmarks/gpu/wheels.py install "$WHEELS" --target "$SITE"
-  part machine 20 "$PY" benchmarks/gpu/machine.py
-  part tests 130 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
-  part generation 160 "$PY" benchmarks/generation.py --arch sd15 --size 512 --steps 25 \
+  part wheels 25 "$PY" benchmarks/gpu/wheels.py install "$WHEELS" --target "$SITE"
+  part machine 15 "$PY" benchmarks/gpu/machine.py
+  part tests 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+  part generation 140 "$PY" benchmarks/generation.py --arch sd15 --size 512 --steps 25 \
     --scheduler dpmsolver++ --guidance 2 --captions 16 -m 4 --baseline-captions 3 \
     --batch-size 16 32 64 --dtype fp16 bf16 --compile --compile-batch-size 32
-  part training 50 "$PY" benchmarks/training.py --model vit_base --image-size 224 \
+  part training 45 "$PY" benchmarks/training.py --model vit_base --image-size 224 \
     --captions 43 -k 6 --steps 8 --repeats 2 --data-steps 12
-  part evaluation 90 "$PY" benchmarks/evaluation.py --model vit_base_patch16_224 \
-    --image-size 224 --batch-size 256 --n 50000 --dim 768 --classes 100 --max-iter 30 \
+  part evaluation 75 "$PY" benchmarks/evaluation.py --model vit_base_patch16_224 \
+    --image-size 224 --batch-size 256 --n 50000 --dim 768 --classes 100 --max-iter 20 \
     --episodes 200
 fi
 "$PY" benchmarks/gpu/collect.py "$OUT"
