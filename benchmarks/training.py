@@ -123,6 +123,7 @@ def main() -> None:
     if args.smoke:
         args.model, args.image_size, args.captions, args.images_per_caption = "vit_tiny", 32, 4, 2
         args.steps, args.repeats, args.head_hidden, args.data_steps = 2, 1, 64, 3
+        args.stored_size = 64
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = TrainConfig(model=args.model, image_size=args.image_size,
                       images_per_caption=args.images_per_caption,
