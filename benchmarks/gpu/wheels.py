@@ -89,13 +89,32 @@ def install(folder: Path, target: str = "") -> int:
         (files.extend(found) if found else absent.append(f"{dist} ({module})"))
     if files:
         print("wheels: installing " + ", ".join(w.name for w in files), flush=True)
-        where = ["--target", target] if target else []
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        *where, "--find-links", str(folder), *map(str, files)], check=True)
+        if target and importlib.util.find_spec("pip") is None:
+            unpack(files, Path(target))
+        else:
+            where = ["--target", target] if target else []
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index",
+                            "--no-deps", *where, "--find-links", str(folder), *map(str, files)],
+                           check=True)
     if absent:
         print(f"wheels: not importable and no wheel in {folder}: {', '.join(absent)}")
         return 1
     return 0
+
+
+def unpack(files: list[Path], target: Path) -> None:
+    """Install wheels by unzipping them into ``target`` (a Python without pip).
+
+    A wheel is a zip of its import tree; the packages listed in wheels.txt need nothing more
+    (no compiled scripts, no data files outside the package).
+    """
+    import zipfile
+
+    print(f"wheels: no pip here; unpacking into {target}")
+    target.mkdir(parents=True, exist_ok=True)
+    for wheel in files:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(target)
 
 
 def check() -> int:
