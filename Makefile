@@ -7,6 +7,8 @@
 #   make test    create .venv, install, run the unit + integration tests
 #   make lint    ruff
 #   make bench   CPU benchmarks (tables against an in-process baseline)
+#   make bench-gpu  the prepared GPU run (benchmarks/gpu/run.sh; SMOKE=1: toy size on the CPU)
+#   make gpu-wheels download the wheels the GPU run carries into .wheels/ (lock pins)
 #   make k8s     re-render the Kubernetes manifests in k8s/ from configs/k8s/cc12m_4x8.yaml
 #   make images  build and tag the CUDA and CPU images (docker or podman; CONTAINER_ENGINE)
 #   make tools   create .venv-tools with checkov (.ci/tools.lock), which make test uses
@@ -24,7 +26,8 @@ LOCK        := requirements.lock
 PIP_LOCKED  = $(BIN)/python -m pip install -q -c $(LOCK)
 PYTEST_ARGS ?=
 
-.PHONY: venv tools tools-lock demo repro compile test test-unit test-integration lint bench lock k8s crd-schemas images clean
+.PHONY: venv tools tools-lock demo repro compile test test-unit test-integration lint bench \
+        bench-gpu gpu-wheels lock k8s crd-schemas images clean
 
 venv: $(STAMP)
 
@@ -108,6 +111,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py --model vit_tiny --image-size 32 --captions 16 -k 2
 	$(BIN)/python benchmarks/loader.py --captions 8 -k 2 --workers 2
 	$(BIN)/python benchmarks/evaluation.py
+
+# On a GPU machine without network (see README, "GPU run"): carry .wheels/ and run
+# `bash benchmarks/gpu/run.sh` there; OUT=... moves the output (benchmarks/results/gpu).
+bench-gpu:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) \
+	  bash benchmarks/gpu/run.sh $(if $(SMOKE),--smoke)
+
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu/wheels.py download .wheels
 
 K8S_RECIPE  ?= configs/k8s/cc12m_4x8.yaml
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# STABLEREP_BENCH_RESULTS moves the JSON files (benchmarks/gpu/run.sh points it at its output).
+RESULTS = Path(os.environ.get("STABLEREP_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def sync(device: str) -> None:

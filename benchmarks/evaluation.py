@@ -351,7 +351,13 @@ def parse_args() -> argparse.Namespace:
                         "under a minute); 0 skips it")
     p.add_argument("--parts", default="extraction,probe,few-shot,imagenet",
                    help="comma-separated parts to run")
-    return p.parse_args()
+    p.add_argument("--skip-few-shot", action="store_true", help="extraction and probe only")
+    p.add_argument("--smoke", action="store_true",
+                   help="toy size: 1,000 x 32 synthetic features, 5 classes, 20 episodes")
+    args = p.parse_args()
+    if args.smoke:
+        args.n, args.dim, args.classes, args.episodes, args.max_iter = 1000, 32, 5, 20, 30
+    return args
 
 
 def main() -> None:
@@ -361,6 +367,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     threadpool_limits(threads)  # numpy's BLAS and scikit-learn's OpenMP alike
     parts = set(args.parts.split(","))
+    if args.skip_few_shot:
+        parts.discard("few-shot")
     if args.size is None:
         args.size = 1.0 if device.startswith("cuda") else 0.005
     rows, sets = [], []

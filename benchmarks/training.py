@@ -28,6 +28,7 @@ core the hog holds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -35,13 +36,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _common import finish, matmul_tflops, sync
 
 from stablerep import cpus
-from stablerep.config import TrainConfig
-from stablerep.data.loader import Batch
+from stablerep.captions import make_captions
+from stablerep.config import CaptionsConfig, GenerateConfig, TrainConfig
+from stablerep.data.loader import Batch, CaptionBatches, Layout, create_loader, iterate
+from stablerep.data.shards import discover
 from stablerep.distributed import DistEnv
+from stablerep.generation.runner import generate
 from stablerep.losses import multi_positive_loss
 from stablerep.models import create_model
 from stablerep.training.optim import create_optimizer
@@ -160,7 +165,12 @@ def main() -> None:
     p.add_argument("--head-hidden", type=int, default=4096)
     p.add_argument("--hog", action="store_true",
                    help="the CPU step beside a one-core hog, with and without thread sizing")
+    add_data_args(p)
     args = p.parse_args()
+    if args.smoke:
+        args.model, args.image_size, args.captions, args.images_per_caption = "vit_tiny", 32, 4, 2
+        args.steps, args.repeats, args.head_hidden, args.data_steps = 2, 1, 64, 3
+        args.stored_size = 64
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = TrainConfig(model=args.model, image_size=args.image_size,
                       images_per_caption=args.images_per_caption,
@@ -198,9 +208,120 @@ def main() -> None:
         print(line)
         out.append({"method": name, "seconds_per_step": t, "images_per_s": rate,
                     "ratio": t_base / t, "mfu_pct": util if mfu else None})
+    data = bench_data_path(cfg, args, device) if args.data_steps else None
     finish(f"training-{args.model}-{device}",
-           {"args": vars(args), "device": device, "matmul_tflops": peak, "results": out},
-           device)
+           {"args": vars(args), "device": device, "matmul_tflops": peak, "results": out,
+            "data_path": data}, device)
+
+
+# ------------------------------------------------ the data path: loader alone and end to end
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Options of the data-path part (shards on the local disk through the real loader)."""
+    p.add_argument("--data-steps", type=int, default=0,
+                   help="steps of the loader-alone and end-to-end parts (0 = skip them)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="loader processes [the machine's cores - 1]")
+    p.add_argument("--stored-size", type=int, default=256, help="pixels of the shard images")
+    p.add_argument("--smoke", action="store_true",
+                   help="toy size on the CPU: vit_tiny 32 px, 4 captions x 2, a few steps")
+
+
+class NoiseBackend:
+    """Smooth random images (a generation stand-in): shards whose JPEGs decode like photos."""
+
+    model_id = "benchmark/noise"
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def generate(self, items) -> np.ndarray:
+        out = np.empty((len(items), self.size, self.size, 3), np.uint8)  # (N, H, W, 3)
+        for i, item in enumerate(items):
+            coarse = np.random.default_rng(item.seed).integers(0, 256, (16, 16, 3), np.uint8)
+            out[i] = coarse.repeat(self.size // 16, 0).repeat(self.size // 16, 1)
+        return out
+
+
+def write_shards(root: Path, captions: int, m: int, size: int) -> str:
+    """``captions`` x ``m`` JPEG images of ``size`` px in 4 shards under ``root``; the folder."""
+    make_captions(CaptionsConfig(num_captions=captions, num_shards=4), str(root / "captions"))
+    cfg = GenerateConfig(backend="diffusers", model="benchmark/noise", images_per_caption=m,
+                         height=size, width=size, stored_size=0, batch_size=256,
+                         all_shards=True, encode_workers=max(2, os.cpu_count() or 2))
+    generate(cfg, captions=str(root / "captions"), out=str(root / "images"),
+             backend_factory=lambda _: NoiseBackend(size))
+    return str(root / "images")
+
+
+def loader_for(cfg: TrainConfig, images: str, workers: int, cuda: bool):
+    shards = discover([images])
+    dataset = CaptionBatches(shards, cfg, Layout.create(cfg, shards, 1), rank=0, world_size=1)
+    dataset.set_epoch(0)
+    return iterate(create_loader(dataset, num_workers=workers, pin_memory=cuda))
+
+
+def rate_of(batches, steps: int, consume) -> float:
+    """Images/s over ``steps`` batches after the first (worker start-up not counted)."""
+    consume(next(batches))
+    start, rows = time.perf_counter(), 0
+    for _ in range(steps):
+        batch = next(batches)
+        consume(batch)
+        rows += batch.images.shape[0]
+    return rows / (time.perf_counter() - start)
+
+
+def bench_data_path(cfg: TrainConfig, args: argparse.Namespace, device: str) -> dict:
+    """Loader alone, stage step alone (fixed batch) and the two together, images/s."""
+    workers = args.workers or max(1, (os.cpu_count() or 2) - 1)
+    k = cfg.crops_per_caption
+    data_cfg = dataclasses.replace(cfg, augmentation="none" if args.smoke else cfg.augmentation)
+    with tempfile.TemporaryDirectory() as tmp:
+        images = write_shards(Path(tmp), (args.data_steps + 2) * cfg.captions_per_batch,
+                              max(k, 2), args.stored_size)
+        loader_rate = rate_of(loader_for(data_cfg, images, workers, device != "cpu"),
+                              args.data_steps, lambda b: None)
+        step = stage_step(cfg, make_batch(cfg, cfg.captions_per_batch, device), device)
+        step_rate = cfg.captions_per_batch * k / timed(step, device, args.data_steps)
+        run = stage_batch_step(cfg, device)
+        e2e_rate = rate_of(loader_for(data_cfg, images, workers, device != "cpu"),
+                           args.data_steps, run)
+    print(f"data path: {workers} loader workers, {args.stored_size}px JPEG shards on the "
+          f"local disk, {cfg.captions_per_batch} captions x {k} images per step")
+    header = f"{'part':<12} {'img/s':>9}"
+    print(header)
+    print("-" * len(header))
+    rates = {"loader": loader_rate, "step": step_rate, "end_to_end": e2e_rate}
+    for name, rate in rates.items():
+        print(f"{name:<12} {rate:>9.1f}")
+    bound = "loader" if loader_rate < step_rate else "step"
+    print(f"bound by the {bound}; end to end reaches "
+          f"{e2e_rate / min(loader_rate, step_rate) * 100:.0f}% of the slower part")
+    return {"workers": workers, **{f"{k}_images_per_s": v for k, v in rates.items()},
+            "bound_by": bound}
+
+
+def stage_batch_step(cfg: TrainConfig, device: str):
+    """The trainer's step on each loaded batch (moved to the device), synchronised."""
+    torch.manual_seed(0)
+    model = create_model(cfg).to(device).train()
+    opt = create_optimizer(model, cfg, skip=model.no_weight_decay())
+    env = DistEnv(device=device)
+    amp = torch.bfloat16 if device.startswith("cuda") else None
+
+    def step(batch: Batch) -> None:
+        batch = dataclasses.replace(batch, images=batch.images.to(device, non_blocking=True))
+        with torch.autocast(device.split(":")[0], dtype=amp or torch.float32,
+                            enabled=amp is not None):
+            loss, _ = compute_loss(model, batch, cfg, env)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    return step
 
 
 if __name__ == "__main__":
