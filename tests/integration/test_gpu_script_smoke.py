@@ -65,7 +65,8 @@ def test_summary_has_every_section_with_numbers(smoke):
     data = train["data_path"]
     assert all(_number(data[f"{k}_images_per_s"]) for k in ("loader", "step", "end_to_end"))
     evaluation = summary["evaluation"]["results"]
-    assert {r["part"] for r in evaluation} == {"extraction", "probe", "few-shot"}
+    # probe-in: the ImageNet-shaped probe (reduced on a CPU), timed on its own
+    assert {r["part"] for r in evaluation} == {"extraction", "probe", "few-shot", "probe-in"}
     assert all(_number(r["ours_s"]) and _number(r["base_s"]) for r in evaluation)
     assert all(_number(r["ours_acc"]) for r in evaluation if r["part"] != "extraction")
 
