@@ -30,6 +30,9 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: The label Kueue reads a workload's LocalQueue from.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: The project's ClusterTrainingRuntime (k8s/base/training-runtime): TrainJobs run on it by
+#: default, so their failure policy follows the exit statuses (stock torch-distributed has none).
+RUNTIME_NAME = "stablerep-torch"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
@@ -105,7 +108,7 @@ class ClusterConfig:
     data_root: str = ""  # --data-root of the training command ("" = the recipe's)
     overrides: list[str] = field(default_factory=list)  # --set key.path=value for the recipe
     pod: PodConfig = field(default_factory=PodConfig)
-    runtime: str = "torch-distributed"  # trainjob: the ClusterTrainingRuntime to run on
+    runtime: str = RUNTIME_NAME  # trainjob: the ClusterTrainingRuntime to run on
     clean_pod_policy: CleanPodPolicy = "Running"  # pytorchjob: pods removed when it ends
     backoff_limit: int = 3  # pod restarts before the job fails (each resumes from latest.json)
     active_deadline_s: int | None = None  # job wall-clock limit (None = none)
@@ -131,7 +134,7 @@ class ClusterConfig:
         self.pod.check("cluster.pod")
         if self.backend == "trainjob" and not _DNS_1123.match(self.runtime):
             raise ConfigError(f"cluster.runtime: got {self.runtime!r}, expected the name of a "
-                              "ClusterTrainingRuntime such as torch-distributed")
+                              f"ClusterTrainingRuntime such as {RUNTIME_NAME}")
         for name in ("backoff_limit", "ttl_after_finished_s", "elastic_max_restarts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"cluster.{name}: got {getattr(self, name)}, expected >= 0")

@@ -21,7 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 from stablerep.errors import FIRST_RETRYABLE, ConfigError
-from stablerep.k8s.config import QUEUE_LABEL, ClusterConfig, GenerationJobConfig, PodConfig
+from stablerep.k8s.config import (
+    QUEUE_LABEL,
+    RUNTIME_NAME,
+    ClusterConfig,
+    GenerationJobConfig,
+    PodConfig,
+)
 
 PYTORCHJOB_API = "kubeflow.org/v1"
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
@@ -292,8 +298,6 @@ def trainjob(cfg: ClusterConfig) -> dict[str, Any]:
             "spec": spec}
 
 
-#: The ClusterTrainingRuntime :func:`training_runtime` builds (``cluster.runtime`` names it).
-RUNTIME_NAME = "stablerep-torch"
 #: The label by which Kubeflow Trainer finds the replicated job its ``trainer`` section fills.
 _TRAINER_STEP = {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
 
@@ -312,7 +316,7 @@ def training_runtime(cfg: ClusterConfig) -> dict[str, Any]:
     """A Kubeflow Trainer v2 ClusterTrainingRuntime whose JobSet restarts by exit status.
 
     A TrainJob's ``runtimePatches`` may change only pod templates, so the failure policy lives
-    here (set ``cluster.runtime`` to :data:`RUNTIME_NAME` to use it): the ``node`` Job fails at
+    here (``cluster.runtime``, :data:`RUNTIME_NAME` by default, names it): the ``node`` Job fails at
     once (``FailJob``, reason ``PodFailurePolicy``) when a pod exits 1-127, and the JobSet then
     fails too; any other failure of a pod (128 and up: a lost peer, a kill, a stop) fails the
     Job (``backoffLimit: 0``) and the JobSet restarts all of them, up to

@@ -5,7 +5,7 @@ training job) and a ``generation`` section (:class:`GenerationJobConfig`). Rende
 kustomize base per workload and an example overlay::
 
     <out>/base/training-pytorchjob/   PyTorchJob (Training Operator v1)
-    <out>/base/training-trainjob/     TrainJob (Kubeflow Trainer v2, torch-distributed)
+    <out>/base/training-trainjob/     TrainJob (Kubeflow Trainer v2, on stablerep-torch)
     <out>/base/training-runtime/      ClusterTrainingRuntime stablerep-torch: restarts by exit
                                       status (cluster-scoped; cluster.runtime selects it)
     <out>/base/generation/            Indexed Job, one completion per captions shard (and a

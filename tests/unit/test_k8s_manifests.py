@@ -81,7 +81,7 @@ def test_trainjob_valid(name, k8s_check):
     k8s_check(job)
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == cfg.nodes and trainer["numProcPerNode"] == 8
-    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert job["spec"]["runtimeRef"]["name"] == "stablerep-torch"  # exit-status policy
     patched = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
     node = patched["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     assert node["containers"][0]["name"] == "node"
