@@ -38,6 +38,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(mark)
 
 
+@pytest.fixture
+def paper_eval_sets(tmp_path_factory, monkeypatch) -> Path:
+    """The paper recipes' evaluation data sets present (one file each) in the data cache the
+    pipeline's validate step checks (``$STABLEREP_CACHE/datasets``); returns the cache."""
+    from stablerep.pipeline import PAPER_EVAL_SETS
+
+    cache = tmp_path_factory.mktemp("cache")
+    for name in PAPER_EVAL_SETS:
+        (cache / "datasets" / name).mkdir(parents=True)
+        (cache / "datasets" / name / "data.bin").write_bytes(b"x")
+    monkeypatch.setenv("STABLEREP_CACHE", str(cache))
+    return cache
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

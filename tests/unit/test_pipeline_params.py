@@ -12,13 +12,8 @@ DEMO = {"recipe": "demo_sd", "data_root": "/tmp/x", "train_backend": "local"}
 
 
 @pytest.fixture(autouse=True)
-def paper_eval_sets(tmp_path_factory, monkeypatch):
-    """The cc12m recipe's evaluation data sets, present in the cache validate checks."""
-    cache = tmp_path_factory.mktemp("cache")
-    for name in lib.PAPER_EVAL_SETS:
-        (cache / "datasets" / name).mkdir(parents=True)
-        (cache / "datasets" / name / "data.bin").write_bytes(b"x")
-    monkeypatch.setenv("STABLEREP_CACHE", str(cache))
+def _eval_sets(paper_eval_sets):
+    """Every test here validates with the paper's evaluation sets in the cache (conftest)."""
 
 
 def _demo(**extra):

@@ -27,13 +27,8 @@ RECIPE_4X8 = str(ROOT / "configs" / "k8s" / "cc12m_4x8.yaml")
 
 
 @pytest.fixture(autouse=True)
-def paper_eval_sets(tmp_path_factory, monkeypatch):
-    """The cc12m recipe's evaluation data sets, present in the cache validate checks."""
-    cache = tmp_path_factory.mktemp("cache")
-    for name in lib.PAPER_EVAL_SETS:
-        (cache / "datasets" / name).mkdir(parents=True)
-        (cache / "datasets" / name / "data.bin").write_bytes(b"x")
-    monkeypatch.setenv("STABLEREP_CACHE", str(cache))
+def _eval_sets(paper_eval_sets):
+    """Every test here validates with the paper's evaluation sets in the cache (conftest)."""
 
 
 def _refused(params: dict, root: Path) -> str:
