@@ -20,6 +20,8 @@ stage's outputs (:func:`dump_yaml`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import re
 import types
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from stablerep.devices import check_device
 from stablerep.errors import ConfigError
@@ -553,97 +556,129 @@ class Config:
 # ---------------------------------------------------------------------------- building
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# Validation is pydantic's (strict, over the dataclasses themselves); this part only turns its
+# errors into the one-line ``<dotted.field>: got X, expected Y`` of a ConfigError.
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+_EXPECTED = {  # pydantic error type -> what the field expected
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+    "dataclass_type": "a mapping", "missing": "a value",
+}
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert dicts to dataclasses."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: got {value!r}")
-    if origin is Literal:
-        _check_choice(where, value, args)
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: got {value!r}, expected a list")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: got {value!r}, expected a mapping")
-        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+def _declare_strict(tp: Any) -> None:
+    """Give ``tp`` and every dataclass inside it pydantic's strict config (once)."""
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: got {value!r}, expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: got {value!r}, expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: got {value!r}, expected a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: got {value!r}, expected a number")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: got {value!r}, expected a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            raise ConfigError(f"{where}: got {value!r}, expected a string")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"{where}: unsupported annotation {_type_name(tp)}")
+        if "__pydantic_config__" in vars(tp):
+            return
+        tp.__pydantic_config__ = _STRICT  # type: ignore[union-attr]
+        for hint in typing.get_type_hints(tp).values():
+            _declare_strict(hint)
+    for arg in typing.get_args(tp):
+        _declare_strict(arg)
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    _declare_strict(cls)
+    return TypeAdapter(cls)
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` -> ``X``; any other annotation as it is."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _annotation_at(tp: Any, loc: tuple[Any, ...]) -> Any:
+    """The annotation that ``loc`` (a pydantic error location) reaches from ``tp``."""
+    tp = _unwrap(tp)
+    for part in loc:
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(str(part), Any)
+        elif typing.get_args(tp):
+            tp = typing.get_args(tp)[-1]  # list[X] -> X, dict[str, X] -> X
+        tp = _unwrap(tp)
+    return tp
+
+
+def _dotted(where: str, loc: tuple[Any, ...]) -> str:
+    text = where
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _translate(cls: type, where: str, error: Any) -> ConfigError:
+    """One pydantic error (a dict of ``ValidationError.errors()``) as a ConfigError."""
+    loc, kind, value = tuple(error["loc"]), error["type"], error["input"]
+    if kind == "value_error" and isinstance(error["ctx"]["error"], ConfigError):
+        return error["ctx"]["error"]  # raised by a section's __post_init__, already worded
+    name = _dotted(where, loc) or "config"
+    if kind == "unexpected_keyword_argument":
+        known = sorted(f.name for f in dataclasses.fields(_annotation_at(cls, loc[:-1])))
+        return ConfigError(f"{name}: unknown field; known fields: {', '.join(known)}")
+    if kind == "literal_error":
+        allowed = typing.get_args(_annotation_at(cls, loc))
+        return ConfigError(f"{name}: got {value!r}, expected one of "
+                           f"{', '.join(map(str, allowed))}")
+    expected = _EXPECTED.get(kind)
+    if expected is None:
+        return ConfigError(f"{name}: got {value!r}, {error['msg']}")
+    return ConfigError(f"{name}: got {value!r}, expected {expected}")
+
+
+def _loosen(data: Any, error: Any) -> bool:
+    """Apply the two conversions strict mode lacks; True if ``error`` was fixed in ``data``.
+
+    A number where text is expected becomes that text; a string where a number is expected is
+    read as one (YAML 1.1 reads ``2e-3``, without a dot, as a string).
+    """
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    if kind == "string_type" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        fixed: Any = str(value)
+    elif kind == "float_type" and isinstance(value, str):
+        try:
+            fixed = float(value)
+        except ValueError:
+            return False
+    else:
+        return False
+    node = data
+    for part in loc[:-1]:
+        node = node[part]
+    node[loc[-1]] = fixed
+    return True
 
 
 def from_dict(cls: type[C], data: Any, where: str = "") -> C:
-    """Build the dataclass ``cls`` from a mapping, checking names and types.
+    """Build the dataclass ``cls`` from a mapping, checking names and types (with pydantic).
 
     Args:
         cls: a config dataclass.
         data: a mapping of field names to values (``None`` = all defaults).
         where: the dotted path of ``data`` in the recipe, for error messages.
+
+    Raises:
+        ConfigError: naming the first wrong field: ``<dotted.field>: got X, expected Y``.
     """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: got {data!r}, expected a mapping")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(str(k) for k in data if k not in fields)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown field; known fields: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for key, value in data.items():
-        sub = f"{where}.{key}" if where else key
-        kwargs[key] = _coerce(value, hints[key], sub)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from None
+    # a plain JSON tree: strict pydantic takes a JSON object for a dataclass, a dict it does not
+    plain = json.loads(json.dumps(to_dict(data), default=str))
+    while True:
+        try:
+            return _adapter(cls).validate_json(json.dumps(plain))
+        except ValidationError as e:
+            errors = e.errors()
+            if not any([_loosen(plain, err) for err in errors]):
+                raise _translate(cls, where, errors[0]) from None
 
 
 def to_dict(cfg: Any) -> Any:
