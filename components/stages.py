@@ -26,7 +26,7 @@ def validate(
     captions_per_batch: int, epochs: float, eval_datasets: list, train_backend: str,
     nodes: int, gpus_per_node: int, node_selector: dict, tolerations: list, image: str,
     cluster_recipe: str, service_account: str, queue_name: str, priority_class: str,
-) -> list:
+) -> str:
     """Check every parameter: each stage's resolved config, the backend and its job.
 
     Args:
@@ -60,7 +60,8 @@ def validate(
         priority_class: PriorityClass of the training job's pods.
 
     Returns:
-        The overrides every later step applies to the recipe (parameters, then overrides).
+        The resolved config (JSON): recipe < parameters < overrides, the one config every
+        later step runs.
     """
     params = dict(locals())
     from stablerep.pipeline import validate_step
@@ -69,14 +70,11 @@ def validate(
 
 
 @_component
-def captions(data_root: str, recipe: str, overrides: list, workers: int,
-             dataset: Output[Dataset]) -> list:
+def captions(config: str, workers: int, dataset: Output[Dataset]) -> list:
     """The caption stage.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the validated overrides.
+        config: the resolved config (the validate step's output).
         workers: generation tasks.
         dataset: metadata of the captions (URI, manifest, count, shards).
 
@@ -85,24 +83,22 @@ def captions(data_root: str, recipe: str, overrides: list, workers: int,
     """
     from stablerep.pipeline import captions_step
 
-    return captions_step(data_root, recipe, overrides, workers=workers, dataset=dataset)
+    return captions_step(config, workers=workers, dataset=dataset)
 
 
 @_component
-def stage_model(data_root: str, recipe: str, overrides: list) -> str:
+def stage_model(config: str) -> str:
     """Copy the text-to-image model once into the run; every generation task loads it there.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the validated overrides.
+        config: the resolved config (the validate step's output).
 
     Returns:
         The run-level folder of the model.
     """
     from stablerep.pipeline import model_step
 
-    return model_step(data_root, recipe, overrides)
+    return model_step(config)
 
 
 @_component
@@ -135,31 +131,28 @@ def generate_shards(data_root: str, recipe: str, overrides: list, images_per_cap
 
 
 @_component
-def images_manifest(data_root: str, recipe: str, overrides: list, dataset: Output[Dataset]):
+def images_manifest(config: str, dataset: Output[Dataset]):
     """Write the images manifest once every generation task is done (the fan-in).
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the validated overrides.
+        config: the resolved config (the validate step's output).
         dataset: metadata of the images (manifest URI, shards, samples).
     """
     from stablerep.pipeline import manifest_step
 
-    manifest_step(data_root, recipe, overrides, dataset=dataset)
+    manifest_step(config, dataset=dataset)
 
 
 @_component
-def train(data_root: str, recipe: str, overrides: list, train_backend: str, nodes: int,
+def train(config: str, recipe: str, train_backend: str, nodes: int,
           gpus_per_node: int, node_selector: dict, tolerations: list, image: str,
           cluster_recipe: str, service_account: str, queue_name: str, priority_class: str,
           run_id: str, task_name: str, dataset: Output[Dataset], metrics: Output[Metrics]):
     """Training: torchrun in this pod (local) or a PyTorchJob/TrainJob this step launches.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the validated overrides.
+        config: the resolved config (the validate step's output).
+        recipe: built-in recipe name or recipe URI (read again by a job's pods, under config).
         train_backend: pytorchjob, trainjob or local.
         nodes: training nodes (cluster backends).
         gpus_per_node: GPUs per node.
@@ -183,14 +176,12 @@ def train(data_root: str, recipe: str, overrides: list, train_backend: str, node
 
 
 @_component
-def evaluate(data_root: str, recipe: str, overrides: list, metrics: Output[Metrics],
+def evaluate(config: str, metrics: Output[Metrics],
              report_html: Output[HTML], report_md: Output[Markdown], dataset: Output[Dataset]):
     """Evaluation of the trained backbone in data_root and the baseline, with the report.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the validated overrides.
+        config: the resolved config (the validate step's output).
         metrics: probe top-1, few-shot mean and CI, kNN per data set, and the baseline's.
         report_html: the report page.
         report_md: the report as a Markdown table.
@@ -198,5 +189,5 @@ def evaluate(data_root: str, recipe: str, overrides: list, metrics: Output[Metri
     """
     from stablerep.pipeline import eval_step
 
-    eval_step(data_root, recipe, overrides, metrics=metrics, report_html=report_html,
+    eval_step(config, metrics=metrics, report_html=report_html,
               report_md=report_md, dataset=dataset)

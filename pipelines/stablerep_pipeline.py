@@ -96,7 +96,7 @@ def stablerep_pipeline(
     params = dict(locals())
     check = validate(**params).set_display_name("validate parameters")
     _resources(check, "1", "2Gi", timeout_s=HOUR).set_caching_options(False)
-    common = dict(data_root=data_root, recipe=recipe, overrides=check.output)
+    common = dict(config=check.output)  # the one resolved config every later step runs
 
     caps = captions(**common, workers=workers).set_display_name("captions")
     _resources(caps, "8", "32Gi", timeout_s=12 * HOUR)
@@ -125,12 +125,12 @@ def stablerep_pipeline(
                queue_name=queue_name, priority_class=priority_class,
                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER)
     with dsl.If(train_backend == "local", name="train-here"):
-        here = train(**common, **job).after(done).set_display_name("train (local)")
+        here = train(**common, recipe=recipe, **job).after(done).set_display_name("train (local)")
         _resources(here, "32", "256Gi", timeout_s=14 * 24 * HOUR, shm="64Gi")
         _gpus(here, gpus_per_node, node_selector, tolerations)
         here.set_caching_options(False)
     with dsl.Else(name="train-on-cluster"):
-        launcher = train(**common, **job).after(done).set_display_name("train (job launcher)")
+        launcher = train(**common, recipe=recipe, **job).after(done).set_display_name("train (job launcher)")
         _resources(launcher, "1", "2Gi", timeout_s=14 * 24 * HOUR)
         kubernetes.use_field_path_as_env(launcher, "POD_NAME", "metadata.name")
         kubernetes.use_field_path_as_env(launcher, "POD_UID", "metadata.uid")

@@ -7,7 +7,9 @@ thin: every decision lives here so that the CLI, the components and the tests sh
   recipe), the config field it sets (or the launcher setting it is), and the description the
   Kubeflow UI shows.
 - :func:`build_config` turns ``recipe`` + parameters + ``overrides`` into one validated
-  :class:`~stablerep.config.Config` (recipe < parameters < overrides).
+  :class:`~stablerep.config.Config` (recipe < parameters < overrides); the parameters are
+  merged in as typed values. The validate step hands the later steps that one resolved
+  config (:func:`resolved`, JSON), which each loads and checks again (:func:`stage_config`).
 - :func:`validate` is what the pipeline's first step runs (:func:`validate_step`): every
   stage's resolved config is built and checked, and for a cluster backend every check the
   launcher makes before it sends a job (:func:`check_job`: world size against the batch, the
@@ -39,7 +41,9 @@ from stablerep.config import (
     METHODS,
     SCHEDULERS,
     Config,
+    from_dict,
     load_config,
+    to_dict,
 )
 from stablerep.errors import ConfigError, InputError, StablerepError
 from stablerep.k8s.config import CUDA_IMAGE
@@ -154,6 +158,14 @@ _BY_NAME = {p.name: p for p in PARAMS}
 _BY_FIELD = {p.field: p for p in PARAMS if p.field}
 
 
+def param_table() -> str:
+    """:data:`PARAMS` as the Markdown table the README shows (a test holds them equal)."""
+    rows = ["| parameter | type | default | meaning |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{p.name}` | {p.type.__name__} | `{json.dumps(p.default)}` | {p.help} |"
+             for p in PARAMS]
+    return "\n".join(rows) + "\n"
+
+
 def defaults() -> dict[str, Any]:
     """Every parameter's default value (fresh copies of lists and dicts)."""
     return {p.name: json.loads(json.dumps(p.default, sort_keys=True)) for p in PARAMS}
@@ -222,16 +234,13 @@ def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- config
 
 
-def param_overrides(values: Mapping[str, Any]) -> list[str]:
-    """The dotted overrides the parameters with a config field stand for."""
-    out = []
+def param_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields the parameters set: dotted field -> the parameter's typed value."""
+    out = {}
     for p in PARAMS:
-        if not p.field or p.name not in values:
-            continue
-        value = values[p.name]
-        if p.zero_is_none and value == 0:
-            value = None
-        out.append(f"{p.field}={json.dumps(value)}")
+        if p.field and p.name in values:
+            value = values[p.name]
+            out[p.field] = None if p.zero_is_none and value == 0 else value
     return out
 
 
@@ -247,21 +256,37 @@ def build_config(recipe: str, overrides: Sequence[str] = (),
                  params: Mapping[str, Any] | None = None) -> Config:
     """The validated config of a run: recipe < parameters < overrides.
 
+    The parameters are merged into the recipe as typed values (:func:`param_values`); only
+    the user's ``overrides`` are text.
+
     Args:
         recipe: a built-in recipe name or a recipe URI.
         overrides: ``section.key=value`` strings (the ``overrides`` parameter).
         params: pipeline parameters that set config fields (others are ignored here).
     """
-    dotted = [*param_overrides(dict(params or {})), *overrides]
     try:
-        return load_config(recipe, dotted, require=SECTIONS)
+        return load_config(recipe, list(overrides), require=SECTIONS,
+                           values=param_values(dict(params or {})))
     except ConfigError as e:
         raise _name_parameter(e) from None
 
 
-def stage_overrides(values: Mapping[str, Any]) -> list[str]:
-    """What the stage components receive: the parameters' overrides, then the user's."""
-    return [*param_overrides(values), *values["overrides"]]
+def resolved(cfg: Config) -> str:
+    """The resolved config as JSON text: what the validate step hands every later step."""
+    return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+def stage_config(config: str) -> Config:
+    """A step's config: the validate step's resolved config (JSON), checked again on load."""
+    return from_dict(Config, json.loads(config))
+
+
+def config_sets(cfg: Config) -> list[str]:
+    """The resolved config as ``--set`` values for a command line: one ``field=<JSON>`` each.
+
+    Every top-level field is set whole, so the recipe a command also reads adds nothing.
+    """
+    return [f"{name}={json.dumps(value, sort_keys=True)}" for name, value in to_dict(cfg).items()]
 
 
 def _in_cluster() -> bool:
@@ -310,27 +335,32 @@ def cluster_recipe(uri: str) -> Any:
                           ) from None
 
 
-def cluster_config(values: Mapping[str, Any], recipe: Any = None) -> Any:
+def cluster_config(values: Mapping[str, Any], recipe: Any = None, cfg: Config | None = None
+                   ) -> Any:
     """The training job of a cluster backend (:class:`stablerep.k8s.config.ClusterConfig`).
 
     The cluster recipe (``cluster_recipe``) supplies the job's settings; the pipeline's
     parameters win over it: backend, nodes, GPUs, image, node selector and tolerations
     always, service account, queue and priority class when not empty. The job runs the
-    pipeline's recipe, data_root and overrides.
+    pipeline's resolved config (:func:`config_sets`).
 
     Args:
-        values: the checked parameters (:data:`JOB_PARAMS`, data_root, recipe, overrides).
+        values: the checked parameters (:data:`JOB_PARAMS`, recipe; data_root and overrides
+            when ``cfg`` is not given).
         recipe: the cluster recipe, when the caller has read it already.
+        cfg: the resolved stage config (default: built from ``values``).
     """
     uri = values.get("cluster_recipe", "")
-    base = (recipe or cluster_recipe(uri)).cluster
+    base = (recipe if recipe is not None else cluster_recipe(uri)).cluster
+    if cfg is None:
+        cfg = build_config(values["recipe"], values["overrides"], values)
     pod = {"image": values["image"], "gpus": values["gpus_per_node"],
            "node_selector": dict(values["node_selector"]),
            "tolerations": list(values["tolerations"])}
     pod.update({k: values[k] for k in ("service_account", "priority_class") if values.get(k)})
     job = {"backend": values["train_backend"], "nodes": values["nodes"],
-           "recipe": values["recipe"], "data_root": values["data_root"],
-           "overrides": stage_overrides(values)}
+           "recipe": values["recipe"], "data_root": cfg.data_root,
+           "overrides": config_sets(cfg)}
     if values.get("queue_name"):
         job["queue_name"] = values["queue_name"]
     try:
@@ -379,8 +409,8 @@ def check_job(cluster: Any, uri: str = "") -> None:
 
 
 def validate(params: Mapping[str, Any], *, local: bool | None = None,
-             data: bool = True) -> tuple[Config, list[str]]:
-    """Everything the first pipeline step checks; returns the config and the stage overrides.
+             data: bool = True) -> Config:
+    """Everything the first pipeline step checks; returns the resolved config.
 
     Args:
         params: every pipeline parameter (missing ones take their defaults).
@@ -400,15 +430,14 @@ def validate(params: Mapping[str, Any], *, local: bool | None = None,
                           f"{cfg.captions.num_shards} caption shards (parameter shards)")
     _check_model(cfg)
     check_backend(values["train_backend"], local=not _in_cluster() if local is None else local)
+    recipe = cluster_recipe(values["cluster_recipe"])  # read and checked even when unused
     if values["train_backend"] != "local":
-        check_job(cluster_config(values), values["cluster_recipe"])
-    elif values["cluster_recipe"]:
-        cluster_recipe(values["cluster_recipe"])  # read and checked even when unused
+        check_job(cluster_config(values, recipe, cfg), values["cluster_recipe"])
     if data and cfg.eval is not None:  # the evaluation data sets are there (or downloadable)
         from stablerep.stages import check_eval_data
 
         check_eval_data(cfg)
-    return cfg, stage_overrides(values)
+    return cfg
 
 
 def _check_model(cfg: Config) -> None:
@@ -432,17 +461,17 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def validate_step(params: Mapping[str, Any]) -> list[str]:
+def validate_step(params: Mapping[str, Any]) -> str:
     """The validate component: :func:`validate`; bad input ends it with one line, exit 2.
 
     Args:
         params: every pipeline parameter.
 
     Returns:
-        The overrides every later step applies to the recipe.
+        The resolved config (:func:`resolved`), the one config every later step runs.
     """
     try:
-        return validate(params)[1]
+        return resolved(validate(params))
     except StablerepError as e:
         sys.stdout.flush()
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
@@ -450,11 +479,6 @@ def validate_step(params: Mapping[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- components
-
-
-def stage_config(data_root: str, recipe: str, overrides: Sequence[str]) -> Config:
-    """A step's config: the recipe with the validated overrides, under ``data_root``."""
-    return build_config(recipe, [f"data_root={json.dumps(data_root)}", *overrides])
 
 
 def write_dataset(artifact: Any, meta: Mapping[str, Any]) -> None:
@@ -470,14 +494,11 @@ def log_metrics(artifact: Any, values: Mapping[str, float]) -> None:
         artifact.log_metric(name, value)
 
 
-def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *, workers: int,
-                  dataset: Any) -> list[int]:
+def captions_step(config: str, *, workers: int, dataset: Any) -> list[int]:
     """The captions component: run the stage, describe it; returns the worker indices.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the overrides the validate step returned.
+        config: the resolved config the validate step returned (JSON).
         workers: generation tasks (the ``workers`` parameter, at most the shards written).
         dataset: the KFP Dataset artifact to describe the captions with.
 
@@ -487,7 +508,7 @@ def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *, work
     """
     from stablerep.stages import check_workers, run_captions
 
-    cfg = stage_config(data_root, recipe, overrides)
+    cfg = stage_config(config)
     with user_errors():
         check_workers(0, workers, cfg.captions.num_shards)  # before any caption is written
         result = run_captions(cfg)
@@ -498,13 +519,11 @@ def captions_step(data_root: str, recipe: str, overrides: Sequence[str], *, work
     return list(range(workers))
 
 
-def model_step(data_root: str, recipe: str, overrides: Sequence[str]) -> str:
+def model_step(config: str) -> str:
     """The stage_model component: copy the text-to-image model once into the run.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the overrides the validate step returned.
+        config: the resolved config the validate step returned (JSON).
 
     Returns:
         The run-level folder of the model ("" when the backend has none).
@@ -512,7 +531,7 @@ def model_step(data_root: str, recipe: str, overrides: Sequence[str]) -> str:
     from stablerep.stages import run_stage_model
 
     with user_errors():
-        return run_stage_model(stage_config(data_root, recipe, overrides))
+        return run_stage_model(stage_config(config))
 
 
 def generate_step(params: Mapping[str, Any], *, worker: int, workers: int,
@@ -530,7 +549,7 @@ def generate_step(params: Mapping[str, Any], *, worker: int, workers: int,
     """
     from stablerep.stages import run_generate
 
-    cfg = stage_config(params["data_root"], params["recipe"], stage_overrides(params))
+    cfg = build_config(params["recipe"], params["overrides"], params)
     with user_errors():
         result = run_generate(cfg, worker=(worker, workers), staged_model=True)
     write_dataset(dataset, {"uri": result.uri, "worker": worker, "workers": workers,
@@ -540,21 +559,18 @@ def generate_step(params: Mapping[str, Any], *, worker: int, workers: int,
                             "failed_captions": result.failed_captions})
 
 
-def manifest_step(data_root: str, recipe: str, overrides: Sequence[str], *,
-                  dataset: Any) -> None:
+def manifest_step(config: str, *, dataset: Any) -> None:
     """The images_manifest component: the images manifest, once every worker is done.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the overrides the validate step returned.
+        config: the resolved config the validate step returned (JSON).
         dataset: the KFP Dataset artifact to describe the images with.
     """
     from stablerep import storage
     from stablerep.stages import run_images_manifest
 
     with user_errors():
-        uri = run_images_manifest(stage_config(data_root, recipe, overrides))
+        uri = run_images_manifest(stage_config(config))
     doc = storage.read_json(uri)
     write_dataset(dataset, {"uri": uri.rsplit("/", 1)[0], "manifest": uri,
                             "num_shards": doc["num_shards"], "num_samples": doc["num_samples"],
@@ -566,7 +582,7 @@ def train_step(values: Mapping[str, Any], *, run_id: str, task: str, dataset: An
     """The train component: train (see :func:`train`), describe the output, log metrics.
 
     Args:
-        values: the step's parameters (recipe, overrides, backend and cluster settings).
+        values: the step's parameters (config, recipe, backend and cluster settings).
         run_id: the pipeline run id.
         task: the pipeline task name.
         dataset: the KFP Dataset artifact to describe the training output with.
@@ -597,14 +613,12 @@ def describe_training(result: Any, *, dataset: Any, metrics: Any) -> None:
                           "steps": float(result.steps)})
 
 
-def eval_step(data_root: str, recipe: str, overrides: Sequence[str], *, metrics: Any,
-              report_html: Any, report_md: Any, dataset: Any) -> None:
+def eval_step(config: str, *, metrics: Any, report_html: Any, report_md: Any,
+              dataset: Any) -> None:
     """The evaluate component: evaluate, then copy the report into the UI's artifacts.
 
     Args:
-        data_root: folder URI every stage writes under.
-        recipe: built-in recipe name or recipe URI.
-        overrides: the overrides the validate step returned.
+        config: the resolved config the validate step returned (JSON).
         metrics: the KFP Metrics artifact (see :func:`eval_metric_values`).
         report_html: the KFP HTML artifact.
         report_md: the KFP Markdown artifact.
@@ -613,7 +627,7 @@ def eval_step(data_root: str, recipe: str, overrides: Sequence[str], *, metrics:
     from stablerep import storage
     from stablerep.stages import run_eval
 
-    result = run_eval(stage_config(data_root, recipe, overrides))
+    result = run_eval(stage_config(config))
     for artifact, uri in ((report_html, result.report_html), (report_md, result.report_md)):
         Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
         Path(artifact.path).write_text(storage.read_text(uri))
@@ -641,8 +655,11 @@ def eval_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) -> Any:
-    """Train with torchrun over ``nproc`` processes of this pod; its ``result.json``."""
+def _torchrun(cfg: Config, recipe: str, nproc: int) -> Any:
+    """Train with torchrun over ``nproc`` processes of this pod; its ``result.json``.
+
+    The processes get the resolved config whole (:func:`config_sets`) on their command line.
+    """
     import subprocess
 
     from stablerep.contracts import read_train_result
@@ -650,7 +667,7 @@ def _torchrun(cfg: Config, recipe: str, overrides: Sequence[str], nproc: int) ->
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "-m", "stablerep.cli", "train", "--config", recipe, "--data-root", cfg.data_root]
-    for text in overrides:
+    for text in config_sets(cfg):
         cmd += ["--set", text]
     if subprocess.run(cmd, check=False).returncode != 0:
         raise StablerepError(f"training (torchrun, {nproc} processes) failed; see its log above")
@@ -664,19 +681,18 @@ def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -
     this process, else the ``result.json`` that rank 0 of torchrun or of the job published.
 
     Args:
-        values: data_root, recipe, the validated overrides and the job's parameters
-            (:data:`JOB_PARAMS`).
+        values: config (the validate step's resolved config, JSON), recipe and the job's
+            parameters (:data:`JOB_PARAMS`).
         run_id: the pipeline run id (the cluster job's name derives from it and ``task``).
         task: the pipeline task name.
     """
-    overrides = list(values["overrides"])
-    cfg = stage_config(values["data_root"], values["recipe"], overrides)
+    cfg = stage_config(values["config"])
     if values["train_backend"] == "local":
         import torch
 
         nproc = min(values["gpus_per_node"], torch.cuda.device_count())
         if nproc > 1:
-            return _torchrun(cfg, values["recipe"], overrides, nproc)
+            return _torchrun(cfg, values["recipe"], nproc)
         from stablerep.stages import run_training
 
         return run_training(cfg)
@@ -685,7 +701,7 @@ def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -
 
     recipe = cluster_recipe(values.get("cluster_recipe", ""))
     follow = dataclasses.asdict(recipe.launch)  # how to follow the job: the recipe's launch:
-    done = launch(LaunchConfig(cluster=cluster_config(values, recipe), run_id=run_id,
+    done = launch(LaunchConfig(cluster=cluster_config(values, recipe, cfg), run_id=run_id,
                                task=task, **follow))
     return read_train_result(done.train_out)
 

@@ -118,7 +118,7 @@ def run_local(recipe: str, data_root: str | None, sets: tuple[str, ...],
     if data_root is not None:
         fixed["data_root"] = data_root
     values = _params(recipe, sets, params, **fixed)
-    cfg, _ = lib.validate(values, local=True)  # a bad value fails here, before any step
+    cfg = lib.validate(values, local=True)  # a bad value fails here, before any step
     start = time.perf_counter()
     lib.run_local(values, pipeline_root=pipeline_root)
     click.echo(_summary(cfg, time.perf_counter() - start))

@@ -19,6 +19,7 @@ in :mod:`stablerep.config.load`. The resolved config is written beside a stage's
 from stablerep.config.load import (
     RECIPES_DIR,
     apply_overrides,
+    apply_values,
     builtin_recipes,
     dump_yaml,
     fingerprint,
@@ -75,6 +76,7 @@ from stablerep.config.sections import (
 __all__ = [
     "ALL_INKS",
     "apply_overrides",
+    "apply_values",
     "Augmentation",
     "AUGMENTATIONS",
     "BACKENDS",

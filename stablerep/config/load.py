@@ -14,6 +14,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -176,19 +177,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _set_path(data: dict[str, Any], path: list[str], value: Any, what: str) -> None:
+    """Set ``data[path[0]][path[1]]... = value``, creating missing sections."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {what}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def apply_values(data: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted fields to typed values (``{"generate.images_per_caption": 10}``), in place.
+
+    The values are checked with the rest of the config by :func:`from_dict`.
+    """
+    for key, value in values.items():
+        _set_path(data, key.split("."), value, key)
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides to a nested mapping (in place; also returned)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        _set_path(data, path, value, text)
     return data
 
 
@@ -252,11 +268,12 @@ def load_config(
     require: tuple[str, ...] = (),
     flags: dict[str, dict[str, Any]] | None = None,
     data_root: str | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> Config:
     """Load a recipe, apply overrides and build a validated :class:`Config`.
 
-    Precedence, lowest first: field defaults < the recipe < ``overrides`` < ``flags`` <
-    ``data_root``.
+    Precedence, lowest first: field defaults < the recipe < ``values`` < ``overrides`` <
+    ``flags`` < ``data_root``.
 
     Args:
         recipe: a built-in recipe name (``demo``, ``cc12m``; see :func:`builtin_recipes`), a
@@ -266,6 +283,8 @@ def load_config(
         flags: per section, field values applied last (a command line's own flags); values
             that are ``None`` or ``()`` are left out, tuples become lists.
         data_root: replaces ``data_root`` when given.
+        values: dotted field -> typed value (``{"generate.images_per_caption": 10}``), applied
+            after the recipe and before ``overrides``; checked like the rest.
 
     Raises:
         ConfigError: naming the recipe, the override or the field that is wrong.
@@ -273,6 +292,7 @@ def load_config(
     data = load_yaml(resolve_recipe(recipe)) if recipe else {}
     for section in require:
         data.setdefault(section, {})
+    apply_values(data, values or {})
     apply_overrides(data, list(overrides or []))
     for section in require:
         _ensure_section(data, section)

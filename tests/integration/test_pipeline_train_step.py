@@ -90,8 +90,8 @@ def test_a_real_run_publishes_result_json(root: Path) -> None:
 def _values(root: Path, out: Path) -> dict[str, Any]:
     params = lib.check_params({"data_root": str(root), "recipe": "procedural",
                                "train_backend": "local", "gpus_per_node": 0})
-    return {**{k: params[k] for k in ("data_root", "recipe", *lib.JOB_PARAMS)},
-            "overrides": [*TINY, f"train.out={out}"]}
+    cfg = lib.build_config("procedural", [*TINY, f"train.out={out}"], params)
+    return {**{k: params[k] for k in ("recipe", *lib.JOB_PARAMS)}, "config": lib.resolved(cfg)}
 
 
 def test_train_step_metrics_come_from_the_result(root: Path, tmp_path: Path) -> None:
@@ -129,8 +129,8 @@ def test_launcher_path_reads_result_json(monkeypatch, tmp_path: Path) -> None:
         return launcher.LaunchResult("job", "ns", "PyTorchJob", False, str(out), "", "", 1.0)
 
     monkeypatch.setattr(launcher, "launch", fake_launch)
-    values = {**lib.check_params({"data_root": str(tmp_path), "queue_name": "team-a"}),
-              "overrides": []}
+    values = lib.check_params({"data_root": str(tmp_path), "queue_name": "team-a"})
+    values["config"] = lib.resolved(lib.build_config(values["recipe"], [], values))
     with pytest.raises(InputError, match=r"result\.json: no training result"):
         lib.train(values, run_id="run-1")  # the job "succeeded" but published nothing
     contracts.write_train_result(published)
@@ -146,8 +146,8 @@ def test_torchrun_path_reads_rank_0s_result(root: Path, monkeypatch) -> None:
     overrides = [*TINY, f"train.out={out}"]
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = lib.stage_config(str(root), "procedural", overrides)
-    result = lib._torchrun(cfg, "procedural", overrides, 2)
+    cfg = lib.build_config("procedural", overrides, {"data_root": str(root)})
+    result = lib._torchrun(cfg, "procedural", 2)
     lines = _lines(out)
     last = [r for r in lines if "loss" in r][-1]
     assert "knn_top1" in lines[-1]
@@ -174,8 +174,8 @@ def test_cluster_recipes_launch_section_reaches_the_launcher(monkeypatch, tmp_pa
         raise launcher.LaunchError("stop here")
 
     monkeypatch.setattr(launcher, "launch", fake_launch)
-    values = {**lib.check_params({"data_root": str(tmp_path), "cluster_recipe": str(recipe)}),
-              "overrides": []}
+    values = lib.check_params({"data_root": str(tmp_path), "cluster_recipe": str(recipe)})
+    values["config"] = lib.resolved(lib.build_config(values["recipe"], [], values))
     with pytest.raises(launcher.LaunchError, match="stop here"):
         lib.train(values, run_id="run-1")
     cfg = seen[-1]

@@ -70,6 +70,26 @@ def test_pipeline_signature_is_the_parameter_table():
         assert sig.parameters[p.name].annotation is p.type, p.name
 
 
+def test_validate_component_takes_the_parameter_table():
+    from components import validate
+
+    inputs = validate.component_spec.inputs
+    assert list(inputs) == list(lib.PARAM_NAMES)
+    kinds = {str: "String", int: "Integer", float: "Float", bool: "Boolean", list: "List",
+             dict: "Dict"}
+    for p in lib.PARAMS:
+        assert inputs[p.name].type == kinds[p.type], p.name
+    assert validate.component_spec.outputs["Output"].type == "String"  # the resolved config
+
+
+def test_readme_parameter_table_is_the_parameter_table():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Kubeflow Pipelines", 1)[1]
+    assert lib.param_table() in section, (
+        "README's pipeline parameter table differs from stablerep.pipeline.PARAMS; paste "
+        "stablerep.pipeline.param_table() over it")
+
+
 def test_defaults_are_the_cc12m_recipe():
     from_recipe = lib.recipe_params("cc12m")
     for p in lib.PARAMS:
@@ -152,7 +172,8 @@ def test_generation_fans_out_over_workers_not_shards(fresh, tmp_path, monkeypatc
     class Artifact:
         path, metadata = str(tmp_path / "meta.json"), {}
 
-    items = captions_step(str(tmp_path), "cc12m", [], workers=64, dataset=Artifact())
+    config = lib.resolved(lib.build_config("cc12m", [], {"data_root": str(tmp_path)}))
+    items = captions_step(config, workers=64, dataset=Artifact())
     print(f"shards=8192 workers=64: {len(items)} generation tasks")
     assert items == list(range(64))
     assert "generate-shards" not in spec["root"]["dag"]["tasks"]  # only inside the loop

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from stablerep import pipeline as lib
+from stablerep.config import load_config
 from stablerep.errors import ConfigError
 
 DEMO = {"recipe": "demo_sd", "data_root": "/tmp/x", "train_backend": "local"}
@@ -21,19 +22,20 @@ def _demo(**extra):
 
 
 def test_cc12m_defaults_validate_on_a_cluster():
-    cfg, overrides = lib.validate({}, local=False)
+    cfg = lib.validate({}, local=False)
     assert cfg.captions.num_shards == 8192 and cfg.captions.num_captions is None
     assert cfg.train.model == "vit_base_patch16_224"
-    assert overrides[0] == 'data_root="gs://YOUR_BUCKET/stablerep/cc12m"'
+    assert cfg.data_root == "gs://YOUR_BUCKET/stablerep/cc12m"
 
 
 def test_parameters_sit_between_recipe_and_overrides():
-    cfg, overrides = lib.validate(_demo(inference_steps=3,
-                                        overrides=["generate.num_inference_steps=2"]))
+    cfg = lib.validate(_demo(inference_steps=3, images_per_caption=3,
+                             overrides=["generate.num_inference_steps=2"]))
     assert cfg.generate.num_inference_steps == 2  # overrides win
+    assert cfg.generate.images_per_caption == 3  # the parameter wins over the recipe
     assert cfg.generate.backend == "tiny"  # not a parameter: the recipe's
-    assert overrides[-1] == "generate.num_inference_steps=2"
-    assert lib.stage_config("/tmp/x", "demo_sd", overrides).generate.num_inference_steps == 2
+    # the later steps run the validate step's one resolved config, as it was
+    assert lib.stage_config(lib.resolved(cfg)) == cfg
 
 
 def test_recipe_params_read_back_the_recipe():
@@ -84,8 +86,8 @@ def test_cluster_backend_refused_in_a_local_run():
 
 
 def test_zero_captions_means_all():
-    assert "captions.num_captions=null" in lib.param_overrides({"num_captions": 0})
-    assert "captions.num_captions=12" in lib.param_overrides({"num_captions": 12})
+    assert lib.param_values({"num_captions": 0}) == {"captions.num_captions": None}
+    assert lib.param_values({"num_captions": 12}) == {"captions.num_captions": 12}
 
 
 def test_parse_param_reads_json_else_string():
@@ -104,3 +106,13 @@ def test_eval_metric_values_flatten_metrics_json():
     assert lib.eval_metric_values(metrics) == {
         "d/probe_top1": 0.5, "d/few_shot_mean": 0.4, "d/few_shot_ci95": 0.1, "d/knn_top1": 0.3,
         "baseline/d/probe_top1": 0.2}
+
+
+def test_a_jobs_command_line_carries_the_resolved_config_whole():
+    cfg = lib.validate(_demo(images_per_caption=3, overrides=["train.base_lr=2e-4"]))
+    job = lib.cluster_config(lib.check_params(_demo(images_per_caption=3)), cfg=cfg)
+    assert job.overrides == lib.config_sets(cfg)
+    # what a job's pods (stablerep train --config RECIPE --set ...) build from it
+    again = load_config(job.recipe, job.overrides, require=("train",))
+    assert again == cfg and again.generate.images_per_caption == 3
+    assert again.train.base_lr == 2e-4

@@ -8,6 +8,7 @@ parameter, and the validate component ends with exit status 2.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def test_validate_step_exits_2_with_one_line(capsys, monkeypatch):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: parameters nodes, gpus_per_node: ")
-    assert lib.validate_step({})[0] == 'data_root="gs://YOUR_BUCKET/stablerep/cc12m"'
+    assert json.loads(lib.validate_step({}))["data_root"] == "gs://YOUR_BUCKET/stablerep/cc12m"
 
 
 def test_run_local_refuses_a_missing_cluster_recipe_before_any_step(tmp_path):
