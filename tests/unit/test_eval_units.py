@@ -415,7 +415,7 @@ def test_paper_recipe_without_its_data_fails_in_the_pipelines_validate(tmp_path,
         pipeline.validate({"recipe": "cc3m"}, local=False)
     assert "torchvision:ImageNet, torchvision:CIFAR10" in str(err.value)
     _cache(tmp_path / "datasets", list(pipeline.PAPER_EVAL_SETS))
-    cfg, _ = pipeline.validate({"recipe": "cc3m"}, local=False)
+    cfg = pipeline.validate({"recipe": "cc3m"}, local=False)
     assert cfg.eval.datasets == [f"torchvision:{n}" for n in pipeline.PAPER_EVAL_SETS]
 
 
