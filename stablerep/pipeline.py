@@ -1148,8 +1148,9 @@ def _is_user_error(module: str, name: str) -> bool:
 
 
 class _StepOutput:
-    """Echo what kfp.local prints of its steps; hold back a traceback that ends in a user
-    error (remembering that error's line) and print any other traceback as it was."""
+    """Echo what kfp.local prints of its steps; remember a step's own ``error:`` line (the
+    components print one for bad input and exit 2), hold back a traceback that ends in a user
+    error (remembering that error's line), and print any other traceback as it was."""
 
     def __init__(self, out: Any):
         self._out = out
@@ -1172,6 +1173,9 @@ class _StepOutput:
             self._held, self._indent = [line], plain[:len(plain) - len(plain.lstrip())]
             return
         if self._held is None:
+            own = plain.strip()
+            if own.startswith("error: ") and not own.startswith("error: internal error:"):
+                self.user_error = own.removeprefix("error: ")  # a step's own one-line error
             self._out.write(line)
             return
         self._held.append(line)

@@ -268,7 +268,8 @@ def read_sample_grid(images_uri: str, *, captions: int = 6,
     training reads: a sample without an image or a txt member is skipped and logged. Images
     are ordered by ``j``. The tar is streamed and reading stops once the requested captions
     are complete, so only the start of a large shard is downloaded; a shard that ends early
-    (truncated) or is too corrupt yields what was read before.
+    (truncated) or is too corrupt yields what was read before; a missing one raises
+    :class:`~stablerep.storage.StorageNotFound`.
     """
     if captions <= 0 or per_caption <= 0:
         return []

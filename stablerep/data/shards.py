@@ -146,13 +146,15 @@ def _check_sha256(uri: str, got: str, sha256: str, record: str) -> None:
 
 @contextlib.contextmanager
 def _open(uri: str, record: str) -> Iterator[io.BufferedIOBase]:
-    """``storage.open_read(uri)``; a missing shard names the json that lists it."""
+    """``storage.open_read(uri)``; a missing shard that a json lists (``record``) is a
+    ShardError naming that json; without one, the storage layer's StorageNotFound stands."""
     with contextlib.ExitStack() as stack:
         try:
             raw = stack.enter_context(storage.open_read(uri))
         except storage.StorageNotFound:
-            where = f"; {record} lists it" if record else ""
-            raise ShardError(f"{uri}: no such shard{where}") from None
+            if not record:
+                raise
+            raise ShardError(f"{uri}: no such shard; {record} lists it") from None
         yield raw
 
 

@@ -66,7 +66,7 @@ def _assert_run_carries_the_package(body: dict) -> None:
     assert _numbers_as_floats(sent["platform_spec"]) == _numbers_as_floats(platform)
 
 
-PARAMS = {"data_root": "gs://bucket/run1", "shards": 16, "guidance_scale": 3.5,
+PARAMS = {"data_root": "gs://bucket/run1", "shards": 16, "workers": 8, "guidance_scale": 3.5,
           "eval_datasets": ["sklearn:digits", "torchvision:CIFAR10"],
           "node_selector": {"pool": "h100"}, "train_backend": "trainjob",
           "overrides": ["train.max_steps=100"]}
@@ -74,7 +74,7 @@ PARAMS = {"data_root": "gs://bucket/run1", "shards": 16, "guidance_scale": 3.5,
 
 def test_kfp_cli_run_create_sends_spec_and_typed_parameters():
     assert KFP.exists(), f"the kfp CLI is expected beside {sys.executable}"
-    args = ["data_root=gs://bucket/run1", "shards=16", "guidance_scale=3.5",
+    args = ["data_root=gs://bucket/run1", "shards=16", "workers=8", "guidance_scale=3.5",
             'eval_datasets=["sklearn:digits", "torchvision:CIFAR10"]',
             'node_selector={"pool": "h100"}', "train_backend=trainjob",
             'overrides=["train.max_steps=100"]']
@@ -94,7 +94,7 @@ def test_stablerep_submit_sends_spec_and_typed_parameters():
         out = _run([sys.executable, "-m", "stablerep.cli", "pipeline", "submit", "--host", url,
                     "--experiment", "E", "--set", "train.max_steps=100",
                     "--param", "data_root=gs://bucket/run1", "--param", "shards=16",
-                    "--param", "guidance_scale=3.5",
+                    "--param", "workers=8", "--param", "guidance_scale=3.5",
                     "--param", 'eval_datasets=["sklearn:digits", "torchvision:CIFAR10"]',
                     "--param", 'node_selector={"pool": "h100"}',
                     "--param", "train_backend=trainjob"])
@@ -125,7 +125,7 @@ def test_submit_uploads_the_package_once_and_runs_that_version():
         for _ in range(2):
             out = _run([sys.executable, "-m", "stablerep.cli", "pipeline", "submit", "--host",
                         url, "--experiment", "E", "--upload", "stablerep",
-                        "--param", "shards=16"])
+                        "--param", "shards=16", "--param", "workers=16"])
             assert out.returncode == 0, out.stdout + out.stderr
         uploads = [r for r in state.requests if r.path.startswith(f"{kfp_fake.API}/pipelines/")
                    and r.method == "POST"]
@@ -139,7 +139,7 @@ def test_submit_uploads_the_package_once_and_runs_that_version():
         assert run["pipeline_version_reference"] == {"pipeline_id": pid,
                                                      "pipeline_version_id": version}
         assert "pipeline_spec" not in run
-        assert run["runtime_config"]["parameters"] == {"shards": 16}
+        assert run["runtime_config"]["parameters"] == {"shards": 16, "workers": 16}
 
 
 @pytest.mark.parametrize("param, expected", [
@@ -179,3 +179,14 @@ def test_bad_service_account_is_refused_before_any_request():
     assert out.stderr.strip().splitlines() == [
         "error: --service-account: got 'Runner_SA', expected a DNS-1123 subdomain (lower-case "
         "letters, digits, '-' and '.', at most 253)"]
+
+
+def test_more_workers_than_shards_is_refused_before_any_request():
+    with kfp_fake.kfp_server() as (url, state):
+        out = _run([sys.executable, "-m", "stablerep.cli", "pipeline", "submit", "--host", url,
+                    "--experiment", "E", "--param", "shards=16"])  # workers stays 64
+        assert state.requests == []
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: parameter workers: got 64, expected at most the 16 caption shards (parameter "
+        "shards)"]
