@@ -181,7 +181,8 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
       stablerep captions --input 'gs://bucket/cc3m/*.tsv' --num-captions 1000000 \\
           --num-shards 256 --out gs://bucket/run1/captions
     """
-    from stablerep.captions import format_summary, load_manifest
+    from stablerep.captions import format_summary
+    from stablerep.contracts import load_captions_manifest
 
     flags = {"source": "files" if inputs and source is None else source, "inputs": inputs,
              "format": fmt, "column": column, "num_captions": num_captions,
@@ -192,7 +193,7 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
     if cfg is None:
         return
     result = stages.run_captions(cfg)
-    click.echo(format_summary(load_manifest(result.uri)))
+    click.echo(format_summary(load_captions_manifest(result.uri)))
     click.echo(f"captions: {result.count:,} captions written to {result.uri}")
 
 

@@ -58,8 +58,6 @@ from stablerep.progress import Progress
 
 log = logging.getLogger(__name__)
 
-load_manifest = load_captions_manifest  # the name later stages and tools have used
-
 ROW_GROUP = 65536
 # Fields that change how the stage runs but never what it writes.
 _RUN_ONLY_FIELDS = ("work_dir", "spill_rows", "overwrite", "out")
