@@ -38,8 +38,9 @@ from stablerep.config import (
 )
 from stablerep.contracts import load_captions_manifest
 from stablerep.errors import ConfigError, InputError
-from stablerep.generation.backends import WorkItem, create_backend
+from stablerep.generation.backends import create_backend
 from stablerep.generation.procedural import MODEL_ID, ProceduralBackend, font_path, render
+from stablerep.generation.work import WorkItem
 
 EXAMPLE = "a handwritten digit 7, bold red ink on a noisy light background, small"
 
