@@ -1,6 +1,6 @@
 """The caption stage: source -> clean -> dedupe -> sample N -> K Parquet parts + manifest.
 
-Output (the captions contract of DESIGN.md), under ``out``::
+Output (the captions contract of docs/ARCHITECTURE.md), under ``out``::
 
     part-000000.parquet ...   caption_id int64 (0..N-1, stable), caption string, source string
     config.yaml               the resolved CaptionsConfig
