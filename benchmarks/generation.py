@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from _common import finish, matmul_tflops, sync
 
-from stablerep.captions import load_manifest, make_captions
+from stablerep.captions import make_captions
 from stablerep.config import CaptionsConfig, GenerateConfig
+from stablerep.contracts import load_captions_manifest
 from stablerep.generation.backends import DiffusersBackend, load_pipeline, resolve_device
 from stablerep.generation.runner import generate
 from stablerep.generation.shards import image_seed
@@ -196,7 +197,7 @@ def main() -> None:
         work = Path(tmp)
         make_captions(CaptionsConfig(num_captions=args.captions, num_shards=1),
                       str(work / "captions"))
-        table = load_manifest(str(work / "captions")).read_shard(0)
+        table = load_captions_manifest(str(work / "captions")).read_shard(0)
         pairs = list(zip(table.column("caption_id").to_pylist(),
                          table.column("caption").to_pylist(), strict=True))
         if args.arch == "tiny":

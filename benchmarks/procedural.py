@@ -21,9 +21,9 @@ from pathlib import Path
 
 from stablerep.captions.procedural import draw_captions
 from stablerep.config import GenerateConfig, ProceduralCaptionsConfig
-from stablerep.generation.backends import WorkItem
 from stablerep.generation.procedural import ProceduralBackend
 from stablerep.generation.shards import image_seed
+from stablerep.generation.work import WorkItem
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_IMG_S = 100.0  # "hundreds of images/s on one core"

@@ -116,9 +116,9 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def stage_config(recipe: str | None, overrides: tuple[str, ...], section: str,
-                 flags: dict[str, Any], *, data_root: str | None, print_config: bool
-                 ) -> Config | None:
+def command_config(recipe: str | None, overrides: tuple[str, ...], section: str,
+                   flags: dict[str, Any], *, data_root: str | None, print_config: bool
+                   ) -> Config | None:
     """Recipe < ``--set`` overrides < explicit flags -> Config; None after --print-config."""
     cfg = load_config(recipe, overrides, require=(section,), flags={section: flags},
                       data_root=data_root)
@@ -181,18 +181,19 @@ def captions(recipe, overrides, data_root, source, inputs, fmt, column, num_capt
       stablerep captions --input 'gs://bucket/cc3m/*.tsv' --num-captions 1000000 \\
           --num-shards 256 --out gs://bucket/run1/captions
     """
-    from stablerep.captions import format_summary, load_manifest
+    from stablerep.captions import format_summary
+    from stablerep.contracts import load_captions_manifest
 
     flags = {"source": "files" if inputs and source is None else source, "inputs": inputs,
              "format": fmt, "column": column, "num_captions": num_captions,
              "num_shards": num_shards, "seed": seed, "out": out, "allow_fewer": allow_fewer,
              "overwrite": overwrite, "work_dir": work_dir}
-    cfg = stage_config(recipe, overrides, "captions", flags, data_root=data_root,
+    cfg = command_config(recipe, overrides, "captions", flags, data_root=data_root,
                        print_config=print_config)
     if cfg is None:
         return
     result = stages.run_captions(cfg)
-    click.echo(format_summary(load_manifest(result.uri)))
+    click.echo(format_summary(load_captions_manifest(result.uri)))
     click.echo(f"captions: {result.count:,} captions written to {result.uri}")
 
 
@@ -244,7 +245,7 @@ def generate(recipe, overrides, data_root, captions_uri, out, backend, model,
              "image_format": image_format, "seed": seed, "batch_size": batch_size,
              "shard": shard, "all_shards": all_shards, "shard_from_env": shard_from_env,
              "device": device, "dtype": dtype, "compile": compile_unet, "overwrite": overwrite}
-    cfg = stage_config(recipe, overrides, "generate", flags, data_root=data_root,
+    cfg = command_config(recipe, overrides, "generate", flags, data_root=data_root,
                        print_config=print_config)
     if cfg is None:
         return
@@ -292,7 +293,7 @@ def train(recipe, overrides, data_root, data, out, method, model, image_size,
              "images_per_caption": images_per_caption, "epochs": epochs,
              "max_steps": max_steps, "num_workers": num_workers, "seed": seed,
              "device": device, "verify_shards": False if no_verify else None}
-    cfg = stage_config(recipe, overrides, "train", flags, data_root=data_root,
+    cfg = command_config(recipe, overrides, "train", flags, data_root=data_root,
                        print_config=print_config)
     if cfg is None:
         return
@@ -331,7 +332,7 @@ def evaluate(recipe, overrides, data_root, checkpoint, datasets, out, baseline,
              "few_shot_episodes": few_shot_episodes, "device": device,
              "datasets": [d.strip() for d in datasets.split(",") if d.strip()]
              if datasets else None}
-    cfg = stage_config(recipe, overrides, "eval", flags, data_root=data_root,
+    cfg = command_config(recipe, overrides, "eval", flags, data_root=data_root,
                        print_config=print_config)
     if cfg is None:
         return
@@ -370,7 +371,7 @@ def repro(recipe, overrides, data_root, arms, seeds, out, print_config) -> None:
                                  param_hint="--seeds") from None
     flags = {"arms": [a.strip() for a in arms.split(",") if a.strip()] if arms else None,
              "seeds": seed_list, "out": out}
-    cfg = stage_config(recipe or "repro", overrides, "repro", flags, data_root=data_root,
+    cfg = command_config(recipe or "repro", overrides, "repro", flags, data_root=data_root,
                        print_config=print_config)
     if cfg is None:
         return

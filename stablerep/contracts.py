@@ -303,18 +303,6 @@ def sample_key(caption_id: int, j: int) -> str:
     return f"{caption_id:012d}_{j:03d}"
 
 
-def parse_key(key: str) -> tuple[int, int]:
-    """(caption_id, j) of a sample key; inverse of :func:`sample_key`.
-
-    Raises:
-        ValueError: ``key`` is not ``CAPTIONID_J`` (digits).
-    """
-    m = KEY_PATTERN.fullmatch(key)
-    if m is None:
-        raise ValueError(f"sample key {key!r} is not CAPTIONID_J")
-    return int(m["caption_id"]), int(m["j"])
-
-
 def split_member(member_name: str) -> tuple[str, str]:
     """(key, extension) of a tar member: the key runs to the first dot of the base name."""
     directory, _, base = member_name.rpartition("/")
@@ -682,15 +670,3 @@ def write_eval_metrics(out: str, metrics: dict[str, Any]) -> str:
     uri = storage.join(out, EVAL_METRICS)
     storage.write_json(uri, metrics)
     return uri
-
-
-def read_eval_metrics(out: str) -> dict[str, Any]:
-    """The ``metrics.json`` of an eval folder.
-
-    Raises:
-        InputError: it is missing, or not a JSON object.
-    """
-    uri = storage.join(out, EVAL_METRICS)
-    if not storage.exists(uri):
-        raise InputError(f"{uri}: no eval metrics (run `stablerep eval` first)")
-    return read_json_object(uri, "JSON eval metrics", writer="stablerep eval")

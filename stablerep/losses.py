@@ -7,17 +7,15 @@ the global batch; with equal local batch sizes the mean of the per-rank losses e
 of one process holding the whole batch, and DDP's gradient averaging makes the gradients equal
 too (the all-gather's backward sums every rank's contribution to each local embedding).
 
-Thin ``nn.Module`` wrappers hold the temperature / logit scale for the trainer.
+The model owns the CLIP logit scale (:mod:`stablerep.models`); the trainer passes it in.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """Maps a local tensor (n, ...) to the global one (world * n, ...), rank-major."""
@@ -113,33 +111,3 @@ def _clip_loss(image_embeds, text_embeds, logit_scale, gather, rank):
     logits_i2t = scale * img @ gather(txt).T  # (n, N)
     logits_t2i = scale * txt @ gather(img).T  # (n, N)
     return (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
-
-
-class MultiPositiveLoss(nn.Module):
-    """Module form of :func:`multi_positive_loss` (fixed temperature)."""
-
-    def __init__(self, temperature: float = 0.1, gather: Gather = identity_gather,
-                 rank: int = 0):
-        super().__init__()
-        self.temperature, self.gather, self.rank = temperature, gather, rank
-
-    def forward(self, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return multi_positive_loss(embeds, labels, temperature=self.temperature,
-                                   gather=self.gather, rank=self.rank)
-
-
-class ClipLoss(nn.Module):
-    """CLIP loss with a learnable logit scale, initialised at log(1/0.07), clamped at log(100)."""
-
-    def __init__(self, gather: Gather = identity_gather, rank: int = 0,
-                 init_scale: float = 1 / 0.07, max_scale: float = 100.0):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.max_log_scale = math.log(max_scale)
-        self.gather, self.rank = gather, rank
-
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.logit_scale.clamp_(max=self.max_log_scale)
-        return clip_loss(image_embeds, text_embeds, self.logit_scale, gather=self.gather,
-                         rank=self.rank)

@@ -184,9 +184,10 @@ def run_generate(cfg: Config, *, shard: int | None = None,
     Raises:
         ConfigError / InputError: bad input (a shard out of range, missing captions ...).
     """
-    from stablerep.generation.backends import Backend, create_backend
+    from stablerep.generation.backends import create_backend
     from stablerep.generation.models import staged_model_path
     from stablerep.generation.runner import generate
+    from stablerep.generation.work import Backend
 
     gen = _section(cfg, "generate")
     if shard is not None or worker is not None:

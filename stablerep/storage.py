@@ -617,25 +617,6 @@ def remove(uri: str, *, recursive: bool = False, missing_ok: bool = True) -> Non
     with_retries(_rm, uri=uri, action="delete")
 
 
-# ---------------------------------------------------------------------------- parquet
-
-
-def write_parquet(uri: str, table: Any, **kwargs: Any) -> AtomicWrite:
-    """Atomically write a ``pyarrow.Table`` as Parquet; returns the published write."""
-    import pyarrow.parquet as pq
-
-    with atomic_write(uri) as w:
-        pq.write_table(table, w.file, **kwargs)
-    return w
-
-
-def read_parquet(uri: str, columns: list[str] | None = None) -> Any:
-    """Read a Parquet object into a ``pyarrow.Table``."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
-
-
 # ---------------------------------------------------------------------------- local cache
 
 

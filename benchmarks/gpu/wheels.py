@@ -117,7 +117,8 @@ def unpack(files: list[Path], target: Path) -> None:
             zf.extractall(target)
 
 
-def check() -> int:
+def print_import_states() -> int:
+    """Print, per wheel entry, whether its module imports here."""
     todo = missing()
     for dist, module in entries():
         state = "missing" if (dist, module) in todo else "imports"
@@ -136,7 +137,7 @@ def main() -> int:
         return download(Path(args.folder))
     if args.action == "install":
         return install(Path(args.folder), args.target)
-    return check()
+    return print_import_states()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The caption stage: source -> clean -> dedupe -> sample N -> K Parquet parts + manifest.
 
-Output (the captions contract of DESIGN.md), under ``out``::
+Output (the captions contract of docs/ARCHITECTURE.md), under ``out``::
 
     part-000000.parquet ...   caption_id int64 (0..N-1, stable), caption string, source string
     config.yaml               the resolved CaptionsConfig
@@ -57,8 +57,6 @@ from stablerep.errors import ConfigError, InputError
 from stablerep.progress import Progress
 
 log = logging.getLogger(__name__)
-
-load_manifest = load_captions_manifest  # the name later stages and tools have used
 
 ROW_GROUP = 65536
 # Fields that change how the stage runs but never what it writes.

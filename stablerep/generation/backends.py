@@ -1,8 +1,9 @@
 """Text-to-image backends behind one small interface.
 
-A backend turns a batch of :class:`WorkItem` (caption, image index, seed) into uint8 images
-(N, H, W, 3). ``diffusers`` loads any diffusers text-to-image pipeline from a local folder, a
-storage URI (copied once to the local cache) or a hub id; ``tiny`` builds a randomly
+A backend (:class:`stablerep.generation.work.Backend`) turns a batch of :class:`WorkItem`
+(caption, image index, seed) into uint8 images (N, H, W, 3). ``diffusers`` loads any
+diffusers text-to-image pipeline from a local folder, a storage URI (copied once to the local
+cache) or a hub id; ``tiny`` builds a randomly
 initialised Stable Diffusion pipeline offline (``stablerep.generation.tiny``), saves it to a
 folder and then loads it exactly like a real model, so both take the same code path.
 ``procedural`` renders digits and shapes from grammar captions on the CPU
@@ -20,40 +21,20 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from stablerep import devices, storage
 from stablerep.config import GenerateConfig
 from stablerep.errors import InputError
+from stablerep.generation.work import Backend, WorkItem
 
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NO_STACKTRACE = re.compile(r"\s*Please check out the root cause in the stacktrace above\.?")
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One image to draw: image ``j`` of caption ``caption_id``."""
-
-    caption_id: int
-    caption: str
-    j: int
-    seed: int
-
-
-class Backend(Protocol):
-    """What the shard runner needs from a text-to-image model."""
-
-    model_id: str  # recorded in every sample's metadata
-
-    def generate(self, items: list[WorkItem]) -> np.ndarray:
-        """Draw one image per item: (len(items), H, W, 3) uint8."""
-        ...
 
 
 def resolve_device(name: str) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from stablerep.config import GenerateConfig
-from stablerep.generation.backends import WorkItem
+from stablerep.generation.work import WorkItem
 from stablerep.procedural_grammar import (
     CLASS_NAMES,
     INKS,

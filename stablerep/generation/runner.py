@@ -57,8 +57,9 @@ from stablerep.contracts import (
     write_shard_record,
 )
 from stablerep.errors import ConfigError, InputError, StablerepError
-from stablerep.generation.backends import Backend, WorkItem, create_backend
+from stablerep.generation.backends import create_backend
 from stablerep.generation.shards import encode_image, image_seed, stored_dims
+from stablerep.generation.work import Backend, WorkItem
 from stablerep.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -76,7 +76,8 @@ class PodConfig:
     run_as_user: int = 1000  # non-root UID (the images' user)
     env: dict[str, str] = field(default_factory=dict)  # extra environment variables
 
-    def check(self, where: str) -> None:
+    def validate(self, where: str) -> None:
+        """Check every field as the API server would, naming it under ``where``."""
         _check_image(f"{where}.image", self.image, self.gpus)
         if self.gpus < 0:
             raise ConfigError(f"{where}.gpus: got {self.gpus}, expected >= 0")
@@ -131,7 +132,7 @@ class ClusterConfig:
                               "label")
         if self.nodes < 1:
             raise ConfigError(f"cluster.nodes: got {self.nodes}, expected >= 1")
-        self.pod.check("cluster.pod")
+        self.pod.validate("cluster.pod")
         if self.backend == "trainjob" and not _DNS_1123.match(self.runtime):
             raise ConfigError(f"cluster.runtime: got {self.runtime!r}, expected the name of a "
                               f"ClusterTrainingRuntime such as {RUNTIME_NAME}")
@@ -192,7 +193,7 @@ class GenerationJobConfig:
         if self.backoff_limit_per_index < 0:
             raise ConfigError(f"generation.backoff_limit_per_index: got "
                               f"{self.backoff_limit_per_index}, expected >= 0")
-        self.pod.check("generation.pod")
+        self.pod.validate("generation.pod")
         if self.namespace:
             rules.check_dns_label("generation.namespace", self.namespace)
         for name in ("shards", "parallelism", "backoff_limit_per_index", "ttl_after_finished_s"):

@@ -110,6 +110,16 @@ def check_toleration(where: str, tol: Any) -> None:
     operator, effect = tol.get("operator", "Equal"), tol.get("effect", "")
     if operator not in TOLERATION_OPERATORS:
         raise ConfigError(f"{where}.operator: got {operator!r}, expected Equal or Exists")
+    _check_toleration_match(where, key, operator, value)
+    if effect and effect not in TOLERATION_EFFECTS:
+        raise ConfigError(f"{where}.effect: got {effect!r}, expected one of "
+                          f"{', '.join(TOLERATION_EFFECTS)} (or none for all effects)")
+    if "tolerationSeconds" in tol:
+        _check_toleration_seconds(where, tol["tolerationSeconds"], effect)
+
+
+def _check_toleration_match(where: str, key: str, operator: str, value: str) -> None:
+    """The taint a toleration matches: a qualified key (or none with Exists) and its value."""
     if key:
         problem = _qualified_name_problem(key)
         if problem:
@@ -121,17 +131,16 @@ def check_toleration(where: str, tol: Any) -> None:
         raise ConfigError(f"{where}.value: got {value!r}, expected none with operator Exists")
     if operator == "Equal":
         check_label_value(f"{where}.value", value)
-    if effect and effect not in TOLERATION_EFFECTS:
-        raise ConfigError(f"{where}.effect: got {effect!r}, expected one of "
-                          f"{', '.join(TOLERATION_EFFECTS)} (or none for all effects)")
-    if "tolerationSeconds" in tol:
-        seconds = tol["tolerationSeconds"]
-        if isinstance(seconds, bool) or not isinstance(seconds, int):
-            raise ConfigError(f"{where}.tolerationSeconds: got {seconds!r}, expected an "
-                              "integer number of seconds")
-        if effect != "NoExecute":
-            raise ConfigError(f"{where}.tolerationSeconds: set with effect {effect!r}; "
-                              "expected it only with effect NoExecute")
+
+
+def _check_toleration_seconds(where: str, seconds: Any, effect: str) -> None:
+    """``tolerationSeconds``: an integer, and only with effect NoExecute."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int):
+        raise ConfigError(f"{where}.tolerationSeconds: got {seconds!r}, expected an "
+                          "integer number of seconds")
+    if effect != "NoExecute":
+        raise ConfigError(f"{where}.tolerationSeconds: set with effect {effect!r}; "
+                          "expected it only with effect NoExecute")
 
 
 def check_tolerations(where: str, tolerations: Any) -> None:

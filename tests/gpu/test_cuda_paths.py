@@ -16,7 +16,8 @@ pytestmark = [
 
 def test_tiny_generation_on_cuda_fp16(tmp_path):
     from stablerep.config import GenerateConfig
-    from stablerep.generation.backends import WorkItem, create_backend
+    from stablerep.generation.backends import create_backend
+    from stablerep.generation.work import WorkItem
 
     cfg = GenerateConfig(backend="tiny", tiny_cache=str(tmp_path), height=64, width=64,
                          num_inference_steps=4, device="cuda", dtype="fp16")

@@ -19,8 +19,9 @@ import torch
 
 from stablerep.captions import make_captions
 from stablerep.config import CaptionsConfig, GenerateConfig
-from stablerep.generation.backends import DiffusersBackend, WorkItem, load_pipeline
+from stablerep.generation.backends import DiffusersBackend, load_pipeline
 from stablerep.generation.runner import generate
+from stablerep.generation.work import WorkItem
 
 CAPTIONS = ["a red bicycle leaning on a brick wall", "two dogs on a beach at sunset",
             "a bowl of ramen on a wooden table", "a lighthouse in the fog"]

@@ -28,12 +28,13 @@ import pytest
 import zstandard
 
 from stablerep import storage
-from stablerep.captions import load_manifest, make_captions
+from stablerep.captions import make_captions
 from stablerep.captions import stage as stage_module
 from stablerep.captions.clean import normalise
 from stablerep.captions.sample import BucketSampler
 from stablerep.captions.synthetic import SyntheticSource, synthetic_rows
 from stablerep.config import CaptionsConfig, SyntheticCaptionsConfig
+from stablerep.contracts import load_captions_manifest
 from stablerep.errors import StablerepError
 
 pytestmark = pytest.mark.integration
@@ -154,7 +155,7 @@ def _published(out: str) -> list[str]:
 
 
 def _captions_of(out: str) -> list[tuple[int, str, str]]:
-    manifest = load_manifest(out)
+    manifest = load_captions_manifest(out)
     table = pa.concat_tables(manifest.read_shard(i) for i in range(manifest.num_shards))
     return list(zip(table["caption_id"].to_pylist(), table["caption"].to_pylist(),
                     table["source"].to_pylist(), strict=True))
@@ -336,7 +337,7 @@ def test_cli_synthetic_with_entry_point_and_data_root(tmp_path: Path) -> None:
     out = tmp_path / "captions"
     assert f"captions: 50 captions written to {out}" in result.stdout
     assert (out / "manifest.json").exists()
-    assert load_manifest(str(out)).source["kind"] == "synthetic"
+    assert load_captions_manifest(str(out)).source["kind"] == "synthetic"
 
 
 def test_cli_recipe_inputs_and_output_on_gcs(gcs_bucket: str) -> None:

@@ -34,14 +34,21 @@ from click.testing import CliRunner
 from PIL import Image
 
 from stablerep import storage
-from stablerep.captions import load_manifest, make_captions
+from stablerep.captions import make_captions
 from stablerep.cli import main as cli_main
 from stablerep.config import CaptionsConfig, GenerateConfig
-from stablerep.contracts import parse_key, sample_key
+from stablerep.contracts import KEY_PATTERN, load_captions_manifest, sample_key
 from stablerep.generation.backends import create_backend
 from stablerep.generation.runner import GenerationError, generate
 from stablerep.generation.shards import image_seed
 from stablerep.generation.tiny import save_tiny_pipeline
+
+
+def _parse_key(key: str) -> tuple[int, int]:
+    """(caption_id, j) of a sample key, as the data loader and the report read it."""
+    m = KEY_PATTERN.fullmatch(key)
+    assert m is not None, key
+    return int(m["caption_id"]), int(m["j"])
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +123,7 @@ def local_run(work: Path, captions3: str) -> str:
 
 
 def _captions_table(captions_uri: str) -> dict[int, str]:
-    manifest = load_manifest(captions_uri)
+    manifest = load_captions_manifest(captions_uri)
     out: dict[int, str] = {}
     for i in range(manifest.num_shards):
         table = manifest.read_shard(i)
@@ -126,7 +133,7 @@ def _captions_table(captions_uri: str) -> dict[int, str]:
 
 
 def _shard_ids(captions_uri: str) -> list[list[int]]:
-    manifest = load_manifest(captions_uri)
+    manifest = load_captions_manifest(captions_uri)
     return [manifest.read_shard(i).column("caption_id").to_pylist()
             for i in range(manifest.num_shards)]
 
@@ -191,7 +198,7 @@ def _check_images_folder(out: str, urls: list[str], captions_uri: str, cfg: Gene
     assert [s["__key__"] for s in samples] == expected_keys  # m adjacent samples per caption
     stored = cfg.stored_size or cfg.height
     for s in samples:
-        cid, j = parse_key(s["__key__"])
+        cid, j = _parse_key(s["__key__"])
         assert s["txt"] == texts[cid]
         assert isinstance(s["jpg"], Image.Image) and s["jpg"].size == (stored, stored)
         assert s["json"] == {
@@ -454,7 +461,7 @@ def test_failing_caption_is_left_out_and_recorded(captions3: str, local_run: str
     # The other captions of the failed batch were redrawn one by one: the same images.
     reference = _all_images(local_run)
     _assert_same_images(_all_images(out), {k: v for k, v in reference.items()
-                                           if parse_key(k)[0] != victim})
+                                           if _parse_key(k)[0] != victim})
 
     strict = work / "images-fail-strict"
     with pytest.raises(GenerationError, match=r"shard 1: 1 captions failed, more than "

@@ -19,11 +19,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stablerep.captions import load_manifest
 from stablerep.captions.procedural import CLASS_NAMES, procedural_label
-from stablerep.contracts import parse_key
+from stablerep.contracts import KEY_PATTERN, load_captions_manifest
 from stablerep.generation.procedural import MODEL_ID, render
 from stablerep.generation.shards import image_seed
+
+
+def _parse_key(key: str) -> tuple[int, int]:
+    """(caption_id, j) of a sample key, as the data loader and the report read it."""
+    m = KEY_PATTERN.fullmatch(key)
+    assert m is not None, key
+    return int(m["caption_id"]), int(m["j"])
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +67,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_shards_hold_every_image_rendered_from_its_caption(data_root: Path) -> None:
-    captions = load_manifest(str(data_root / "captions"))
+    captions = load_captions_manifest(str(data_root / "captions"))
     table = {r["caption_id"]: r for i in range(captions.num_shards)
              for r in captions.read_shard(i).to_pylist()}
     manifest = json.loads((data_root / "images" / "manifest.json").read_text())
@@ -73,7 +79,7 @@ def test_shards_hold_every_image_rendered_from_its_caption(data_root: Path) -> N
         assert doc["model"] == MODEL_ID and doc["failed"] == []
         for key, sample in _samples(data_root / "images" / f"shard-{index:06d}.tar").items():
             assert sorted(sample) == ["json", "png", "txt"]
-            cid, j = parse_key(key)
+            cid, j = _parse_key(key)
             caption = sample["txt"].decode()
             meta = json.loads(sample["json"])
             assert caption == table[cid]["caption"]

@@ -452,7 +452,8 @@ def _rows_of(out: Path) -> list[tuple[int, str]]:
 
 def test_stage_writes_the_captions_contract(tmp_path: Path, monkeypatch) -> None:
     from stablerep import storage
-    from stablerep.captions import load_manifest, make_captions
+    from stablerep.captions import make_captions
+    from stablerep.contracts import load_captions_manifest
 
     noisy = [
         "  a dog   running on\u00a0the beach  ",  # kept, cleaned
@@ -501,7 +502,7 @@ def test_stage_writes_the_captions_contract(tmp_path: Path, monkeypatch) -> None
     assert (out / "config.yaml").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staged leftovers
 
-    loaded = load_manifest(str(out))
+    loaded = load_captions_manifest(str(out))
     tables = [loaded.read_shard(i) for i in range(loaded.num_shards)]
     assert all(t.schema.names == ["caption_id", "caption", "source"] for t in tables)
     assert str(tables[0].schema.field("caption_id").type) == "int64"
@@ -598,7 +599,8 @@ def test_stage_rerun_is_a_noop(tmp_path: Path) -> None:
 
 
 def test_stage_other_config_needs_overwrite(tmp_path: Path) -> None:
-    from stablerep.captions import load_manifest, make_captions
+    from stablerep.captions import make_captions
+    from stablerep.contracts import load_captions_manifest
 
     (tmp_path / "a.tsv").write_text(_cc3m_lines(_many(50)))
     out = tmp_path / "out"
@@ -613,7 +615,7 @@ def test_stage_other_config_needs_overwrite(tmp_path: Path) -> None:
     m = make_captions(_files_cfg([str(tmp_path / "a.tsv")], num_shards=2, seed=9,
                                  overwrite=True), str(out))
     assert sorted(_parts(out)) == ["part-000000.parquet", "part-000001.parquet"]  # stale gone
-    assert m.num_shards == 2 and load_manifest(str(out)).seed == 9
+    assert m.num_shards == 2 and load_captions_manifest(str(out)).seed == 9
     assert [i for i, _ in _rows_of(out)] == list(range(50))
 
 

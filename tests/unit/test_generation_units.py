@@ -18,10 +18,17 @@ from PIL import Image
 from stablerep.captions import CaptionsManifest
 from stablerep.captions.stage import ShardInfo
 from stablerep.config import Config, GenerateConfig, from_dict
-from stablerep.contracts import TarShardWriter, parse_key, sample_key, sample_members
+from stablerep.contracts import KEY_PATTERN, TarShardWriter, sample_key, sample_members
 from stablerep.errors import ConfigError
 from stablerep.generation.runner import ShardJob, output_fingerprint, select_shards
 from stablerep.generation.shards import encode_image, image_seed
+
+
+def _parse_key(key: str) -> tuple[int, int]:
+    """(caption_id, j) of a sample key, as the data loader and the report read it."""
+    m = KEY_PATTERN.fullmatch(key)
+    assert m is not None, key
+    return int(m["caption_id"]), int(m["j"])
 
 # ---------------------------------------------------------------------------- keys and seeds
 
@@ -31,7 +38,7 @@ def test_sample_key_round_trip(caption_id: int, j: int) -> None:
     key = sample_key(caption_id, j)
     assert "." not in key  # webdataset splits key and extension at the first dot
     assert len(key) == 16 and key[12] == "_"
-    assert parse_key(key) == (caption_id, j)
+    assert _parse_key(key) == (caption_id, j)
 
 
 def test_sample_keys_sort_like_captions_then_images() -> None:
@@ -301,25 +308,25 @@ def _write_captions(folder, rows: int = 3) -> dict:
     (lambda d: d.update(kind="other"), "not a stablerep captions manifest"),
 ])
 def test_captions_manifest_errors_name_the_file_and_key(tmp_path, change, message) -> None:
-    from stablerep.captions import load_manifest
+    from stablerep.contracts import load_captions_manifest
     from stablerep.errors import InputError
 
     doc = _write_captions(tmp_path / "c")
     change(doc)
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(InputError, match=message) as info:
-        load_manifest(str(tmp_path / "c"))
+        load_captions_manifest(str(tmp_path / "c"))
     assert str(info.value).startswith(f"{tmp_path / 'c' / 'manifest.json'}: ")
 
 
 def test_captions_part_row_count_and_types_are_checked(tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from stablerep.captions import load_manifest
+    from stablerep.contracts import load_captions_manifest
     from stablerep.errors import InputError
 
     _write_captions(tmp_path / "c")
-    manifest = load_manifest(str(tmp_path / "c"))
+    manifest = load_captions_manifest(str(tmp_path / "c"))
     assert manifest.read_shard(0).num_rows == 3
     manifest.check_parts()
     part = tmp_path / "c" / "part-000000.parquet"

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from stablerep.captions import load_manifest, make_captions
+from stablerep.captions import make_captions
 from stablerep.captions.procedural import (
     CLASS_NAMES,
     DIGITS,
@@ -36,9 +36,11 @@ from stablerep.config import (
     ProceduralCaptionsConfig,
     from_dict,
 )
+from stablerep.contracts import load_captions_manifest
 from stablerep.errors import ConfigError, InputError
-from stablerep.generation.backends import WorkItem, create_backend
+from stablerep.generation.backends import create_backend
 from stablerep.generation.procedural import MODEL_ID, ProceduralBackend, font_path, render
+from stablerep.generation.work import WorkItem
 
 EXAMPLE = "a handwritten digit 7, bold red ink on a noisy light background, small"
 
@@ -158,7 +160,7 @@ def test_captions_stage_with_the_procedural_source(tmp_path: Path) -> None:
     cfg = CaptionsConfig(source="procedural", num_captions=60, num_shards=2, seed=1)
     manifest = make_captions(cfg, str(tmp_path / "captions"))
     assert manifest.count == 60 and manifest.source["kind"] == "procedural"
-    rows = [r for i in range(2) for r in load_manifest(manifest.uri).read_shard(i).to_pylist()]
+    rows = [r for i in range(2) for r in load_captions_manifest(manifest.uri).read_shard(i).to_pylist()]
     assert len({r["caption"] for r in rows}) == 60
     for row in rows:
         assert row["source"] == f"procedural:{CLASS_NAMES[procedural_label(row['caption'])]}"

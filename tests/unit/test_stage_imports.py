@@ -81,7 +81,7 @@ def test_the_check_finds_a_cross_stage_import(tmp_path: Path) -> None:
     (fake / "generation" / "ok.py").write_text("from stablerep.generation import shards\n"
                                                "from stablerep import contracts\n")
     (fake / "generation" / "bad.py").write_text(
-        "import os\n\ndef f():\n    from stablerep.captions.stage import load_manifest\n")
+        "import os\n\ndef f():\n    from stablerep.captions.stage import make_captions\n")
     (fake / "evaluation" / "rel.py").write_text("from ..training import checkpoint\n")
     (fake / "report.py").write_text("from stablerep import training\n")
     assert cross_stage_imports(fake) == [

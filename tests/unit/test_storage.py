@@ -267,7 +267,8 @@ def test_atomic_write_accepts_buffered_and_parquet_writers(tmp_path):
     import pyarrow.parquet as pq
 
     table = pa.table({"caption_id": pa.array([1, 2], pa.int64()), "caption": ["a", "b"]})
-    w = storage.write_parquet(str(tmp_path / "t.parquet"), table)
+    with storage.atomic_write(str(tmp_path / "t.parquet")) as w:  # as the captions stage
+        pq.write_table(table, w.file)
     assert pq.read_table(tmp_path / "t.parquet").equals(table)
     assert w.sha256 == hashlib.sha256((tmp_path / "t.parquet").read_bytes()).hexdigest()
     with storage.atomic_write(str(tmp_path / "buf.bin")) as w2:
