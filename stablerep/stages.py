@@ -179,13 +179,13 @@ def run_generate(cfg: Config, *, shard: int | None = None,
         worker: (index, count) of a pipeline worker: shards ``index, index + count, ...``,
             drawn with one model load.
         staged_model: load the run's copy of the model (:func:`run_stage_model` made it)
-            instead of ``generate.model``.
+            instead of ``generate.model`` (the procedural backend has none to load).
 
     Raises:
         ConfigError / InputError: bad input (a shard out of range, missing captions ...).
     """
     from stablerep.generation.backends import create_backend
-    from stablerep.generation.models import staged_model_path
+    from stablerep.generation.models import needs_model, staged_model_path
     from stablerep.generation.runner import generate
     from stablerep.generation.work import Backend
 
@@ -201,7 +201,8 @@ def run_generate(cfg: Config, *, shard: int | None = None,
         return create_backend(c, staged_model_path(c, cfg.data_root))
 
     results = generate(gen, captions=captions, out=target,
-                       backend_factory=staged if staged_model else create_backend,
+                       backend_factory=staged if staged_model and needs_model(gen)
+                       else create_backend,
                        worker=worker)
     made = [r for r in results if not r.skipped]
     images = sum(r.samples for r in made)

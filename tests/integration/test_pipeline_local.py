@@ -104,3 +104,22 @@ def test_first_step_fails_naming_the_parameter(tmp_path, capfd):
     assert "error: parameter inference_steps: got 0" in text.out + text.err
     assert "Traceback" not in text.out + text.err
     assert not (tmp_path / "r").exists()
+
+
+def test_make_demo_pipeline_draws_procedurally_without_a_model(tmp_path):
+    """`make demo`'s recipe (the procedural backend) runs through every step at a reduced
+    budget: nothing is staged for a backend without a model, and training and evaluation end."""
+    root = tmp_path / "demo"
+    out = subprocess.run([sys.executable, "-m", "stablerep.cli", "pipeline", "run-local",
+                          "--recipe", "demo", "--data-root", str(root),
+                          "--param", "num_captions=64", "--param", "shards=2",
+                          "--param", "workers=2", "--set", "train.max_steps=2",
+                          "--set", "train.checkpoint_every=2", "--set",
+                          "eval.few_shot_episodes=5", "--set", "eval.probe_num_c=3"],
+                         capture_output=True, text=True, timeout=540, env=_env(), cwd=ROOT,
+                         check=False)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert not (root / "models").exists()  # the procedural backend draws without a model
+    assert json.loads((root / "images" / "manifest.json").read_text())["num_shards"] == 2
+    assert json.loads((root / "train" / "result.json").read_text())["steps"] == 2
+    assert "sklearn:digits:  probe_top1" in out.stdout
