@@ -58,6 +58,9 @@ class DistEnv:
 
 #: What every gloo transport error message holds: the path of the gloo source that raised it.
 GLOO_TRANSPORT = "gloo/transport/"
+#: gloo's messages that carry no source path: a pair closed after a collective's timeout
+#: (seen in DDP's buffer broadcast when a peer hangs, torch 2.14), and a peer's socket closing.
+GLOO_PEER_MESSAGES = ("Application timeout caused pair closure", "Connection closed by peer")
 
 
 class CollectiveError(PeerLostError, RuntimeError):
@@ -69,12 +72,15 @@ def is_peer_failure(error: BaseException) -> bool:
     """Whether ``error`` is a failed collective rather than a bug or a user error.
 
     True for ``torch.distributed.DistError`` and its subclasses, and for gloo's transport
-    errors (a ``RuntimeError`` whose message names a ``gloo/transport/`` source); False for
-    everything else, a ``RuntimeError`` of a shape mismatch or of CUDA included.
+    errors (a ``RuntimeError`` whose message names a ``gloo/transport/`` source, or is one of
+    :data:`GLOO_PEER_MESSAGES`); False for everything else, a ``RuntimeError`` of a shape
+    mismatch or of CUDA included.
     """
     if isinstance(error, dist.DistError):
         return True
-    return type(error) is RuntimeError and GLOO_TRANSPORT in str(error)
+    text = str(error)
+    return type(error) is RuntimeError and (
+        GLOO_TRANSPORT in text or any(message in text for message in GLOO_PEER_MESSAGES))
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ TWO = DistEnv(rank=1, world_size=2)
 @pytest.mark.parametrize(("error", "peer"), [
     (RuntimeError(GLOO_RESET), True),
     (RuntimeError(GLOO_TIMEOUT), True),
+    (RuntimeError("Application timeout caused pair closure"), True),  # DDP broadcast, hung peer
     (dist.DistBackendError("NCCL communicator was aborted"), True),
     (dist.DistNetworkError("connection to the store closed"), True),
     (dist.DistStoreError("wait timeout"), True),
@@ -51,7 +52,7 @@ TWO = DistEnv(rank=1, world_size=2)
     (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), False),
     (torch.OutOfMemoryError("CUDA out of memory"), False),
     (ValueError(GLOO_RESET), False),  # only RuntimeErrors come from gloo's transport
-], ids=["gloo-reset", "gloo-timeout", "nccl", "network", "store", "shape", "cuda", "cudnn",
+], ids=["gloo-reset", "gloo-timeout", "gloo-pair-closure", "nccl", "network", "store", "shape", "cuda", "cudnn",
         "oom", "not-runtime"])
 def test_only_collective_failures_are_peer_failures(error: BaseException, peer: bool) -> None:
     assert is_peer_failure(error) is peer
