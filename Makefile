@@ -10,7 +10,10 @@
 #   make bench-gpu  the prepared GPU run (benchmarks/gpu/run.sh; SMOKE=1: toy size on the CPU)
 #   make gpu-wheels download the wheels the GPU run carries into .wheels/ (lock pins)
 #   make k8s     re-render the Kubernetes manifests in k8s/ from configs/k8s/cc12m_4x8.yaml
-#   make images  build and tag the CUDA and CPU images (docker or podman; CONTAINER_ENGINE)
+#   make images  build and tag the CPU and CUDA images (docker or podman; CONTAINER_ENGINE,
+#                IMAGES=cpu, BASE_IMAGE, TORCH_INDEX_URL, WHEELS: see images/build.sh)
+#   make base-image  a Debian bookworm base from Debian's packages (mmdebstrap), for machines
+#                without registry access: make images BASE_IMAGE=localhost/stablerep-base:bookworm
 #   make tools   create .venv-tools with checkov (.ci/tools.lock), which make test uses
 #   make lock    re-resolve every dependency on purpose and rewrite requirements.lock
 #   make clean   remove the venv and demo output
@@ -27,7 +30,7 @@ PIP_LOCKED  = $(BIN)/python -m pip install -q -c $(LOCK)
 PYTEST_ARGS ?=
 
 .PHONY: venv tools tools-lock demo repro compile test test-unit test-integration lint bench \
-        bench-gpu gpu-wheels lock k8s crd-schemas images clean
+        bench-gpu gpu-wheels lock k8s crd-schemas images base-image clean
 
 venv: $(STAMP)
 
@@ -137,6 +140,9 @@ k8s: $(STAMP)
 # so no venv is needed to build the images.
 images:
 	PYTHON=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) images/build.sh
+
+base-image:
+	images/base.sh
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(TOOLS_VENV) data/demo data/demo_sd data/repro .pytest_cache

@@ -204,11 +204,28 @@ def describe_path_error(exc: BaseException, *, path: str | os.PathLike | None = 
         return f"{where}: {exc.strerror or 'already exists'}"
     if exc.errno == errno.EISDIR:
         return f"{where} is a folder, expected a file"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied {_who_and_owner(where)}"
     return f"{where}: {_PATH_ERRNOS[exc.errno]}"
 
 
+def _who_and_owner(path: Path) -> str:
+    """'to UID u (owner UID o, mode m)' of the nearest existing part of ``path``: what a
+    container's user needs to know to fix a mounted folder it cannot write."""
+    owner = ""
+    for part in (path, *path.parents):
+        try:
+            st = part.stat()
+        except OSError:
+            continue
+        owner = f"; {part} is owned by UID {st.st_uid}, mode {st.st_mode & 0o7777:o}"
+        break
+    return f"to UID {os.getuid()}{owner}"
+
+
 def check_output_folder(uri: str, *, field: str) -> None:
-    """Refuse, before any work, a local output folder that a regular file stands in for.
+    """Refuse, before any work, a local output folder that a regular file stands in for, or
+    that this process's user cannot create or write (a container's UID on a mounted folder).
 
     Nothing is created; remote URIs have no such problem (a prefix is never a file).
 
@@ -225,6 +242,10 @@ def check_output_folder(uri: str, *, field: str) -> None:
     if blocker is not None:
         raise StorageError(f"{field}: {uri} runs through {blocker}, a regular file, expected "
                            "a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"{field}: {uri}: permission denied {_who_and_owner(existing)}; "
+                           "expected a folder this user can write")
 
 
 def _permanent_error(exc: BaseException, uri: str, action: str) -> StorageError:

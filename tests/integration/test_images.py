@@ -1,10 +1,11 @@
-"""The container images: hadolint and checkov clean, installs through the lock, `make images`.
+"""The container images' sources: hadolint and checkov clean, installs through the lock,
+layers in the order that spares torch, ``make images`` and its bad input.
 
-No image is built here (no container engine on CI machines): hadolint lints both Dockerfiles,
-checkov (``.venv-tools``, created by ``make tools``) scans ``images/`` and ``k8s/`` and must
-find no failed check, the build context that ``.dockerignore`` leaves is computed with
-docker-py (from ``.venv-tools``) and must hold every file the Dockerfiles copy, and ``make
-images`` runs against a stand-in engine that records its command lines, and with none.
+hadolint lints both Dockerfiles, checkov (``.venv-tools``, created by ``make tools``) scans
+``images/`` and ``k8s/`` and must find no failed check, the build context that
+``.dockerignore`` leaves is computed with docker-py (from ``.venv-tools``) and must hold every
+file the Dockerfiles copy, and ``make images`` runs against stand-in engines that record their
+command lines, and with none. The built images themselves run in test_containers_k8s.py.
 """
 
 from __future__ import annotations
@@ -102,28 +103,44 @@ def _torch_pins() -> list[str]:
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
 def test_dockerfile_installs_through_the_lock(variant):
     steps = _instructions(DOCKERFILES[variant])
-    froms = [args for op, args in steps if op == "FROM"]
-    assert len(froms) == 2, "expected a build stage and a runtime stage"
-    for image in froms:
-        tag = image.split()[0].partition(":")[2]
-        assert re.match(r"\d+\.\d+\.\d+-", tag), f"FROM {image}: expected a pinned version tag"
+    ops = [op for op, _ in steps]
+    assert ops.count("FROM") == 1 and ("FROM", "${BASE_IMAGE}") in steps
+    base = next(args for op, args in steps if op == "ARG" and args.startswith("BASE_IMAGE="))
+    assert re.search(r":\d+\.\d+\.\d+-", base), f"ARG {base}: expected a pinned version tag"
+    assert any(op == "ARG" and args.startswith("TORCH_INDEX_URL") for op, args in steps)
     installs = [args for op, args in steps if op == "RUN" for args in
-                re.split(r"&&", args) if "pip install" in args]
+                re.split(r"&&|;", args) if "pip install" in args]
     lock = (ROOT / "requirements.lock").read_text().split()
     for pin in _torch_pins():
         assert pin in lock, f"requirements.lock does not pin {pin}"
     for cmd in installs:
         assert "--no-cache-dir" in cmd, cmd
         assert "-c requirements.lock" in cmd or "--no-deps" in cmd, cmd
-        if "torch" in cmd:
-            assert all(pin in cmd.split() for pin in _torch_pins()), (cmd, _torch_pins())
+    torch = [cmd for cmd in installs if "-r /tmp/torch.txt" in cmd]
+    assert len(torch) == 2, installs  # from TORCH_INDEX_URL, or the pip index under the lock
     package = [cmd for cmd in installs if cmd.split()[-1] == "."]
-    assert len(package) == 1 and "-c requirements.lock" in package[0]
-    runtime = steps[[op for op, _ in steps].index("FROM", 1):]
-    assert ("USER", "1000:1000") in runtime and runtime[-2][0] == "USER"
-    assert ("WORKDIR", "/app") in runtime and ("COPY", "stablerep/recipes ./configs") in runtime
+    assert len(package) == 1 and "--no-deps" in package[0]
+    # layer order: torch, then the declared dependencies, then the code (a code change
+    # rebuilds neither of the first two)
+    order = [i for i, (op, args) in enumerate(steps)
+             if (op == "RUN" and ("lock_pins.py torch" in args or "--requirements" in args))
+             or (op == "COPY" and args.startswith("stablerep "))]
+    assert len(order) == 3 and order == sorted(order), order
+    assert ("USER", "1000:1000") in steps and ops[-1] == "CMD"
+    assert ("WORKDIR", "/app") in steps and ("COPY", "stablerep/recipes ./configs") in steps
     assert not any(op == "ARG" and re.search(r"TOKEN|SECRET|PASSWORD|KEY", args, re.I)
                    for op, args in steps)
+
+
+def test_lock_pins_reads_the_lock_and_refuses_a_missing_name(tmp_path):
+    script = ROOT / "images" / "lock_pins.py"
+    run = subprocess.run([sys.executable, str(script), *(p.split("==")[0] for p in _torch_pins())],
+                         capture_output=True, text=True, timeout=60, check=True, cwd=ROOT)
+    assert run.stdout.split() == _torch_pins()
+    run = subprocess.run([sys.executable, str(script), "torch", "no-such-package"],
+                         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("error: requirements.lock: does not pin no-such-package")
 
 
 def test_build_context_holds_what_the_dockerfiles_copy():
@@ -144,7 +161,7 @@ def test_build_context_holds_what_the_dockerfiles_copy():
     assert not {p for p in context if "__pycache__" in p or p.endswith(".pyc")}
     for dockerfile in DOCKERFILES.values():
         for op, args in _instructions(dockerfile):
-            if op == "COPY" and not args.startswith("--from"):
+            if op == "COPY":
                 for source in args.split()[:-1]:
                     assert source in context, f"{dockerfile.name}: COPY {source} is not in it"
 
@@ -153,7 +170,8 @@ def _bin(tmp_path: Path, engines: dict[str, str]) -> Path:
     """A PATH folder with the shell tools `make images` needs and stand-in engines."""
     folder = tmp_path / "bin"
     folder.mkdir()
-    for tool in ("bash", "sh", "env", "dirname", "make"):
+    for tool in ("bash", "sh", "env", "dirname", "make", "mktemp", "date", "tee", "grep", "head",
+                 "rm"):
         found = shutil.which(tool)
         assert found, f"{tool} is not installed"
         (folder / tool).symlink_to(found)
@@ -190,12 +208,53 @@ def test_make_images_with_an_engine_that_does_not_answer(tmp_path):
 
 def test_make_images_builds_both_tags(tmp_path):
     log = tmp_path / "engine.log"
-    script = f'[ "$1" = info ] && exit 0\necho "$PWD $*" >> {log}\n'
+    script = (f'case "$1" in info) exit 0 ;; image) echo 1234000000 ; exit 0 ;; esac\n'
+              f'echo "$PWD $*" >> {log}\n')
     folder = _bin(tmp_path, {"docker": "exit 1\n", "podman": script})
     run = _make_images(folder)  # docker does not answer: podman is taken
     assert run.returncode == 0, run.stderr
     builds = log.read_text().splitlines()
+    podman = "--network host --format docker"
     expect = [f"{ROOT} build --file images/Dockerfile.{v} --build-arg VERSION={__version__} "
-              f"--tag {tag} ." for v, tag in (("cuda", CUDA_IMAGE), ("cpu", CPU_IMAGE))]
+              f"{podman} --tag {tag} ." for v, tag in (("cpu", CPU_IMAGE), ("cuda", CUDA_IMAGE))]
     assert builds == expect
-    assert f"built {CUDA_IMAGE} and {CPU_IMAGE}" in run.stdout
+    assert f"built {CPU_IMAGE} in " in run.stdout and ", 1234 MB" in run.stdout
+
+
+def test_make_images_passes_base_torch_source_and_mirror(tmp_path):
+    log = tmp_path / "engine.log"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    script = (f'case "$1" in info|image) exit 0 ;; esac\necho "$*" >> {log}\n')
+    run = _make_images(_bin(tmp_path, {"podman": script}), IMAGES="cpu", BASE_IMAGE="base:1",
+                       TORCH_INDEX_URL="", WHEELS=str(wheels), PIP_FIND_LINKS=str(wheels))
+    assert run.returncode == 0, run.stderr
+    (build,) = log.read_text().splitlines()
+    for part in ("--build-arg BASE_IMAGE=base:1", "--build-arg TORCH_INDEX_URL= ",
+                 f"--volume {wheels}:{wheels}:ro", f"--build-arg PIP_FIND_LINKS={wheels}",
+                 "--file images/Dockerfile.cpu"):
+        assert part in build, (part, build)
+    assert "Dockerfile.cuda" not in build
+
+
+@pytest.mark.parametrize(("env", "pattern"), [
+    ({"IMAGES": "cpu gpu"}, r"IMAGES=cpu gpu: unknown variant 'gpu', expected cpu and/or cuda"),
+    ({"WHEELS": "/no/such/folder"}, r"WHEELS: /no/such/folder is not a folder"),
+    ({"BASE_IMAGE": "nowhere/base:0"}, r"BASE_IMAGE=nowhere/base:0: no such image here and it "
+                                       r"cannot be pulled"),
+])
+def test_make_images_refuses_bad_settings_before_building(tmp_path, env, pattern):
+    log = tmp_path / "engine.log"
+    script = (f'case "$1" in info) exit 0 ;; image|pull) exit 1 ;; esac\n'
+              f'echo "$*" >> {log}\n')
+    run = _make_images(_bin(tmp_path, {"podman": script}), **env)
+    _one_error(run, pattern)
+    assert not log.exists(), "a build started"
+
+
+def test_make_images_names_what_the_lock_missed(tmp_path):
+    script = ('case "$1" in info|image) exit 0 ;; esac\n'
+              'echo "ERROR: No matching distribution found for torch==2.14.1"; exit 1\n')
+    run = _make_images(_bin(tmp_path, {"podman": script}), IMAGES="cpu")
+    _one_error(run, r"pip could not satisfy requirements.lock: No matching distribution found "
+                    r"for torch==2.14.1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import typing
 
 import click
@@ -138,7 +139,9 @@ def test_describe_path_error_only_describes_path_problems(tmp_path):
     assert storage.describe_path_error(err) == f"{tmp_path / 'f'} is a regular file, expected " \
                                                "a folder"
     denied = PermissionError(errno.EACCES, "Permission denied", "/root/x")
-    assert storage.describe_path_error(denied) == "/root/x: permission denied"
+    assert storage.describe_path_error(denied) == (  # who the process is, who owns the folder
+        f"/root/x: permission denied to UID {os.getuid()}; /root is owned by UID "
+        f"{os.stat('/root').st_uid}, mode {os.stat('/root').st_mode & 0o7777:o}")
     assert storage.describe_path_error(OSError(errno.EIO, "I/O error", "/x")) is None
     assert storage.describe_path_error(RuntimeError("no")) is None
     assert storage.describe_path_error(FileExistsError(errno.EEXIST, "exists")) is None
