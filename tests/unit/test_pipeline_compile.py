@@ -92,8 +92,8 @@ def test_readme_parameter_table_is_the_parameter_table():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Kubeflow Pipelines", 1)[1]
     assert parameters.param_table() in section, (
-        "README's pipeline parameter table differs from stablerep.pipeline.PARAMS; paste "
-        "stablerep.pipeline.param_table() over it")
+        "README's pipeline parameter table differs from stablerep.kfp.params.PARAMS; paste "
+        "stablerep.kfp.params.param_table() over it")
 
 
 def test_defaults_are_the_cc12m_recipe():
