@@ -11,20 +11,20 @@ import click
 
 from stablerep.errors import ConfigError
 from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE
-from stablerep.kfp import params as lib
+from stablerep.kfp import params as pipeline_params
 from stablerep.kfp.compile import PIPELINE_K8S, PIPELINE_YAML
 from stablerep.kfp.local import RUNNERS
 
 _PARAM_HELP = ("Pipeline parameter name=value (value read as JSON when it parses, else a "
-               "string); repeatable. Names: " + ", ".join(lib.PARAM_NAMES) + ".")
+               "string); repeatable. Names: " + ", ".join(pipeline_params.PARAM_NAMES) + ".")
 
 
 def _params(recipe: str | None, sets: tuple[str, ...], params: tuple[str, ...],
             **fixed: Any) -> dict[str, Any]:
     """--recipe (its values for the parameters) < fixed values < --set < --param."""
-    given = dict(lib.parse_param(text) for text in params)
-    lib.check_names(list(given))  # an unknown name fails before anything else
-    out: dict[str, Any] = lib.recipe_params(recipe) if recipe else {}
+    given = dict(pipeline_params.parse_param(text) for text in params)
+    pipeline_params.check_names(list(given))  # an unknown name fails before anything else
+    out: dict[str, Any] = pipeline_params.recipe_params(recipe) if recipe else {}
     out.update(fixed)
     if sets:
         out["overrides"] = list(sets)
@@ -49,8 +49,8 @@ def pipeline() -> None:
 @click.option("--cuda-image", default="", metavar="IMAGE", help="The image of generation, "
               "training in the step's pod and evaluation; the training job's pods' default "
               f"[default: --image, else {CUDA_IMAGE}].")
-@click.option("--parallelism", type=int, default=lib.DEFAULT_PARALLELISM, show_default=True,
-              help="Generation tasks at a time (KFP fixes it at compile time).")
+@click.option("--parallelism", type=int, default=pipeline_params.DEFAULT_PARALLELISM,
+              show_default=True, help="Generation tasks at a time (KFP fixes it at compile time).")
 def compile_cmd(out: str, k8s_out: str, image: str, cpu_image: str, cuda_image: str,
                 parallelism: int) -> None:
     """Compile the pipeline (stablerep.kfp.pipeline; what `make compile` runs).

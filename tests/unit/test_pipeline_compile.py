@@ -85,6 +85,7 @@ def test_validate_component_takes_the_parameter_table():
              dict: "Dict"}
     for p in parameters.PARAMS:
         assert inputs[p.name].type == kinds[p.type], p.name
+        assert inputs[p.name].description == p.help, p.name  # what the UI shows
     assert validate.component_spec.outputs["Output"].type == "String"  # the resolved config
 
 
@@ -110,8 +111,8 @@ CUDA_STEPS = {"exec-generate-shards", "exec-train", "exec-evaluate", "exec-evalu
 
 
 def _images(text: str) -> dict[str, str]:
-    spec, _ = _docs(text)
-    return {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    executors = _docs(text)[0]["deploymentSpec"]["executors"]
+    return {name: e["container"]["image"] for name, e in executors.items()}
 
 
 def test_steps_without_gpus_run_on_the_cpu_image(fresh):
