@@ -137,7 +137,7 @@ def run_local(recipe: str, data_root: str | None, sets: tuple[str, ...],
     Examples:
       stablerep pipeline run-local
       stablerep pipeline run-local --data-root /tmp/demo --set train.max_steps=10
-      stablerep pipeline run-local --runner docker --image stablerep:0.1.0-cpu
+      stablerep pipeline run-local --runner docker --image docker.io/stablerep/stablerep:0.1.0-cpu
     """
     from stablerep.kfp.local import run_local as run
     from stablerep.kfp.validation import validate
