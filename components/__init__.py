@@ -1,20 +1,16 @@
-"""Kubeflow Pipelines components of stablerep: one lightweight component per stage.
+"""Kubeflow Pipelines components of stablerep, on the project's default images.
 
-Each body imports ``stablerep`` and makes one library call (:mod:`stablerep.pipeline`,
-:mod:`stablerep.stages`); the image (``base_image``) has the package installed, so nothing
-is pip-installed when a step starts. Outputs are small artifacts only: Dataset metadata that
-points at the data_root URIs, Metrics, and the report as HTML and Markdown.
+The component objects :func:`stablerep.kfp.components.make_components` makes for
+``stablerep.k8s.config.CPU_IMAGE`` and ``CUDA_IMAGE``; load one into your own pipeline with
+``from components import captions`` (from the repository root), or call ``make_components``
+for other images.
 """
 
-from components.stages import (
-    captions,
-    evaluate,
-    generate_shards,
-    images_manifest,
-    stage_model,
-    train,
-    validate,
-)
+from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE
+from stablerep.kfp.components import make_components
+
+(validate, captions, stage_model, generate_shards, images_manifest, train, train_launcher,
+ evaluate) = make_components(CPU_IMAGE, CUDA_IMAGE)
 
 __all__ = ["captions", "evaluate", "generate_shards", "images_manifest", "stage_model", "train",
-           "validate"]
+           "train_launcher", "validate"]

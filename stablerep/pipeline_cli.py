@@ -9,18 +9,22 @@ from typing import Any
 
 import click
 
-from stablerep import pipeline as lib
+from stablerep.errors import ConfigError
+from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE
+from stablerep.kfp import params as pipeline_params
+from stablerep.kfp.compile import PIPELINE_K8S, PIPELINE_YAML
+from stablerep.kfp.local import RUNNERS
 
 _PARAM_HELP = ("Pipeline parameter name=value (value read as JSON when it parses, else a "
-               "string); repeatable. Names: " + ", ".join(lib.PARAM_NAMES) + ".")
+               "string); repeatable. Names: " + ", ".join(pipeline_params.PARAM_NAMES) + ".")
 
 
 def _params(recipe: str | None, sets: tuple[str, ...], params: tuple[str, ...],
             **fixed: Any) -> dict[str, Any]:
     """--recipe (its values for the parameters) < fixed values < --set < --param."""
-    given = dict(lib.parse_param(text) for text in params)
-    lib.check_names(list(given))  # an unknown name fails before anything else
-    out: dict[str, Any] = lib.recipe_params(recipe) if recipe else {}
+    given = dict(pipeline_params.parse_param(text) for text in params)
+    pipeline_params.check_names(list(given))  # an unknown name fails before anything else
+    out: dict[str, Any] = pipeline_params.recipe_params(recipe) if recipe else {}
     out.update(fixed)
     if sets:
         out["overrides"] = list(sets)
@@ -34,24 +38,37 @@ def pipeline() -> None:
 
 
 @pipeline.command(name="compile")
-@click.option("--out", default=str(lib.PIPELINE_YAML), show_default=True, metavar="FILE",
+@click.option("--out", default=str(PIPELINE_YAML), show_default=True, metavar="FILE",
               help="The compiled pipeline YAML.")
-@click.option("--kubernetes", "k8s_out", default=str(lib.PIPELINE_K8S), show_default=True,
+@click.option("--kubernetes", "k8s_out", default=str(PIPELINE_K8S), show_default=True,
               metavar="FILE", help="The Pipeline + PipelineVersion manifests ('' = skip).")
-@click.option("--image", default="", metavar="IMAGE", help="The components' base image "
-              f"[default: ${lib.IMAGE_ENV}, else {lib.component_image()}].")
-@click.option("--parallelism", type=int, default=lib.DEFAULT_PARALLELISM, show_default=True,
-              help="Generation tasks at a time (KFP fixes it at compile time).")
-def compile_cmd(out: str, k8s_out: str, image: str, parallelism: int) -> None:
-    """Compile pipelines/stablerep_pipeline.py (what `make compile` runs).
+@click.option("--image", default="", metavar="IMAGE", help="The image of every step (sets "
+              "both --cpu-image and --cuda-image).")
+@click.option("--cpu-image", default="", metavar="IMAGE", help="The image of the steps that "
+              f"need no GPU [default: --image, else {CPU_IMAGE}].")
+@click.option("--cuda-image", default="", metavar="IMAGE", help="The image of generation, "
+              "training in the step's pod and evaluation; the training job's pods' default "
+              f"[default: --image, else {CUDA_IMAGE}].")
+@click.option("--parallelism", type=int, default=pipeline_params.DEFAULT_PARALLELISM,
+              show_default=True, help="Generation tasks at a time (KFP fixes it at compile time).")
+def compile_cmd(out: str, k8s_out: str, image: str, cpu_image: str, cuda_image: str,
+                parallelism: int) -> None:
+    """Compile the pipeline (stablerep.kfp.pipeline; what `make compile` runs).
 
     \b
     Examples:
       stablerep pipeline compile
       stablerep pipeline compile --image registry.example.com/stablerep:0.1.0-cuda
+      stablerep pipeline compile --cpu-image registry.example.com/stablerep:0.1.0-cpu \\
+        --cuda-image registry.example.com/stablerep:0.1.0-cuda
     """
-    for path in lib.compile_pipeline(out, kubernetes=k8s_out or None, image=image,
-                                     parallelism=parallelism):
+    from stablerep.kfp.compile import compile_pipeline
+
+    flags = ("--cpu-image" if cpu_image else "--image", "--cuda-image" if cuda_image else "--image")
+    for path in compile_pipeline(out, kubernetes=k8s_out or None,
+                                 cpu_image=cpu_image or image or CPU_IMAGE,
+                                 cuda_image=cuda_image or image or CUDA_IMAGE,
+                                 parallelism=parallelism, image_flags=flags):
         click.echo(f"pipeline: wrote {path}")
 
 
@@ -65,7 +82,7 @@ def compile_cmd(out: str, k8s_out: str, image: str, parallelism: int) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override "
               "(the overrides parameter); repeatable.")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help=_PARAM_HELP)
-@click.option("--package", default=str(lib.PIPELINE_YAML), show_default=True, metavar="FILE",
+@click.option("--package", default=str(PIPELINE_YAML), show_default=True, metavar="FILE",
               help="The compiled pipeline.")
 @click.option("--upload", "pipeline_name", default="", metavar="PIPELINE", help="Upload the "
               "package as a version of this pipeline (reused when already uploaded) and run "
@@ -84,8 +101,10 @@ def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...]
       stablerep pipeline submit --host http://localhost:8080 --experiment stablerep \\
         --param data_root=gs://my-bucket/stablerep --param shards=1024
     """
+    from stablerep.kfp.submit import submit as create_run
+
     values = _params(recipe, sets, params)
-    run_id, url = lib.submit(host, experiment, values, package=package, run_name=run_name,
+    run_id, url = create_run(host, experiment, values, package=package, run_name=run_name,
                              namespace=namespace, pipeline=pipeline_name,
                              service_account=service_account)
     click.echo(f"run {run_id}")
@@ -102,8 +121,13 @@ def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...]
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help=_PARAM_HELP)
 @click.option("--pipeline-root", default="", metavar="DIR", help="KFP's own artifacts "
               "[default: <data_root>/kfp].")
+@click.option("--runner", default="subprocess", show_default=True, metavar="|".join(RUNNERS),
+              help="subprocess: each step a process here; docker: each step in --image "
+              "(Docker, or Podman through DOCKER_HOST), as UID 1000 without network.")
+@click.option("--image", default="", metavar="IMAGE", help="The image of every step "
+              "(--runner docker; required there).")
 def run_local(recipe: str, data_root: str | None, sets: tuple[str, ...],
-              params: tuple[str, ...], pipeline_root: str) -> None:
+              params: tuple[str, ...], pipeline_root: str, runner: str, image: str) -> None:
     """Run the pipeline on this machine through kfp.local (what `make demo` runs).
 
     kfp.local runs each step as a subprocess here: resource requests, GPUs, node selectors
@@ -113,25 +137,43 @@ def run_local(recipe: str, data_root: str | None, sets: tuple[str, ...],
     Examples:
       stablerep pipeline run-local
       stablerep pipeline run-local --data-root /tmp/demo --set train.max_steps=10
+      stablerep pipeline run-local --runner docker --image docker.io/stablerep/stablerep:0.1.0-cpu
     """
+    from stablerep.kfp.local import run_local as run
+    from stablerep.kfp.validation import validate
+
+    _check_runner(runner, image)
     fixed: dict[str, Any] = {"train_backend": "local"}
     if data_root is not None:
         fixed["data_root"] = data_root
     values = _params(recipe, sets, params, **fixed)
-    cfg = lib.validate(values, local=True)  # a bad value fails here, before any step
+    cfg = validate(values, local=True)  # a bad value fails here, before any step
     start = time.perf_counter()
-    lib.run_local(values, pipeline_root=pipeline_root)
+    run(values, pipeline_root=pipeline_root, runner=runner, image=image)
     click.echo(_summary(cfg, time.perf_counter() - start))
+
+
+def _check_runner(runner: str, image: str) -> None:
+    """--runner is known; --image is given with docker only (and checked there)."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"--runner: got {runner!r}, expected one of {', '.join(RUNNERS)}")
+    if runner == "docker" and not image:
+        raise ConfigError("--image: got '', expected the image every step runs in "
+                          "(--runner docker), e.g. docker.io/stablerep/stablerep:0.1.0-cpu")
+    if runner != "docker" and image:
+        raise ConfigError(f"--image: got {image!r} with --runner {runner}, which runs the "
+                          "steps here; expected --runner docker")
 
 
 def _summary(cfg: Any, seconds: float) -> str:
     """Where the report is and the headline numbers, trained vs baseline."""
     from stablerep import contracts, storage
+    from stablerep.kfp.steps import eval_metric_values
     from stablerep.stages import eval_locations
 
     out = eval_locations(cfg).out
     metrics = json.loads(storage.read_text(storage.join(out, contracts.EVAL_METRICS)))
-    values = lib.eval_metric_values(metrics)
+    values = eval_metric_values(metrics)
     lines = [f"pipeline: finished in {seconds:.0f} s",
              f"report: {os.path.abspath(storage.join(out, contracts.REPORT_HTML))}"]
     for name in metrics.get("datasets", {}):

@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def paper_eval_sets(tmp_path_factory, monkeypatch) -> Path:
     """The paper recipes' evaluation data sets present (one file each) in the data cache the
     pipeline's validate step checks (``$STABLEREP_CACHE/datasets``); returns the cache."""
-    from stablerep.pipeline import PAPER_EVAL_SETS
+    from stablerep.kfp.params import PAPER_EVAL_SETS
 
     cache = tmp_path_factory.mktemp("cache")
     for name in PAPER_EVAL_SETS:

@@ -47,11 +47,13 @@ def test_run_local_tiny_pipeline(tmp_path):
     assert [s["tar"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
     (model,) = (root / "models").iterdir()  # the run's copy of the model, loaded by each task
     assert (model / "model_index.json").is_file() and (model / "stablerep-model.json").is_file()
-    workers = [_artifact(root, f"for-loop-1-iteration-{i}/generate-shards", "dataset")[
+    workers = [_artifact(root, f"for-loop-1-iteration-{i}/generate-shards", "shards")[
         "metadata"] for i in range(2)]  # one task per worker, each drawing its own shard
     assert [(w["worker"], w["workers"], w["shards_written"]) for w in workers] == [
         (0, 2, 1), (1, 2, 1)]
-    assert _artifact(root, "images-manifest", "dataset")["metadata"]["num_shards"] == 2
+    images = _artifact(root, "images-manifest", "images")["metadata"]
+    assert images["num_shards"] == 2
+    assert images["captions"] == str(root / "captions" / "manifest.json")  # the lineage
     assert (root / "train" / "latest.json").is_file()
     assert (root / "train" / "backbone.pt").is_file()
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
@@ -76,7 +78,11 @@ def test_run_local_tiny_pipeline(tmp_path):
     result = json.loads((root / "train" / "result.json").read_text())  # what the step logged
     assert (train["final_loss"], train["images_per_s"]) == (result["final_loss"],
                                                             result["images_per_s"])
-    caps = _artifact(root, "captions", "dataset")["metadata"]
+    model = _artifact(root, "train", "checkpoint")["metadata"]
+    assert model["images"] == images["manifest"] and Path(model["backbone"]).is_file()
+    results = _artifact(root, "evaluate", "results")["metadata"]
+    assert results["backbone"] == model["backbone"]
+    caps = _artifact(root, "captions", "captions")["metadata"]
     assert caps["count"] == 8 and caps["num_shards"] == 2
     assert caps["uri"] == str(root / "captions")
     assert f"report: {root / 'eval' / 'report.html'}" in out.stdout
@@ -87,14 +93,16 @@ def test_first_step_fails_naming_the_parameter(tmp_path, capfd):
     """The validate component itself (as a pod would run it), given a bad value."""
     import kfp.local
 
-    from stablerep import pipeline as lib
+    from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE
+    from stablerep.kfp import params as parameters
+    from stablerep.kfp.components import make_components
 
-    lib.load_pipeline()  # puts the repository's components package on the path
-    from components import validate
+    validate = make_components(CPU_IMAGE, CUDA_IMAGE).validate
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(tmp_path / "kfp"))
-    params = {**lib.defaults(), **lib.recipe_params("demo_sd"), "data_root": str(tmp_path / "r"),
+    params = {**parameters.defaults(), **parameters.recipe_params("demo_sd"),
+              "data_root": str(tmp_path / "r"),
               "train_backend": "local", "inference_steps": 0}
     with pytest.raises(RuntimeError, match="validate"):
         validate(**params)

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from stablerep import contracts, stages
-from stablerep import pipeline as lib
 from stablerep.config import load_config
 from stablerep.errors import InputError
+from stablerep.kfp import params as parameters
+from stablerep.kfp import steps, validation
 
 pytestmark = pytest.mark.integration
 
@@ -88,28 +89,38 @@ def test_a_real_run_publishes_result_json(root: Path) -> None:
 
 
 def _values(root: Path, out: Path) -> dict[str, Any]:
-    params = lib.check_params({"data_root": str(root), "recipe": "procedural",
-                               "train_backend": "local", "gpus_per_node": 0})
-    cfg = lib.build_config("procedural", [*TINY, f"train.out={out}"], params)
-    return {**{k: params[k] for k in ("recipe", *lib.JOB_PARAMS)}, "config": lib.resolved(cfg)}
+    params = parameters.check_params({"data_root": str(root), "recipe": "procedural",
+                                      "train_backend": "local", "gpus_per_node": 0})
+    cfg = validation.build_config("procedural", [*TINY, f"train.out={out}"], params)
+    return {**{k: params[k] for k in ("recipe", *parameters.JOB_PARAMS)},
+            "config": validation.resolved(cfg)}
+
+
+def _images(tmp_path: Path) -> FakeArtifact:
+    """The images manifest step's Dataset artifact, as the train step receives it."""
+    images = FakeArtifact(tmp_path / "images.json")
+    images.metadata["manifest"] = "gs://b/run/images/manifest.json"
+    return images
 
 
 def test_train_step_metrics_come_from_the_result(root: Path, tmp_path: Path) -> None:
     out = root / "step"
-    metrics, dataset = FakeArtifact(tmp_path / "m"), FakeArtifact(tmp_path / "d" / "x.json")
-    lib.train_step(_values(root, out), run_id="", task="train", dataset=dataset,
-                   metrics=metrics)
+    metrics, model = FakeArtifact(tmp_path / "m"), FakeArtifact(tmp_path / "d" / "x.json")
+    steps.train_step(_values(root, out), run_id="", task="train", images=_images(tmp_path),
+                     checkpoint=model, metrics=metrics)
     last = [r for r in _lines(out) if "loss" in r][-1]
     assert "knn_top1" in _lines(out)[-1]
     assert metrics.metrics["final_loss"] == pytest.approx(last["loss"])
     assert metrics.metrics["images_per_s"] == last["images_per_s"] > 0
     assert metrics.metrics["steps"] == 3.0
-    assert dataset.metadata["result"] == str(out / "result.json")
-    assert dataset.metadata["backbone"] == str(out / "backbone.pt")
-    assert json.loads(Path(dataset.path).read_text())["steps"] == 3
+    assert model.metadata["result"] == str(out / "result.json")
+    assert model.metadata["backbone"] == str(out / "backbone.pt")
+    assert model.metadata["images"] == "gs://b/run/images/manifest.json"  # the lineage
+    assert json.loads(Path(model.path).read_text())["steps"] == 3
     # a retried step resumes a finished run: nothing is logged, the published result stands
     again = FakeArtifact(tmp_path / "m2")
-    lib.train_step(_values(root, out), run_id="", task="train", dataset=dataset, metrics=again)
+    steps.train_step(_values(root, out), run_id="", task="train", images=_images(tmp_path),
+                     checkpoint=model, metrics=again)
     assert again.metrics == metrics.metrics
 
 
@@ -129,15 +140,16 @@ def test_launcher_path_reads_result_json(monkeypatch, tmp_path: Path) -> None:
         return launcher.LaunchResult("job", "ns", "PyTorchJob", False, str(out), "", "", 1.0)
 
     monkeypatch.setattr(launcher, "launch", fake_launch)
-    values = lib.check_params({"data_root": str(tmp_path), "queue_name": "team-a"})
-    values["config"] = lib.resolved(lib.build_config(values["recipe"], [], values))
+    values = parameters.check_params({"data_root": str(tmp_path), "queue_name": "team-a"})
+    values["config"] = validation.resolved(validation.build_config(values["recipe"], [], values))
     with pytest.raises(InputError, match=r"result\.json: no training result"):
-        lib.train(values, run_id="run-1")  # the job "succeeded" but published nothing
+        steps.train(values, run_id="run-1")  # the job "succeeded" but published nothing
     contracts.write_train_result(published)
-    metrics, dataset = FakeArtifact(tmp_path / "m"), FakeArtifact(tmp_path / "d.json")
-    lib.train_step(values, run_id="run-1", task="train", dataset=dataset, metrics=metrics)
+    metrics, model = FakeArtifact(tmp_path / "m"), FakeArtifact(tmp_path / "d.json")
+    steps.train_step(values, run_id="run-1", task="train", images=_images(tmp_path),
+                     checkpoint=model, metrics=metrics)
     assert metrics.metrics == {"final_loss": 1.25, "images_per_s": 2048.0, "steps": 7.0}
-    assert dataset.metadata["world_size"] == 32
+    assert model.metadata["world_size"] == 32
     assert seen[-1].queue_name == "team-a" and seen[-1].nodes == 4
 
 
@@ -146,8 +158,8 @@ def test_torchrun_path_reads_rank_0s_result(root: Path, monkeypatch) -> None:
     overrides = [*TINY, f"train.out={out}"]
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = lib.build_config("procedural", overrides, {"data_root": str(root)})
-    result = lib._torchrun(cfg, "procedural", 2)
+    cfg = validation.build_config("procedural", overrides, {"data_root": str(root)})
+    result = steps._torchrun(cfg, "procedural", 2)
     lines = _lines(out)
     last = [r for r in lines if "loss" in r][-1]
     assert "knn_top1" in lines[-1]
@@ -174,10 +186,10 @@ def test_cluster_recipes_launch_section_reaches_the_launcher(monkeypatch, tmp_pa
         raise launcher.LaunchError("stop here")
 
     monkeypatch.setattr(launcher, "launch", fake_launch)
-    values = lib.check_params({"data_root": str(tmp_path), "cluster_recipe": str(recipe)})
-    values["config"] = lib.resolved(lib.build_config(values["recipe"], [], values))
+    values = parameters.check_params({"data_root": str(tmp_path), "cluster_recipe": str(recipe)})
+    values["config"] = validation.resolved(validation.build_config(values["recipe"], [], values))
     with pytest.raises(launcher.LaunchError, match="stop here"):
-        lib.train(values, run_id="run-1")
+        steps.train(values, run_id="run-1")
     cfg = seen[-1]
     assert (cfg.queue_timeout_s, cfg.schedule_timeout_s, cfg.api_unreachable_s) == (
         7200, 1800, 900)

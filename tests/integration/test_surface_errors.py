@@ -159,6 +159,10 @@ COMPILE = {
                          "2147483647"),
     "image": (lambda w: ["--out", "p.yaml", "--image", "not an image"],
               "error: --image: got 'not an image', expected an image reference"),
+    "cpu-image": (lambda w: ["--out", "p.yaml", "--cpu-image", "Bad:Image"],
+                  "error: --cpu-image: got 'Bad:Image', expected an image reference"),
+    "cuda-image": (lambda w: ["--out", "p.yaml", "--image", "a/b:1", "--cuda-image", "x y"],
+                   "error: --cuda-image: got 'x y', expected an image reference"),
     # all or nothing: the pipeline YAML is not written when the manifest path is bad
     "kubernetes-under-a-file": (lambda w: ["--out", "out/p.yaml", "--kubernetes",
                                            "afile/k.yaml"],
@@ -302,6 +306,55 @@ def test_run_local_checks_data_root_before_any_step(case: str, work: Path) -> No
     _check(work, ["pipeline", "run-local", *args], needle)
 
 
+def _root_only_folder(w: Path) -> list[str]:
+    (w / "mine").mkdir(mode=0o755)
+    os.chown(w / "mine", 0, 0)
+    return ["--data-root", "mine"]
+
+
+IMAGE = "docker.io/stablerep/stablerep:0.1.0-cpu"
+RUN_LOCAL_DOCKER = {
+    "runner-unknown": (lambda w: ["--runner", "kubernetes"],
+                       "error: --runner: got 'kubernetes', expected one of subprocess, docker"),
+    "docker-without-image": (lambda w: ["--runner", "docker"],
+                             "error: --image: got '', expected the image every step runs in"),
+    "image-without-docker": (lambda w: ["--image", IMAGE],
+                             f"error: --image: got '{IMAGE}' with --runner subprocess"),
+    "docker-bad-image": (lambda w: ["--runner", "docker", "--image", "Not An Image",
+                                    "--data-root", "r"],
+                         "error: --image: got 'Not An Image', expected an image reference"),
+    "docker-bucket-root": (lambda w: ["--runner", "docker", "--image", IMAGE, "--data-root",
+                                      "gs://b/run", "--pipeline-root", "kfp"],
+                           "error: parameter data_root: got 'gs://b/run'; --runner docker "
+                           "mounts the data root"),
+    "docker-root-not-for-uid-1000": (_root_only_folder,
+                                     "is not writable by UID 1000 (the images' user)"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_LOCAL_DOCKER))
+def test_run_local_checks_runner_and_image_before_any_step(case: str, work: Path) -> None:
+    prepare, needle = RUN_LOCAL_DOCKER[case]
+    args = prepare(work)
+    if case == "docker-root-not-for-uid-1000":
+        if os.getuid() != 0:
+            pytest.skip("making a folder only root can write needs root")
+        args = ["--runner", "docker", "--image", IMAGE, *args]
+    line = _check(work, ["pipeline", "run-local", *args], needle)
+    if case == "docker-root-not-for-uid-1000":
+        assert f"{work / 'mine'}" in line, line
+
+
+def test_run_local_docker_without_an_engine_names_it(work: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    socket_path = work / "no-engine.sock"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{socket_path}")
+    _check(work, ["pipeline", "run-local", "--runner", "docker", "--image", IMAGE,
+                  "--data-root", "r"],
+           f"error: --runner docker: no container engine answers at unix://{socket_path}")
+    assert not (work / "r").exists()
+
+
 def test_run_local_reports_the_failing_steps_own_error(work: Path) -> None:
     missing = work / "missing.tsv"
     result = _cli("pipeline", "run-local", "--data-root", "root", "--param",
@@ -388,13 +441,13 @@ def silent_port() -> Iterator[int]:
 
 def test_submit_to_an_endpoint_that_never_answers_names_it(
         silent_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stablerep import pipeline as lib
     from stablerep.errors import ConfigError
+    from stablerep.kfp import submit
 
-    monkeypatch.setattr(lib, "ENDPOINT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(submit, "ENDPOINT_TIMEOUT_S", 0.5)
     host = f"http://127.0.0.1:{silent_port}"
     with pytest.raises(ConfigError) as info:
-        lib.submit(host, "e", {}, package=PACKAGE)
+        submit.submit(host, "e", {}, package=PACKAGE)
     assert str(info.value).startswith(f"--host {host}: cannot reach the Kubeflow Pipelines API")
     assert "timed out" in str(info.value)
 
@@ -416,7 +469,7 @@ def test_launch_to_an_api_server_that_never_answers_names_it(
 def test_a_steps_internal_error_keeps_its_traceback_and_a_user_error_is_held_back() -> None:
     import io
 
-    from stablerep.pipeline import _failed_task, _StepOutput
+    from stablerep.kfp.local import _failed_task, _StepOutput
 
     out = io.StringIO()
     steps = _StepOutput(out)

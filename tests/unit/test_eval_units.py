@@ -408,15 +408,16 @@ def test_paper_recipes_probe_imagenet_and_the_fine_grained_sets(recipe):
 
 
 def test_paper_recipe_without_its_data_fails_in_the_pipelines_validate(tmp_path, monkeypatch):
-    from stablerep import pipeline
+    from stablerep.kfp.params import PAPER_EVAL_SETS
+    from stablerep.kfp.validation import validate
 
     monkeypatch.setenv("STABLEREP_CACHE", str(tmp_path))
     with pytest.raises(InputError) as err:
-        pipeline.validate({"recipe": "cc3m"}, local=False)
+        validate({"recipe": "cc3m"}, local=False)
     assert "torchvision:ImageNet, torchvision:CIFAR10" in str(err.value)
-    _cache(tmp_path / "datasets", list(pipeline.PAPER_EVAL_SETS))
-    cfg = pipeline.validate({"recipe": "cc3m"}, local=False)
-    assert cfg.eval.datasets == [f"torchvision:{n}" for n in pipeline.PAPER_EVAL_SETS]
+    _cache(tmp_path / "datasets", list(PAPER_EVAL_SETS))
+    cfg = validate({"recipe": "cc3m"}, local=False)
+    assert cfg.eval.datasets == [f"torchvision:{n}" for n in PAPER_EVAL_SETS]
 
 
 def test_torchvision_sun397_reader_on_a_tiny_copy(tmp_path: Path):

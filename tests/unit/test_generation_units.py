@@ -356,7 +356,8 @@ def test_worker_shards_partition_every_shard_once() -> None:
     (5, "parameter workers: got 5, expected at most the 4 caption shards (parameter shards)")])
 def test_pipeline_refuses_workers_out_of_range(workers: int, message: str) -> None:
     from stablerep.errors import ConfigError
-    from stablerep.pipeline import recipe_params, validate
+    from stablerep.kfp.params import recipe_params
+    from stablerep.kfp.validation import validate
 
     params = {**recipe_params("demo"), "train_backend": "local", "workers": workers}
     with pytest.raises(ConfigError) as e:
@@ -368,7 +369,8 @@ def test_pipeline_refuses_workers_out_of_range(workers: int, message: str) -> No
 
 def test_pipeline_refuses_a_model_folder_without_model_index(tmp_path) -> None:
     from stablerep.errors import ConfigError
-    from stablerep.pipeline import recipe_params, validate
+    from stablerep.kfp.params import recipe_params
+    from stablerep.kfp.validation import validate
 
     (tmp_path / "unet").mkdir()
     params = {**recipe_params("demo"), "train_backend": "local", "model": str(tmp_path),

@@ -1,16 +1,24 @@
 """The compiled pipeline: checked-in forms equal a fresh compile; parameters, defaults,
-descriptions and Kubernetes settings are what stablerep.pipeline.PARAMS and the issue say."""
+descriptions, images and Kubernetes settings are what stablerep.kfp.params.PARAMS and the
+issue say; the repository's pipelines/ and components/ faces work as a user runs them."""
 
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stablerep import pipeline as lib
-from stablerep.k8s.config import CUDA_IMAGE
+from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE
+from stablerep.kfp import params as parameters
+from stablerep.kfp import validation
+from stablerep.kfp.compile import PIPELINE_K8S, PIPELINE_YAML, compile_pipeline
+from stablerep.kfp.components import make_components
+from stablerep.kfp.pipeline import build_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN",
@@ -21,19 +29,18 @@ KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool:
 def fresh(tmp_path_factory) -> tuple[str, str]:
     out = tmp_path_factory.mktemp("compile")
     yaml_path, k8s_path = out / "p.yaml", out / "k8s.yaml"
-    # the default image, whatever $STABLEREP_IMAGE says: that is what is checked in
-    lib.compile_pipeline(yaml_path, kubernetes=k8s_path, image=CUDA_IMAGE)
+    compile_pipeline(yaml_path, kubernetes=k8s_path)  # the default images: what is checked in
     return yaml_path.read_text(), k8s_path.read_text()
 
 
 def test_checked_in_yaml_equals_a_fresh_compile(fresh):
-    assert lib.PIPELINE_YAML.read_text() == fresh[0], (
+    assert PIPELINE_YAML.read_text() == fresh[0], (
         "pipelines/stablerep_pipeline.yaml differs from a fresh compile: run `make compile` "
         "and commit")
 
 
 def test_checked_in_kubernetes_form_equals_a_fresh_compile(fresh):
-    assert lib.PIPELINE_K8S.read_text() == fresh[1], (
+    assert PIPELINE_K8S.read_text() == fresh[1], (
         "k8s/pipeline/stablerep-pipeline.yaml differs from a fresh compile: run `make compile` "
         "and commit")
 
@@ -54,8 +61,8 @@ def _docs(text: str) -> tuple[dict, dict]:
 def test_parameters_types_defaults_and_descriptions(fresh):
     spec, _ = _docs(fresh[0])
     compiled = spec["root"]["inputDefinitions"]["parameters"]
-    assert list(compiled) == sorted(lib.PARAM_NAMES)
-    for p in lib.PARAMS:
+    assert list(compiled) == sorted(parameters.PARAM_NAMES)
+    for p in parameters.PARAMS:
         entry = compiled[p.name]
         assert entry["parameterType"] == KFP_TYPES[p.type], p.name
         assert entry["defaultValue"] == p.default, p.name
@@ -63,50 +70,123 @@ def test_parameters_types_defaults_and_descriptions(fresh):
 
 
 def test_pipeline_signature_is_the_parameter_table():
-    fn = lib.load_pipeline()
+    fn = build_pipeline()
     sig = inspect.signature(fn.pipeline_func)
-    assert list(sig.parameters) == list(lib.PARAM_NAMES)
-    for p in lib.PARAMS:
+    assert list(sig.parameters) == list(parameters.PARAM_NAMES)
+    for p in parameters.PARAMS:
         assert sig.parameters[p.name].annotation is p.type, p.name
 
 
 def test_validate_component_takes_the_parameter_table():
-    from components import validate
-
+    validate = make_components(CPU_IMAGE, CUDA_IMAGE).validate
     inputs = validate.component_spec.inputs
-    assert list(inputs) == list(lib.PARAM_NAMES)
+    assert list(inputs) == list(parameters.PARAM_NAMES)
     kinds = {str: "String", int: "Integer", float: "Float", bool: "Boolean", list: "List",
              dict: "Dict"}
-    for p in lib.PARAMS:
+    for p in parameters.PARAMS:
         assert inputs[p.name].type == kinds[p.type], p.name
+        assert inputs[p.name].description == p.help, p.name  # what the UI shows
     assert validate.component_spec.outputs["Output"].type == "String"  # the resolved config
 
 
 def test_readme_parameter_table_is_the_parameter_table():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Kubeflow Pipelines", 1)[1]
-    assert lib.param_table() in section, (
-        "README's pipeline parameter table differs from stablerep.pipeline.PARAMS; paste "
-        "stablerep.pipeline.param_table() over it")
+    assert parameters.param_table() in section, (
+        "README's pipeline parameter table differs from stablerep.kfp.params.PARAMS; paste "
+        "stablerep.kfp.params.param_table() over it")
 
 
 def test_defaults_are_the_cc12m_recipe():
-    from_recipe = lib.recipe_params("cc12m")
-    for p in lib.PARAMS:
+    from_recipe = parameters.recipe_params("cc12m")
+    for p in parameters.PARAMS:
         if p.field and p.field != "data_root" or p.name == "recipe":
             assert from_recipe[p.name] == p.default, p.name
 
 
-def test_image_is_set_at_compile_time(tmp_path):
+#: The executors that need no GPU (the CPU image) and those that do (the CUDA image).
+CPU_STEPS = {"exec-validate", "exec-captions", "exec-stage-model", "exec-images-manifest",
+             "exec-train-launcher"}
+CUDA_STEPS = {"exec-generate-shards", "exec-train", "exec-evaluate", "exec-evaluate-2"}
+
+
+def _images(text: str) -> dict[str, str]:
+    executors = _docs(text)[0]["deploymentSpec"]["executors"]
+    return {name: e["container"]["image"] for name, e in executors.items()}
+
+
+def test_steps_without_gpus_run_on_the_cpu_image(fresh):
+    images = _images(fresh[0])
+    assert set(images) == CPU_STEPS | CUDA_STEPS
+    assert {n: i for n, i in images.items() if i == CPU_IMAGE}.keys() == CPU_STEPS
+    assert {n: i for n, i in images.items() if i == CUDA_IMAGE}.keys() == CUDA_STEPS
+
+
+def test_images_are_set_at_compile_time(tmp_path):
     out = tmp_path / "p.yaml"
-    lib.compile_pipeline(out, image="registry.example.com/me/stablerep:dev")
+    cpu, cuda = "registry.example.com/me/stablerep:dev-cpu", "registry.example.com/me/sr:dev"
+    compile_pipeline(out, cpu_image=cpu, cuda_image=cuda)
+    images = _images(out.read_text())
+    assert {n for n, i in images.items() if i == cpu} == CPU_STEPS
+    assert {n for n, i in images.items() if i == cuda} == CUDA_STEPS
     spec, _ = _docs(out.read_text())
-    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"registry.example.com/me/stablerep:dev"}
-    assert spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == \
-        "registry.example.com/me/stablerep:dev"  # the training job's pods too
+    assert spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == cuda
     assert "kfp==" not in out.read_text()  # install_kfp_package=False: nothing pip-installed
     assert "pip install" not in out.read_text()
+
+
+def test_compile_image_option_sets_both_images(tmp_path):
+    out = tmp_path / "p.yaml"
+    image = "registry.example.com/me/stablerep:dev"
+    run = subprocess.run([sys.executable, "-m", "stablerep.cli", "pipeline", "compile", "--out",
+                          str(out), "--kubernetes", "", "--image", image],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert set(_images(out.read_text()).values()) == {image}
+
+
+def test_lineage_runs_from_captions_to_the_report(fresh):
+    """Each step takes the artifact of the step whose output it reads."""
+    tasks = _tasks(_docs(fresh[0])[0])
+    assert tasks["images-manifest"]["inputs"]["artifacts"]["captions"][
+        "taskOutputArtifact"] == {"outputArtifactKey": "captions", "producerTask": "captions"}
+    for train, evaluate in (("train", "evaluate"), ("train-launcher", "evaluate-2")):
+        assert tasks[train]["inputs"]["artifacts"]["images"] == {
+            "componentInputArtifact": "pipelinechannel--images-manifest-images"}
+        assert tasks[evaluate]["inputs"]["artifacts"]["checkpoint"]["taskOutputArtifact"] == {
+            "outputArtifactKey": "checkpoint", "producerTask": train}
+    spec, _ = _docs(fresh[0])
+    assert spec["components"]["comp-train"]["outputDefinitions"]["artifacts"]["checkpoint"][
+        "artifactType"]["schemaTitle"] == "system.Model"
+
+
+def test_kfp_dsl_compile_of_the_pipeline_file_as_pasted(fresh, tmp_path):
+    """README's `kfp dsl compile --py pipelines/stablerep_pipeline.py ...`, from the
+    repository root; only the package under test is put on the path (it is not installed)."""
+    source = (ROOT / "pipelines" / "stablerep_pipeline.py").read_text()
+    assert "sys.path" not in source and "environ" not in source and "sys.modules" not in source
+    kfp_cli = Path(sys.executable).with_name("kfp")
+    out = tmp_path / "x.yaml"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([str(kfp_cli), "dsl", "compile", "--py",
+                          "pipelines/stablerep_pipeline.py", "--output", str(out)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _docs(out.read_text()) == _docs(fresh[0])  # the header's map order aside
+
+
+def test_components_package_exposes_the_default_components():
+    code = ("import components, json; print(json.dumps({n: getattr(components, n)"
+            ".component_spec.implementation.container.image for n in components.__all__}))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    assert json.loads(run.stdout) == {
+        "captions": CPU_IMAGE, "evaluate": CUDA_IMAGE, "generate_shards": CUDA_IMAGE,
+        "images_manifest": CPU_IMAGE, "stage_model": CPU_IMAGE, "train": CUDA_IMAGE,
+        "train_launcher": CPU_IMAGE, "validate": CPU_IMAGE}
 
 
 def test_kubernetes_settings_compiled_in(fresh):
@@ -117,7 +197,7 @@ def test_kubernetes_settings_compiled_in(fresh):
         assert res["cpuRequest"] and res["cpuLimit"] and res["memoryRequest"], name
         assert platform[name]["securityContext"]["runAsNonRoot"] is True, name
         assert int(platform[name]["activeDeadlineSeconds"]) > 0, name
-    for name in ("exec-generate-shards", "exec-train", "exec-evaluate"):
+    for name in ("exec-generate-shards", "exec-train", "exec-evaluate", "exec-evaluate-2"):
         assert executors[name]["container"]["resources"]["accelerator"]["resourceType"] == \
             "nvidia.com/gpu", name
         assert platform[name]["emptyDirMounts"][0]["mountPath"] == "/dev/shm", name
@@ -127,14 +207,15 @@ def test_kubernetes_settings_compiled_in(fresh):
         tasks.update(comp.get("dag", {}).get("tasks", {}))
     assert tasks["generate-shards"]["retryPolicy"]["maxRetryCount"] == 3
     # an evicted launcher's retry attaches to the job it left running
-    assert tasks["train-2"]["retryPolicy"]["maxRetryCount"] == 3
-    for name in ("generate-shards", "images-manifest", "train", "train-2", "evaluate"):
+    assert tasks["train-launcher"]["retryPolicy"]["maxRetryCount"] == 3
+    for name in ("generate-shards", "images-manifest", "train", "train-launcher", "evaluate",
+                 "evaluate-2"):
         assert tasks[name]["cachingOptions"] == {}, name  # caching off
     assert tasks["captions"]["cachingOptions"]["enableCache"] is True
-    launcher = platform["exec-train-2"]
+    launcher = platform["exec-train-launcher"]
     assert {e["name"]: e["fieldPath"] for e in launcher["fieldPathAsEnv"]} == {
         "POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
-    assert "accelerator" not in executors["exec-train-2"]["container"]["resources"]
+    assert "accelerator" not in executors["exec-train-launcher"]["container"]["resources"]
 
 
 def _tasks(spec: dict) -> dict:
@@ -150,7 +231,7 @@ def test_generation_fans_out_over_workers_not_shards(fresh, tmp_path, monkeypatc
     spec, _ = _docs(fresh[0])
     loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
     assert loop["taskInfo"]["name"] == "workers"
-    assert loop["iteratorPolicy"]["parallelismLimit"] == lib.DEFAULT_PARALLELISM
+    assert loop["iteratorPolicy"]["parallelismLimit"] == parameters.DEFAULT_PARALLELISM
     assert loop["parameterIterator"]["items"] == {"inputParameter":
                                                   "pipelinechannel--captions-Output"}
     assert loop["inputs"]["parameters"]["pipelinechannel--captions-Output"][
@@ -163,7 +244,7 @@ def test_generation_fans_out_over_workers_not_shards(fresh, tmp_path, monkeypatc
     assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == 8192
     assert spec["root"]["inputDefinitions"]["parameters"]["workers"]["defaultValue"] == 64
     # what the captions step returns for those parameters: the loop's items
-    from stablerep.pipeline import captions_step
+    from stablerep.kfp.steps import captions_step
     from stablerep.stages import CaptionsResult
 
     made = CaptionsResult(uri="u", manifest="m", count=10_000_000, num_shards=8192)
@@ -172,8 +253,9 @@ def test_generation_fans_out_over_workers_not_shards(fresh, tmp_path, monkeypatc
     class Artifact:
         path, metadata = str(tmp_path / "meta.json"), {}
 
-    config = lib.resolved(lib.build_config("cc12m", [], {"data_root": str(tmp_path)}))
-    items = captions_step(config, workers=64, dataset=Artifact())
+    config = validation.resolved(validation.build_config("cc12m", [],
+                                                         {"data_root": str(tmp_path)}))
+    items = captions_step(config, workers=64, captions=Artifact())
     print(f"shards=8192 workers=64: {len(items)} generation tasks")
     assert items == list(range(64))
     assert "generate-shards" not in spec["root"]["dag"]["tasks"]  # only inside the loop

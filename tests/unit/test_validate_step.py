@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stablerep import pipeline as lib
 from stablerep.errors import ConfigError
 from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE, QUEUE_LABEL, ClusterConfig, PodConfig
 from stablerep.k8s.manifests import training_job
 from stablerep.k8s.render import check_world_size
+from stablerep.kfp import params as parameters
+from stablerep.kfp import steps, validation
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE_4X8 = str(ROOT / "configs" / "k8s" / "cc12m_4x8.yaml")
@@ -35,7 +36,7 @@ def _eval_sets(paper_eval_sets):
 def _refused(params: dict, root: Path) -> str:
     """validate's message for ``params`` (a cluster run), checking nothing was written."""
     with pytest.raises(ConfigError) as e:
-        lib.validate({"data_root": str(root / "run"), **params}, local=False)
+        validation.validate({"data_root": str(root / "run"), **params}, local=False)
     assert not (root / "run").exists()
     text = str(e.value)
     assert "\n" not in text
@@ -52,7 +53,7 @@ def test_world_size_refused_with_the_launchers_message(tmp_path):
 
 
 def test_world_size_counts_the_overrides(tmp_path):
-    lib.validate({"nodes": 3, "gpus_per_node": 8, "captions_per_batch": 1368}, local=False)
+    validation.validate({"nodes": 3, "gpus_per_node": 8, "captions_per_batch": 1368}, local=False)
     text = _refused({"nodes": 2, "overrides": ["train.captions_per_batch=12"]}, tmp_path)
     assert "do not divide train.captions_per_batch 12" in text
 
@@ -89,7 +90,7 @@ def test_cluster_recipe_missing_or_not_a_mapping(content, message, tmp_path):
     uri = str(tmp_path / "nope.yaml") if content is None else _recipe(tmp_path, content)
     for backend in ("pytorchjob", "local"):  # read and checked even when training is local
         with pytest.raises(ConfigError) as e:
-            lib.validate({"cluster_recipe": uri, "train_backend": backend}, local=False)
+            validation.validate({"cluster_recipe": uri, "train_backend": backend}, local=False)
         assert str(e.value).startswith("parameter cluster_recipe: ") and uri in str(e.value)
         assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -125,17 +126,17 @@ def test_bad_job_parameter_named(params, message, tmp_path):
 
 
 def test_good_job_parameters_pass():
-    lib.validate({"image": CPU_IMAGE, "gpus_per_node": 0, "nodes": 4}, local=False)
-    lib.validate({"queue_name": "q" * 63, "service_account": "a" + ".a" * 126,  # the longest
+    validation.validate({"image": CPU_IMAGE, "gpus_per_node": 0, "nodes": 4}, local=False)
+    validation.validate({"queue_name": "q" * 63, "service_account": "a" + ".a" * 126,  # the longest
                   "priority_class": "high", "tolerations": [
                       {"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute",
                        "tolerationSeconds": 30}, {"operator": "Exists"}]}, local=False)
 
 
 def test_parameters_win_over_the_cluster_recipe():
-    values = lib.check_params({"cluster_recipe": RECIPE_4X8, "nodes": 2, "gpus_per_node": 4,
+    values = parameters.check_params({"cluster_recipe": RECIPE_4X8, "nodes": 2, "gpus_per_node": 4,
                                "queue_name": "team-a", "service_account": "trainer"})
-    cluster = lib.cluster_config(values)
+    cluster = validation.cluster_config(values)
     assert (cluster.nodes, cluster.pod.gpus) == (2, 4)  # parameters
     assert (cluster.pod.cpu, cluster.pod.memory, cluster.pod.shm_size) == ("88", "1000Gi",
                                                                            "256Gi")  # recipe
@@ -145,16 +146,16 @@ def test_parameters_win_over_the_cluster_recipe():
     assert job["metadata"]["labels"][QUEUE_LABEL] == "team-a"
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert pod["serviceAccountName"] == "trainer"
-    lib.check_job(cluster, RECIPE_4X8)
+    validation.check_job(cluster, RECIPE_4X8)
 
 
 def test_empty_knobs_keep_the_cluster_recipes(tmp_path):
     uri = _recipe(tmp_path, "cluster:\n  queue_name: from-recipe\n  pod:\n"
                             "    service_account: recipe-sa\n    priority_class: low\n")
-    cluster = lib.cluster_config(lib.check_params({"cluster_recipe": uri}))
+    cluster = validation.cluster_config(parameters.check_params({"cluster_recipe": uri}))
     assert (cluster.queue_name, cluster.pod.service_account, cluster.pod.priority_class) == (
         "from-recipe", "recipe-sa", "low")
-    cluster = lib.cluster_config(lib.check_params({"cluster_recipe": uri,
+    cluster = validation.cluster_config(parameters.check_params({"cluster_recipe": uri,
                                                    "priority_class": "high"}))
     assert cluster.pod.priority_class == "high"
 
@@ -162,11 +163,11 @@ def test_empty_knobs_keep_the_cluster_recipes(tmp_path):
 def test_validate_step_exits_2_with_one_line(capsys, monkeypatch):
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # as in a pipeline pod
     with pytest.raises(SystemExit) as e:
-        lib.validate_step({"nodes": 3})
+        steps.validate_step({"nodes": 3})
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: parameters nodes, gpus_per_node: ")
-    assert json.loads(lib.validate_step({}))["data_root"] == "gs://YOUR_BUCKET/stablerep/cc12m"
+    assert json.loads(steps.validate_step({}))["data_root"] == "gs://YOUR_BUCKET/stablerep/cc12m"
 
 
 def test_run_local_refuses_a_missing_cluster_recipe_before_any_step(tmp_path):
@@ -194,6 +195,6 @@ def test_bad_launch_section_of_the_cluster_recipe_fails_in_validate(launch, mess
     uri = tmp_path / "cluster.yaml"
     uri.write_text(yaml.safe_dump({"launch": launch}))
     with pytest.raises(ConfigError) as e:
-        lib.validate({"cluster_recipe": str(uri)}, local=False)
+        validation.validate({"cluster_recipe": str(uri)}, local=False)
     assert str(e.value).startswith("parameter cluster_recipe: ") and message in str(e.value)
     assert "\n" not in str(e.value)
