@@ -1,7 +1,8 @@
 # stablerep: `make demo` and `make test` each do all the set-up on a fresh machine.
 #
 #   make demo    create .venv, install, run the pipeline locally (kfp.local; CPU, procedural
-#                digits, ./data/demo; DEMO=demo_sd for the tiny Stable Diffusion path)
+#                digits, ./data/demo; DEMO=demo_sd for the tiny Stable Diffusion path;
+#                RUNNER=containers: every step in the CPU image, see images/run-local.sh)
 #   make repro   create .venv, install, run the miniature replication (./data/repro, ~25 min on 2 cores)
 #   make compile compile the Kubeflow pipeline (pipelines/ and k8s/pipeline/)
 #   make test    create .venv, install, run the unit + integration tests
@@ -85,7 +86,11 @@ DEMO        ?= demo
 
 # The same pipeline function a cluster runs, through kfp.local on this machine.
 demo: $(STAMP)
+ifeq ($(RUNNER),containers)
+	PYTHON=$(BIN)/python images/run-local.sh --recipe $(DEMO)
+else
 	$(BIN)/stablerep pipeline run-local --recipe $(DEMO)
+endif
 
 # The paper's claims in miniature: every arm x 3 seeds through the real stages, one table.
 repro: $(STAMP)

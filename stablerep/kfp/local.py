@@ -51,6 +51,10 @@ def run_local(params: Mapping[str, Any], *, pipeline_root: str = "", runner: str
     root = Path(os.path.abspath(_pipeline_root(values["data_root"], pipeline_root)))
     if runner == "docker":
         kfp_runner, images = _docker_runner(values["data_root"], root, image)
+        # the steps see the data root at its own absolute path (their working directory is
+        # the image's, so a relative one would land inside the container)
+        params = {**params, "data_root": str(Path(os.path.abspath(
+            _local_root(values["data_root"]))))}
     else:
         kfp_runner, images = kfp.local.SubprocessRunner(use_venv=False), (CPU_IMAGE, CUDA_IMAGE)
     from stablerep.kfp.pipeline import build_pipeline

@@ -138,3 +138,22 @@ def test_run_local_docker_builds_every_step_on_the_image(tmp_path: Path,
     assert runner.container_run_args["mounts"][0]["Source"] == str(tmp_path / "root")
     assert local_config.LocalExecutionConfig.instance.pipeline_root == str(tmp_path / "root" /
                                                                            "kfp")
+
+
+def test_run_local_docker_hands_the_steps_an_absolute_data_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative data root (the demo's ./data/demo) reaches the steps as the absolute folder
+    that is mounted: inside a container a relative path would resolve under the image's
+    working directory instead."""
+    from stablerep.kfp import local
+    from stablerep.kfp.params import recipe_params
+
+    monkeypatch.setattr(containers, "check_engine", lambda: None)
+    monkeypatch.setattr(local, "_run", lambda fn, params: params)
+    monkeypatch.chdir(tmp_path)
+    params = local.run_local({**recipe_params("demo"), "train_backend": "local",
+                              "data_root": "./data/demo"}, runner="docker", image="img:1")
+    assert params["data_root"] == str(tmp_path / "data" / "demo")
+    kept = local.run_local({**recipe_params("demo"), "train_backend": "local",
+                            "data_root": "./data/demo"})
+    assert kept["data_root"] == "./data/demo"  # the subprocess runner shares the cwd
