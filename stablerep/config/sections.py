@@ -343,18 +343,7 @@ class TrainConfig:
     knn_dataset: str = "sklearn:digits"  # data set of the kNN check (eval.datasets names)
 
     def __post_init__(self) -> None:
-        if not self.model.startswith(("vit_", "deit")):
-            raise ConfigError(f"train.model: got {self.model!r}, expected a timm ViT name such "
-                              "as vit_small_patch16_224 or vit_base_patch16_224")
-        _check_range("train.image_size", self.image_size, low=8)
-        for key, value in self.model_kwargs.items():
-            if key in ("img_size", "num_classes", "global_pool", "pretrained"):
-                raise ConfigError(f"train.model_kwargs.{key}: set by stablerep itself "
-                                  "(image_size; the backbone has no classifier); remove it")
-            if isinstance(value, (dict, list)) or value is None:
-                raise ConfigError(f"train.model_kwargs.{key}: got {value!r}, expected a "
-                                  "number, a string or true/false")
-        _check_vit_shape(self.model, self.image_size, self.model_kwargs)
+        self._check_backbone()
         for name in ("head_hidden_dim", "head_out_dim", "embed_dim", "text_width", "text_layers",
                      "text_heads", "text_context", "captions_per_batch", "grad_accum_steps",
                      "log_every", "checkpoint_every", "keep_checkpoints", "shuffle_buffer"):
@@ -386,6 +375,21 @@ class TrainConfig:
         _check_range("train.cache_mb", self.cache_mb, low=0)
         _check_range("train.dist_timeout_s", self.dist_timeout_s, low=1)
         _check_range("train.knn_every", self.knn_every, low=0)
+
+    def _check_backbone(self) -> None:
+        """The timm name, resolution and ``model_kwargs`` can build a ViT without a head."""
+        if not self.model.startswith(("vit_", "deit")):
+            raise ConfigError(f"train.model: got {self.model!r}, expected a timm ViT name such "
+                              "as vit_small_patch16_224 or vit_base_patch16_224")
+        _check_range("train.image_size", self.image_size, low=8)
+        for key, value in self.model_kwargs.items():
+            if key in ("img_size", "num_classes", "global_pool", "pretrained"):
+                raise ConfigError(f"train.model_kwargs.{key}: set by stablerep itself "
+                                  "(image_size; the backbone has no classifier); remove it")
+            if isinstance(value, (dict, list)) or value is None:
+                raise ConfigError(f"train.model_kwargs.{key}: got {value!r}, expected a "
+                                  "number, a string or true/false")
+        _check_vit_shape(self.model, self.image_size, self.model_kwargs)
 
     @property
     def uses_text(self) -> bool:
