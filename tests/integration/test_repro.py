@@ -32,8 +32,8 @@ TINY = ["--arms", "random,stablerep_k4", "--seeds", "0,1,2", "--set", "train.max
 
 
 def _cli(*args: str, timeout: int = 540) -> subprocess.CompletedProcess:
-    # one torch thread: on cores shared with other jobs, two threads spinning for one core ran a
-    # seed's training at ~100 img/s where one thread ran it at ~750 img/s (README, CPU threads)
+    # one torch thread: on the 2 cores shared with other jobs, a seed's training ran at 80-130
+    # img/s with two torch threads and at ~750 img/s with one (README, "CPU threads")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "stablerep.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT, check=False)
