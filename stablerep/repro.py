@@ -363,8 +363,7 @@ def run_repro(cfg: Config) -> dict[str, Any]:
         ConfigError / InputError: bad settings, before any run.
     """
     rc = _sections(cfg)
-    out = repro_dir(cfg)
-    stages.check_outputs(("repro.out" if rc.out else "data_root", out))
+    stages.check_outputs(("repro.out" if rc.out else "data_root", repro_dir(cfg)))
     trained = [a for a in rc.arms if a != "random"]
     if not trained:
         raise ConfigError("repro.arms: the random arm is the baseline of a trained arm; "
@@ -372,6 +371,21 @@ def run_repro(cfg: Config) -> dict[str, Any]:
     check_plan(cfg, trained)
     start = time.perf_counter()
     _, test_folder = make_data(cfg)
+    runs = run_all(cfg, trained, test_folder, start=start)
+    return write_results(cfg, runs, wall=time.perf_counter() - start)
+
+
+def run_all(cfg: Config, trained: list[str], test_folder: str, *, start: float
+            ) -> dict[str, dict[str, dict[str, float]]]:
+    """Every trained arm x seed (and the random arm beside the first); figures by arm, seed.
+
+    Args:
+        cfg: the resolved repro config.
+        trained: the arms that train, in table order.
+        test_folder: the held-out image folder ("" = none).
+        start: ``time.perf_counter()`` at the experiment's start, for the per-run rate.
+    """
+    rc = _sections(cfg)
     digits = cfg.eval.datasets[0]
     test = f"imagefolder:{test_folder}" if test_folder else ""
     runs: dict[str, dict[str, dict[str, float]]] = {a: {} for a in rc.arms}
@@ -390,10 +404,26 @@ def run_repro(cfg: Config) -> dict[str, Any]:
                   + ", ".join(f"{k} {100 * v:.1f}%" for k, v in runs[name][str(seed)].items())
                   + (f" ({seconds:.0f} s)" if seconds else " (finished before)")
                   + f"; {elapsed / done:.0f} s per run", flush=True)
+    return runs
+
+
+def write_results(cfg: Config, runs: dict[str, dict[str, dict[str, float]]], *, wall: float
+                  ) -> dict[str, Any]:
+    """Summarise the runs over seeds and write results.json/.md/.png and report.html.
+
+    Args:
+        cfg: the resolved repro config (its arms order the table).
+        runs: figures by arm, then seed (as a string), then metric key (:data:`METRICS`).
+        wall: the experiment's seconds, data included.
+
+    Returns:
+        results.json's content.
+    """
+    rc = _sections(cfg)
+    out = repro_dir(cfg)
     summary = {arm: {key: summarise([r[key] for r in by_seed.values() if key in r])
                      for key, *_ in METRICS if any(key in r for r in by_seed.values())}
                for arm, by_seed in runs.items()}
-    wall = time.perf_counter() - start
     setup = _setup(cfg, rc, wall)
     table = summary_table(summary, rc.arms)
     result = {"setup": setup, "metrics": {k: label for k, _, _, label in METRICS},

@@ -10,8 +10,7 @@ The lists bound how many distinct captions can exist (:meth:`SyntheticSource.cap
 asking for more fails at once, before anything is drawn.
 
 The built-in concept list is ImageNet-1k's class names as shipped by open_clip (read from its
-source file, so this stage needs no torch). A rewriter (an LLM turning a concept into a richer
-caption) plugs in through :data:`REWRITERS`; only the identity exists today.
+source file, so this stage needs no torch).
 """
 
 from __future__ import annotations
@@ -178,17 +177,6 @@ class SyntheticSource:
             done += n
 
 
-def identity_rewriter(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The no-op rewriter: captions pass through unchanged."""
-    return pairs
-
-
-REWRITERS: dict[str, Callable[[list[tuple[str, str]]], list[tuple[str, str]]]] = {
-    "none": identity_rewriter,
-}
-"""Caption rewriters by name: a batch of (caption, source) in, the same number out."""
-
-
 def check_capacity(cfg: SyntheticCaptionsConfig, num_captions: int) -> int:
     """Fail at once when ``num_captions`` exceeds what the lists can produce.
 
@@ -218,15 +206,4 @@ def synthetic_rows(cfg: SyntheticCaptionsConfig, num_rows: int, seed: int
                    ) -> tuple[Iterator[tuple[str, str]], dict]:
     """The first ``num_rows`` candidates of the seeded stream, and the source's description."""
     source = SyntheticSource.from_config(cfg)
-    rewrite = REWRITERS[cfg.rewriter]
-
-    def rows() -> Iterator[tuple[str, str]]:
-        batch: list[tuple[str, str]] = []
-        for pair in source.draw(num_rows, seed):
-            batch.append(pair)
-            if len(batch) == CHUNK:
-                yield from rewrite(batch)
-                batch = []
-        yield from rewrite(batch)
-
-    return rows(), {**source.describe(), "rows": num_rows, "rewriter": cfg.rewriter}
+    return source.draw(num_rows, seed), {**source.describe(), "rows": num_rows}

@@ -1,10 +1,10 @@
 """The config sections: one dataclass per stage and the root :class:`Config`.
 
 Every field has a default and a comment; ``__post_init__`` validates what the types alone do
-not say and names the offending field and the allowed values. A field with a fixed set of
-values is typed as a ``Literal``; :func:`choices` reads that set back, so the command line
-offers exactly what the config accepts. Building these from a mapping (types, unknown
-fields) is :mod:`stablerep.config.load`'s job.
+not say (ranges, combinations of fields) and names the offending field. A field with a fixed
+set of values is typed as a ``Literal``: pydantic checks it when :mod:`stablerep.config.load`
+builds a section from a mapping (with types and unknown fields), and :func:`choices` reads the
+set back, so the command line offers exactly what the config accepts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from stablerep.procedural_grammar import INKS, SIZES, TEXTURES, TONES, WEIGHTS
 CaptionSource = Literal["synthetic", "files", "procedural"]
 CaptionFormat = Literal["auto", "cc3m", "cc12m", "tsv", "csv", "jsonl", "parquet", "txt", "redcaps"]
 Compression = Literal["infer", "none", "gzip", "zstd", "bz2", "xz"]
-Rewriter = Literal["none"]
 GenerateBackend = Literal["diffusers", "tiny", "procedural"]
 Scheduler = Literal["ddim", "dpmsolver++", "default"]
 ImageFormat = Literal["jpg", "webp", "png"]
@@ -36,7 +35,6 @@ EvalPrecision = Literal["auto", "fp32", "bf16"]
 CAPTION_SOURCES: tuple[str, ...] = typing.get_args(CaptionSource)
 CAPTION_FORMATS: tuple[str, ...] = typing.get_args(CaptionFormat)
 COMPRESSIONS: tuple[str, ...] = typing.get_args(Compression)
-REWRITERS: tuple[str, ...] = typing.get_args(Rewriter)
 BACKENDS: tuple[str, ...] = typing.get_args(GenerateBackend)
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 IMAGE_FORMATS: tuple[str, ...] = typing.get_args(ImageFormat)
@@ -45,11 +43,6 @@ METHODS: tuple[str, ...] = typing.get_args(Method)
 AUGMENTATIONS: tuple[str, ...] = typing.get_args(Augmentation)
 TRAIN_PRECISIONS: tuple[str, ...] = typing.get_args(TrainPrecision)
 EVAL_PRECISIONS: tuple[str, ...] = typing.get_args(EvalPrecision)
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: got {value!r}, expected one of {', '.join(map(str, allowed))}")
 
 
 def _check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
@@ -106,7 +99,6 @@ class SyntheticCaptionsConfig:
     background_prob: float = 0.5  # chance that a caption gets a background phrase
     num_rows: int | None = None  # candidates to draw; default num_captions * oversample
     oversample: float = 1.25  # candidates per wanted caption (duplicates are dropped later)
-    rewriter: Rewriter = "none"  # caption rewriter (an LLM plugs in here later)
 
     def __post_init__(self) -> None:
         if not self.concepts:
@@ -118,13 +110,18 @@ class SyntheticCaptionsConfig:
         if self.num_rows is not None:
             _check_range("captions.synthetic.num_rows", self.num_rows, low=1)
         _check_range("captions.synthetic.oversample", self.oversample, low=1)
-        _check_choice("captions.synthetic.rewriter", self.rewriter, REWRITERS)
 
 
 ALL_INKS: tuple[str, ...] = tuple(dict.fromkeys(INKS["light"] + INKS["dark"]))
 """Every ink colour of the procedural grammar, light-background inks first."""
 
 Typeface = Literal["handwritten", "sans-serif", "serif", "monospace"]
+# the grammar's vocabularies as Literals (a Literal of a tuple is the Literal of its items)
+Weight = Literal[WEIGHTS]
+Ink = Literal[ALL_INKS]
+Texture = Literal[TEXTURES]
+Tone = Literal[TONES]
+Size = Literal[SIZES]
 
 
 @dataclass
@@ -136,29 +133,22 @@ class ProceduralCaptionsConfig:
         default_factory=lambda: ["handwritten", "sans-serif", "serif", "monospace"])  # digits
     italic_prob: float = 0.25  # chance that a digit caption says italic
     style_prob: float = 1.0  # chance that a caption names weight, ink, background and size (else each image draws them)
-    weights: list[str] = field(default_factory=lambda: list(WEIGHTS))  # stroke weights captions name
-    inks: list[str] = field(default_factory=lambda: list(ALL_INKS))  # ink colours (each tone keeps those it allows)
-    textures: list[str] = field(default_factory=lambda: list(TEXTURES))  # background textures
-    tones: list[str] = field(default_factory=lambda: list(TONES))  # background tones
-    sizes: list[str] = field(default_factory=lambda: list(SIZES))  # size words
+    weights: list[Weight] = field(default_factory=lambda: list(WEIGHTS))  # stroke weights captions name
+    inks: list[Ink] = field(default_factory=lambda: list(ALL_INKS))  # ink colours (each tone keeps those it allows)
+    textures: list[Texture] = field(default_factory=lambda: list(TEXTURES))  # background textures
+    tones: list[Tone] = field(default_factory=lambda: list(TONES))  # background tones
+    sizes: list[Size] = field(default_factory=lambda: list(SIZES))  # size words
     num_rows: int | None = None  # candidates to draw; default num_captions * oversample
     oversample: float = 1.25  # candidates per wanted caption (duplicates are dropped later)
 
     def __post_init__(self) -> None:
         if not self.typefaces:
             raise ConfigError("captions.procedural.typefaces: expected at least one typeface")
-        for i, face in enumerate(self.typefaces):
-            _check_choice(f"captions.procedural.typefaces[{i}]", face, typing.get_args(Typeface))
         _check_range("captions.procedural.italic_prob", self.italic_prob, low=0, high=1)
         _check_range("captions.procedural.style_prob", self.style_prob, low=0, high=1)
-        vocab = {"weights": WEIGHTS, "inks": ALL_INKS, "textures": TEXTURES, "tones": TONES,
-                 "sizes": SIZES}
-        for name, allowed in vocab.items():
-            values = getattr(self, name)
-            if not values:
+        for name in ("weights", "inks", "textures", "tones", "sizes"):
+            if not getattr(self, name):
                 raise ConfigError(f"captions.procedural.{name}: expected at least one value")
-            for i, value in enumerate(values):
-                _check_choice(f"captions.procedural.{name}[{i}]", value, allowed)
         for tone in self.tones:
             if not set(self.inks) & set(INKS[tone]):
                 raise ConfigError(f"captions.procedural.inks: none of {self.inks} is allowed on "
@@ -192,9 +182,6 @@ class CaptionsConfig:
     procedural: ProceduralCaptionsConfig = field(default_factory=ProceduralCaptionsConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("captions.source", self.source, CAPTION_SOURCES)
-        _check_choice("captions.format", self.format, CAPTION_FORMATS)
-        _check_choice("captions.compression", self.compression, COMPRESSIONS)
         if self.source == "files" and not self.inputs:
             raise ConfigError("captions.inputs: the files source needs at least one input URI")
         if self.source in ("synthetic", "procedural") and self.num_captions is None:
@@ -246,13 +233,11 @@ class GenerateConfig:
     overwrite: bool = False  # replace shards made with another config under `out`
 
     def __post_init__(self) -> None:
-        _check_choice("generate.backend", self.backend, BACKENDS)
         if not self.model:
             raise ConfigError("generate.model: expected a hub id, a local folder or a URI")
         _check_range("generate.images_per_caption", self.images_per_caption, low=1)
         _check_range("generate.guidance_scale", self.guidance_scale, low=0)
         _check_range("generate.num_inference_steps", self.num_inference_steps, low=1)
-        _check_choice("generate.scheduler", self.scheduler, SCHEDULERS)
         _check_range("generate.eta", self.eta, low=0, high=1)
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -260,7 +245,6 @@ class GenerateConfig:
                 raise ConfigError(f"generate.{name}: got {value}, expected a positive multiple "
                                   "of 8 (the VAE downsamples by 8)")
         _check_range("generate.stored_size", self.stored_size, low=0)
-        _check_choice("generate.image_format", self.image_format, IMAGE_FORMATS)
         _check_range("generate.jpeg_quality", self.jpeg_quality, low=1, high=100)
         _check_range("generate.batch_size", self.batch_size, low=1)
         if self.shard is not None:
@@ -268,7 +252,6 @@ class GenerateConfig:
         modes = sum([self.shard is not None, self.all_shards, self.shard_from_env])
         if modes > 1:
             raise ConfigError("generate.shard / all_shards / shard_from_env: choose one of them")
-        _check_choice("generate.dtype", self.dtype, GENERATE_DTYPES)
         check_device(self.device, field="generate.device")
         _check_range("generate.encode_workers", self.encode_workers, low=1)
         _check_range("generate.max_failures", self.max_failures, low=-1)
@@ -360,19 +343,7 @@ class TrainConfig:
     knn_dataset: str = "sklearn:digits"  # data set of the kNN check (eval.datasets names)
 
     def __post_init__(self) -> None:
-        _check_choice("train.method", self.method, METHODS)
-        if not self.model.startswith(("vit_", "deit")):
-            raise ConfigError(f"train.model: got {self.model!r}, expected a timm ViT name such "
-                              "as vit_small_patch16_224 or vit_base_patch16_224")
-        _check_range("train.image_size", self.image_size, low=8)
-        for key, value in self.model_kwargs.items():
-            if key in ("img_size", "num_classes", "global_pool", "pretrained"):
-                raise ConfigError(f"train.model_kwargs.{key}: set by stablerep itself "
-                                  "(image_size; the backbone has no classifier); remove it")
-            if isinstance(value, (dict, list)) or value is None:
-                raise ConfigError(f"train.model_kwargs.{key}: got {value!r}, expected a "
-                                  "number, a string or true/false")
-        _check_vit_shape(self.model, self.image_size, self.model_kwargs)
+        self._check_backbone()
         for name in ("head_hidden_dim", "head_out_dim", "embed_dim", "text_width", "text_layers",
                      "text_heads", "text_context", "captions_per_batch", "grad_accum_steps",
                      "log_every", "checkpoint_every", "keep_checkpoints", "shuffle_buffer"):
@@ -387,7 +358,6 @@ class TrainConfig:
                               f"train.text_width {self.text_width}")
         _check_range("train.temperature", self.temperature, low=0, low_open=True)
         _check_range("train.clip_loss_weight", self.clip_loss_weight, low=0)
-        _check_choice("train.augmentation", self.augmentation, AUGMENTATIONS)
         _check_range("train.downsample_prob", self.downsample_prob, low=0, high=1)
         _check_range("train.epochs", self.epochs, low=0, low_open=True)
         if self.max_steps is not None:
@@ -399,13 +369,27 @@ class TrainConfig:
         _check_range("train.weight_decay", self.weight_decay, low=0)
         _check_range("train.beta1", self.beta1, low=0, high=0.999999)
         _check_range("train.beta2", self.beta2, low=0, high=0.999999)
-        _check_choice("train.precision", self.precision, TRAIN_PRECISIONS)
         check_device(self.device, field="train.device", indexed=False)
         _check_range("train.num_workers", self.num_workers, low=0)
         _check_range("train.max_sample_errors", self.max_sample_errors, low=0)
         _check_range("train.cache_mb", self.cache_mb, low=0)
         _check_range("train.dist_timeout_s", self.dist_timeout_s, low=1)
         _check_range("train.knn_every", self.knn_every, low=0)
+
+    def _check_backbone(self) -> None:
+        """The timm name, resolution and ``model_kwargs`` can build a ViT without a head."""
+        if not self.model.startswith(("vit_", "deit")):
+            raise ConfigError(f"train.model: got {self.model!r}, expected a timm ViT name such "
+                              "as vit_small_patch16_224 or vit_base_patch16_224")
+        _check_range("train.image_size", self.image_size, low=8)
+        for key, value in self.model_kwargs.items():
+            if key in ("img_size", "num_classes", "global_pool", "pretrained"):
+                raise ConfigError(f"train.model_kwargs.{key}: set by stablerep itself "
+                                  "(image_size; the backbone has no classifier); remove it")
+            if isinstance(value, (dict, list)) or value is None:
+                raise ConfigError(f"train.model_kwargs.{key}: got {value!r}, expected a "
+                                  "number, a string or true/false")
+        _check_vit_shape(self.model, self.image_size, self.model_kwargs)
 
     @property
     def uses_text(self) -> bool:
@@ -468,7 +452,6 @@ class EvalConfig:
             _check_range(f"eval.{name}", getattr(self, name), low=0)
         if self.few_shot_episodes and self.few_shot_way < 2:
             raise ConfigError(f"eval.few_shot_way: got {self.few_shot_way}, expected >= 2")
-        _check_choice("eval.precision", self.precision, EVAL_PRECISIONS)
         check_device(self.device, field="eval.device")
         _check_range("eval.probe_c_min", self.probe_c_min, low=0, low_open=True)
         _check_range("eval.probe_c_max", self.probe_c_max, low=self.probe_c_min)
@@ -503,8 +486,6 @@ class ReproConfig:
     def __post_init__(self) -> None:
         if not self.arms:
             raise ConfigError("repro.arms: expected at least one arm, e.g. [random, stablerep_k4]")
-        for i, arm in enumerate(self.arms):
-            _check_choice(f"repro.arms[{i}]", arm, REPRO_ARMS)
         if len(set(self.arms)) != len(self.arms):
             raise ConfigError(f"repro.arms: each arm once, got {self.arms}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

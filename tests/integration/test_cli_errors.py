@@ -83,6 +83,11 @@ def _section_is_a_list(w: Path) -> list[str]:
     return ["captions", "--config", "r.yaml", "--num-captions", "5", "--out", "out"]
 
 
+def _recipe_sets_a_removed_field(w: Path) -> list[str]:
+    _write(w / "r.yaml", "captions:\n  num_captions: 5\n  synthetic:\n    rewriter: none\n")
+    return ["captions", "--config", "r.yaml", "--out", "out"]
+
+
 def _config_not_utf8(w: Path) -> list[str]:
     _write(w / "r.yaml", b"captions:\n  num_captions: 5\n  column: caf\xe9\n")
     return ["captions", "--config", "r.yaml", "--out", "out"]
@@ -124,6 +129,9 @@ CASES: dict[str, Case] = {
     "set-root-scalar-to-a-mapping": (
         lambda w: ["captions", "--set", "data_root.x=1", "--num-captions", "5"],
         ["data_root: got {'x': 1}, expected a string"]),
+    "recipe-sets-a-removed-field": (_recipe_sets_a_removed_field,
+                                    ["captions.synthetic.rewriter: unknown field; known fields: "
+                                     "background_prob, backgrounds_uri, concepts"]),
     "config-not-utf8": (_config_not_utf8, ["r.yaml: not UTF-8 text (byte 0xe9"]),
     "config-is-a-folder": (
         lambda w: ["captions", "--config", ".", "--out", "out"],

@@ -688,3 +688,18 @@ def test_stage_synthetic_source(tmp_path: Path) -> None:
                           str(tmp_path / "c"))
     assert other.count == 400
     assert {c for _, c in _rows_of(tmp_path / "c")} != {c for _, c in rows}
+
+
+@pytest.mark.parametrize("source", ["synthetic", "procedural"])
+def test_captions_made_before_the_rewriter_field_went_keep_their_fingerprint(source: str) -> None:
+    from stablerep.captions.stage import output_fingerprint
+    from stablerep.config import fingerprint, to_dict
+
+    cfg = CaptionsConfig(source=source, num_captions=10)
+    before = to_dict(cfg)  # the config as it was written when the field existed
+    before["synthetic"]["rewriter"] = "none"
+    for key in ("work_dir", "spill_rows", "overwrite", "out"):
+        before.pop(key)
+    if source != "procedural":
+        before.pop("procedural")
+    assert output_fingerprint(cfg) == fingerprint(before)

@@ -151,9 +151,14 @@ def test_procedural_config_errors(section: dict, message: str) -> None:
     assert message in str(info.value)
 
 
-def test_procedural_config_checks_typefaces_when_built_directly() -> None:
-    with pytest.raises(ConfigError, match=r"captions.procedural.typefaces\[1\]: got 'comic'"):
-        ProceduralCaptionsConfig(typefaces=["serif", "comic"])  # type: ignore[list-item]
+@pytest.mark.parametrize("name", ["typefaces", "weights", "inks", "textures", "tones", "sizes"])
+def test_every_procedural_vocabulary_names_the_bad_word_and_the_allowed_ones(name: str) -> None:
+    allowed = getattr(ProceduralCaptionsConfig(), name)  # the default: the whole vocabulary
+    section = {"num_captions": 5, "procedural": {name: [allowed[0], "comic"]}}
+    with pytest.raises(ConfigError) as info:
+        from_dict(Config, {"captions": section})
+    assert str(info.value) == (f"captions.procedural.{name}[1]: got 'comic', expected one of "
+                               f"{', '.join(allowed)}")
 
 
 def test_captions_stage_with_the_procedural_source(tmp_path: Path) -> None:

@@ -143,3 +143,49 @@ def test_a_plan_whose_batches_cannot_be_filled_fails_before_any_work(
         repro.run_repro(cfg)
     assert str(info.value) == message
     assert not (tmp_path / "root").exists()
+
+
+RECORDED = Path(__file__).parent / "data" / "repro_runs"
+"""metrics.json of three real stablerep_k4 runs (seeds 0-2, 300 steps, the baseline inside)."""
+
+
+def test_results_of_recorded_runs_are_summarised_tabled_and_written(tmp_path: Path,
+                                                                    capsys) -> None:
+    import statistics
+
+    cfg = _cfg("repro.arms=[random, stablerep_k4]", "repro.seeds=[0, 1, 2]",
+               data_root=str(tmp_path))
+    test = "imagefolder:/data/repro/testset/folder"
+    runs: dict = {"random": {}, "stablerep_k4": {}}
+    for seed in range(3):
+        metrics = json.loads((RECORDED / f"stablerep_k4-s{seed}.json").read_text())
+        for arm, baseline in (("stablerep_k4", False), ("random", True)):
+            runs[arm][str(seed)] = repro.run_figures(metrics, baseline=baseline,
+                                                     digits="sklearn:digits", test=test)
+    assert set(runs["random"]["0"]) == {key for key, *_ in repro.METRICS}
+    result = repro.write_results(cfg, runs, wall=125.0)
+
+    out = tmp_path / "repro"
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result))
+    table = (out / "results.md").read_text().strip()
+    lines = table.splitlines()
+    assert lines[0] == ("| arm | digits linear probe | digits 5-way 5-shot | digits kNN | "
+                        "procedural test linear probe | procedural test 5-way 5-shot |")
+    for row, arm in zip(lines[2:], ("random", "stablerep_k4"), strict=True):
+        cells = []
+        for key, *_ in repro.METRICS:
+            values = [runs[arm][str(s)][key] for s in range(3)]
+            stats = result["summary"][arm][key]
+            assert stats["mean"] == pytest.approx(statistics.mean(values))
+            assert stats["std"] == pytest.approx(statistics.stdev(values))
+            assert (stats["min"], stats["max"], stats["n"]) == (min(values), max(values), 3)
+            cells.append(f"{100 * statistics.mean(values):.1f} ± "
+                         f"{100 * statistics.stdev(values):.1f}")
+        assert row == f"| {arm} | " + " | ".join(cells) + " |"
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
+    assert "<li><b>wall time</b>: 2.1 min</li>" in page
+    printed = capsys.readouterr().out
+    assert table in printed
+    assert f"repro: 2 arms x 3 seeds in 2.1 min; results in {out / 'results.json'}" in printed
