@@ -99,7 +99,7 @@ class _Group(click.Group):
         except RetryableError as e:  # a lost peer: the job's restart resumes the run
             _fail(str(e), e.exit_code)
         except Exception as e:  # noqa: BLE001 - sorted into user path errors and bugs
-            from stablerep.storage import describe_path_error
+            from stablerep.local_paths import describe_path_error
 
             problem = describe_path_error(e)
             if problem is not None:

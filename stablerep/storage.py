@@ -20,7 +20,6 @@ credentials) raise :class:`StorageError` at once, naming the URI.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -40,6 +39,7 @@ from typing import Any, TypeVar
 import fsspec
 
 from stablerep.errors import InputError, StablerepError
+from stablerep.local_paths import blocking_file, describe_path_error, who_and_owner
 from stablerep.storage_clients import HttpStatusError as HttpStatusError  # re-exported
 from stablerep.storage_clients import (
     client_single_try,
@@ -166,63 +166,6 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
 # filesystems are made (stablerep.storage_clients), which also tells transient failures from
 # permanent ones (is_transient).
 
-# errno values of an OSError that a wrong local path (not a bug) causes
-_PATH_ERRNOS = {errno.ENOTDIR: "", errno.EEXIST: "", errno.EISDIR: "",
-                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                errno.ENOSPC: "no space left on the device",
-                errno.EROFS: "the file system is read-only",
-                errno.ENAMETOOLONG: "the name is too long",
-                errno.ELOOP: "too many levels of symbolic links"}
-
-
-def _blocking_file(path: Path) -> Path | None:
-    """The first component of ``path`` that exists and is not a folder, if any."""
-    for part in reversed([path, *path.parents]):
-        if part.exists() and not part.is_dir():
-            return part
-    return None
-
-
-def describe_path_error(exc: BaseException, *, path: str | os.PathLike | None = None
-                        ) -> str | None:
-    """One line saying what is wrong with the local path behind ``exc``, or None.
-
-    Covers the errors a user's path causes: a path that is a regular file or runs through
-    one, a folder where a file is expected, missing permissions, a full or read-only disk.
-
-    Args:
-        exc: any exception; only an ``OSError`` with a file name is described.
-        path: the path to name instead of the one in ``exc`` (e.g. a relative one).
-    """
-    if not isinstance(exc, OSError) or exc.errno not in _PATH_ERRNOS or not exc.filename:
-        return None
-    where = Path(path) if path is not None else Path(os.fsdecode(exc.filename))
-    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        blocker = _blocking_file(where)
-        if blocker is not None:
-            return f"{blocker} is a regular file, expected a folder"
-        return f"{where}: {exc.strerror or 'already exists'}"
-    if exc.errno == errno.EISDIR:
-        return f"{where} is a folder, expected a file"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"{where}: permission denied {_who_and_owner(where)}"
-    return f"{where}: {_PATH_ERRNOS[exc.errno]}"
-
-
-def _who_and_owner(path: Path) -> str:
-    """'to UID u (owner UID o, mode m)' of the nearest existing part of ``path``: what a
-    container's user needs to know to fix a mounted folder it cannot write."""
-    owner = ""
-    for part in (path, *path.parents):
-        try:
-            st = part.stat()
-        except OSError:
-            continue
-        owner = f"; {part} is owned by UID {st.st_uid}, mode {st.st_mode & 0o7777:o}"
-        break
-    return f"to UID {os.getuid()}{owner}"
-
-
 def check_output_folder(uri: str, *, field: str) -> None:
     """Refuse, before any work, a local output folder that a regular file stands in for, or
     that this process's user cannot create or write (a container's UID on a mounted folder).
@@ -236,7 +179,7 @@ def check_output_folder(uri: str, *, field: str) -> None:
     if not is_local(uri):
         return
     path = local_path(uri)
-    blocker = _blocking_file(path)
+    blocker = blocking_file(path)
     if blocker == path:
         raise StorageError(f"{field}: {uri} is a regular file, expected a folder")
     if blocker is not None:
@@ -244,7 +187,7 @@ def check_output_folder(uri: str, *, field: str) -> None:
                            "a folder")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise StorageError(f"{field}: {uri}: permission denied {_who_and_owner(existing)}; "
+        raise StorageError(f"{field}: {uri}: permission denied {who_and_owner(existing)}; "
                            "expected a folder this user can write")
 
 

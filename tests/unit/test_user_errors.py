@@ -9,7 +9,7 @@ import typing
 import click
 import pytest
 
-from stablerep import storage
+from stablerep import local_paths, storage
 from stablerep.cli import main
 from stablerep.config import (
     CaptionsConfig,
@@ -136,15 +136,15 @@ def test_writes_through_a_regular_file_name_it(tmp_path, monkeypatch):
 def test_describe_path_error_only_describes_path_problems(tmp_path):
     (tmp_path / "f").write_text("x")
     err = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(tmp_path / "f" / "g"))
-    assert storage.describe_path_error(err) == f"{tmp_path / 'f'} is a regular file, expected " \
+    assert local_paths.describe_path_error(err) == f"{tmp_path / 'f'} is a regular file, expected " \
                                                "a folder"
     denied = PermissionError(errno.EACCES, "Permission denied", "/root/x")
-    assert storage.describe_path_error(denied) == (  # who the process is, who owns the folder
+    assert local_paths.describe_path_error(denied) == (  # who the process is, who owns the folder
         f"/root/x: permission denied to UID {os.getuid()}; /root is owned by UID "
         f"{os.stat('/root').st_uid}, mode {os.stat('/root').st_mode & 0o7777:o}")
-    assert storage.describe_path_error(OSError(errno.EIO, "I/O error", "/x")) is None
-    assert storage.describe_path_error(RuntimeError("no")) is None
-    assert storage.describe_path_error(FileExistsError(errno.EEXIST, "exists")) is None
+    assert local_paths.describe_path_error(OSError(errno.EIO, "I/O error", "/x")) is None
+    assert local_paths.describe_path_error(RuntimeError("no")) is None
+    assert local_paths.describe_path_error(FileExistsError(errno.EEXIST, "exists")) is None
 
 
 def test_check_output_folder(tmp_path, monkeypatch):
