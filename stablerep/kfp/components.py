@@ -191,12 +191,10 @@ def train(config: str, recipe: str, train_backend: str, nodes: int,
         checkpoint: the trained model (checkpoint, backbone, metrics URIs).
         metrics: final loss, images/s, steps.
     """
-    values = dict(locals())
-    from stablerep.kfp.steps import train_step
+    inputs = dict(locals())
+    from stablerep.kfp.steps import train_component
 
-    train_step(values, run_id=values.pop("run_id"), task=values.pop("task_name"),
-               images=values.pop("images"), checkpoint=values.pop("checkpoint"),
-               metrics=values.pop("metrics"))
+    train_component(inputs)
 
 
 def train_launcher(config: str, recipe: str, train_backend: str, nodes: int,
@@ -225,12 +223,10 @@ def train_launcher(config: str, recipe: str, train_backend: str, nodes: int,
         checkpoint: the trained model (checkpoint, backbone, metrics URIs).
         metrics: final loss, images/s, steps.
     """
-    values = dict(locals())
-    from stablerep.kfp.steps import train_step
+    inputs = dict(locals())
+    from stablerep.kfp.steps import train_component
 
-    train_step(values, run_id=values.pop("run_id"), task=values.pop("task_name"),
-               images=values.pop("images"), checkpoint=values.pop("checkpoint"),
-               metrics=values.pop("metrics"))
+    train_component(inputs)
 
 
 def evaluate(config: str, checkpoint: Input[Model], metrics: Output[Metrics],

@@ -172,6 +172,19 @@ def train_step(values: Mapping[str, Any], *, run_id: str, task: str, images: Any
     describe_training(result, images=images, checkpoint=checkpoint, metrics=metrics)
 
 
+def train_component(inputs: dict[str, Any]) -> None:
+    """The body of both train components (in this pod, or the job launcher): their inputs
+    as they arrive, the run id, task name and artifacts taken out for :func:`train_step`.
+
+    Args:
+        inputs: every input of the component by name (its ``locals()``).
+    """
+    values = dict(inputs)
+    train_step(values, run_id=values.pop("run_id"), task=values.pop("task_name"),
+               images=values.pop("images"), checkpoint=values.pop("checkpoint"),
+               metrics=values.pop("metrics"))
+
+
 def describe_training(result: Any, *, images: Any, checkpoint: Any, metrics: Any) -> None:
     """The train step's artifacts from a :class:`~stablerep.contracts.TrainResult`.
 
