@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,7 +16,7 @@ import click
 from stablerep.errors import ConfigError
 from stablerep.k8s.config import CPU_IMAGE, CUDA_IMAGE
 from stablerep.kfp import params as pipeline_params
-from stablerep.kfp.compile import PIPELINE_K8S, PIPELINE_YAML
+from stablerep.kfp.compile import DEFAULT_K8S, DEFAULT_OUT, PIPELINE_YAML
 from stablerep.kfp.local import RUNNERS
 
 _PARAM_HELP = ("Pipeline parameter name=value (value read as JSON when it parses, else a "
@@ -32,16 +36,32 @@ def _params(recipe: str | None, sets: tuple[str, ...], params: tuple[str, ...],
     return out
 
 
+@contextlib.contextmanager
+def _package(package: str) -> Iterator[str]:
+    """The package a run is made of: the one given; else the checked-in YAML of a checkout;
+    else (the package is installed, as in the images) this version's pipeline compiled into a
+    temporary file for the run."""
+    from stablerep.kfp.compile import IN_CHECKOUT, compile_pipeline
+
+    if package or IN_CHECKOUT:
+        yield package or str(PIPELINE_YAML)
+        return
+    with tempfile.TemporaryDirectory(prefix="stablerep-submit-") as folder:
+        (path,) = compile_pipeline(Path(folder) / PIPELINE_YAML.name)
+        yield str(path)
+
+
 @click.group(name="pipeline")
 def pipeline() -> None:
     """Kubeflow Pipelines: compile, submit a run, or run the pipeline on this machine."""
 
 
 @pipeline.command(name="compile")
-@click.option("--out", default=str(PIPELINE_YAML), show_default=True, metavar="FILE",
-              help="The compiled pipeline YAML.")
-@click.option("--kubernetes", "k8s_out", default=str(PIPELINE_K8S), show_default=True,
-              metavar="FILE", help="The Pipeline + PipelineVersion manifests ('' = skip).")
+@click.option("--out", default=DEFAULT_OUT, show_default=True, metavar="FILE",
+              help="The compiled pipeline YAML ('-' = standard output).")
+@click.option("--kubernetes", "k8s_out", default=None, metavar="FILE",
+              help="The Pipeline + PipelineVersion manifests ('' = skip) [default: "
+              f"{DEFAULT_K8S or 'skip'}; skip with --out -].")
 @click.option("--image", default="", metavar="IMAGE", help="The image of every step (sets "
               "both --cpu-image and --cuda-image).")
 @click.option("--cpu-image", default="", metavar="IMAGE", help="The image of the steps that "
@@ -51,7 +71,7 @@ def pipeline() -> None:
               f"[default: --image, else {CUDA_IMAGE}].")
 @click.option("--parallelism", type=int, default=pipeline_params.DEFAULT_PARALLELISM,
               show_default=True, help="Generation tasks at a time (KFP fixes it at compile time).")
-def compile_cmd(out: str, k8s_out: str, image: str, cpu_image: str, cuda_image: str,
+def compile_cmd(out: str, k8s_out: str | None, image: str, cpu_image: str, cuda_image: str,
                 parallelism: int) -> None:
     """Compile the pipeline (stablerep.kfp.pipeline; what `make compile` runs).
 
@@ -61,15 +81,20 @@ def compile_cmd(out: str, k8s_out: str, image: str, cpu_image: str, cuda_image: 
       stablerep pipeline compile --image registry.example.com/stablerep:0.1.0-cuda
       stablerep pipeline compile --cpu-image registry.example.com/stablerep:0.1.0-cpu \\
         --cuda-image registry.example.com/stablerep:0.1.0-cuda
+      podman run --rm docker.io/stablerep/stablerep:0.1.0-cpu stablerep pipeline compile --out -
     """
     from stablerep.kfp.compile import compile_pipeline
 
     flags = ("--cpu-image" if cpu_image else "--image", "--cuda-image" if cuda_image else "--image")
+    if k8s_out is None:
+        k8s_out = "" if out == "-" else DEFAULT_K8S
     for path in compile_pipeline(out, kubernetes=k8s_out or None,
                                  cpu_image=cpu_image or image or CPU_IMAGE,
                                  cuda_image=cuda_image or image or CUDA_IMAGE,
                                  parallelism=parallelism, image_flags=flags):
-        click.echo(f"pipeline: wrote {path}")
+        click.echo(f"pipeline: wrote {path}", err=out == "-")
+    if out == "-":
+        click.echo("pipeline: wrote the pipeline YAML to standard output", err=True)
 
 
 @pipeline.command()
@@ -82,8 +107,9 @@ def compile_cmd(out: str, k8s_out: str, image: str, cpu_image: str, cuda_image: 
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Recipe override "
               "(the overrides parameter); repeatable.")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help=_PARAM_HELP)
-@click.option("--package", default=str(PIPELINE_YAML), show_default=True, metavar="FILE",
-              help="The compiled pipeline.")
+@click.option("--package", default="", metavar="FILE", help="The compiled pipeline "
+              f"[default: {PIPELINE_YAML.name} of this checkout; installed (an image): this "
+              "version's pipeline, compiled for the run].")
 @click.option("--upload", "pipeline_name", default="", metavar="PIPELINE", help="Upload the "
               "package as a version of this pipeline (reused when already uploaded) and run "
               "it [default: send the spec inline with the run].")
@@ -104,9 +130,10 @@ def submit(host: str, experiment: str, recipe: str | None, sets: tuple[str, ...]
     from stablerep.kfp.submit import submit as create_run
 
     values = _params(recipe, sets, params)
-    run_id, url = create_run(host, experiment, values, package=package, run_name=run_name,
-                             namespace=namespace, pipeline=pipeline_name,
-                             service_account=service_account)
+    with _package(package) as compiled:
+        run_id, url = create_run(host, experiment, values, package=compiled, run_name=run_name,
+                                 namespace=namespace, pipeline=pipeline_name,
+                                 service_account=service_account)
     click.echo(f"run {run_id}")
     click.echo(f"url {url}")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,12 @@ from stablerep.kfp.params import DEFAULT_PARALLELISM, PIPELINE_NAME
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PIPELINE_YAML = REPO_ROOT / "pipelines" / "stablerep_pipeline.yaml"
 PIPELINE_K8S = REPO_ROOT / "k8s" / "pipeline" / "stablerep-pipeline.yaml"
+#: Whether the package runs from a checkout (the compiled files' home) or is installed
+#: (an image, a wheel): then the YAML goes to the working directory or standard output.
+IN_CHECKOUT = (REPO_ROOT / "pipelines").is_dir()
+DEFAULT_OUT = str(PIPELINE_YAML) if IN_CHECKOUT else "stablerep_pipeline.yaml"
+DEFAULT_K8S = str(PIPELINE_K8S) if IN_CHECKOUT else ""
+STDOUT = "-"
 
 
 def _version_label() -> str:
@@ -82,7 +90,7 @@ def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path 
     names and renamed into place last, so a failure publishes neither.
 
     Args:
-        out: the pipeline YAML to write.
+        out: the pipeline YAML to write; ``-`` = standard output (e.g. from the image).
         kubernetes: the Pipeline + PipelineVersion manifest file to write (None = skip).
         cpu_image: the image of the steps that need no GPU.
         cuda_image: the image of the GPU steps (and the training job's pods by default).
@@ -92,8 +100,11 @@ def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path 
     from stablerep.k8s.rules import check_image
     from stablerep.kfp.pipeline import build_pipeline
 
-    targets = [(check_output_file("--out", out), False)]
+    to_stdout = str(out) == STDOUT
+    targets = [] if to_stdout else [(check_output_file("--out", out), False)]
     if kubernetes:
+        if str(kubernetes) == STDOUT:
+            raise ConfigError("--kubernetes: got '-'; only --out can go to standard output")
         targets.append((check_output_file("--kubernetes", kubernetes), True))
     if len({t.resolve() for t, _ in targets}) < len(targets):
         raise ConfigError(f"--kubernetes: {kubernetes} is also --out; expected another file")
@@ -101,17 +112,24 @@ def compile_pipeline(out: str | Path = PIPELINE_YAML, *, kubernetes: str | Path 
     check_image(image_flags[1], cuda_image)
     fn = build_pipeline(cpu_image=cpu_image, cuda_image=cuda_image, parallelism=parallelism)
     staged: list[tuple[Path, Path]] = []
-    try:
-        for target, k8s in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
-            staged.append((tmp, target))
-            _compile_to(fn, tmp, k8s=k8s)
-        for tmp, target in staged:
-            tmp.replace(target)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="stablerep-compile-") as scratch:
+        try:
+            for target, k8s in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+                staged.append((tmp, target))
+                _compile_to(fn, tmp, k8s=k8s)
+            if to_stdout:  # compiled last of all, printed once the files are in place
+                printed = Path(scratch) / "stablerep_pipeline.yaml"
+                _compile_to(fn, printed, k8s=False)
+            for tmp, target in staged:
+                tmp.replace(target)
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+        if to_stdout:
+            sys.stdout.write(printed.read_text())
+            sys.stdout.flush()
     return [target for _, target in staged]
 
 

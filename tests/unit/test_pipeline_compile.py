@@ -264,3 +264,46 @@ def test_generation_fans_out_over_workers_not_shards(fresh, tmp_path, monkeypatc
     assert set(tasks["images-manifest"]["dependentTasks"]) >= {"for-loop-1"}
     assert "images-manifest" in spec["root"]["dag"]["tasks"]["condition-branches-2"][
         "dependentTasks"]  # training starts after the manifest is written
+
+
+def test_compile_to_standard_output_writes_no_file(tmp_path):
+    """`stablerep pipeline compile --out -` (what a user runs in the image, whose root is
+    read-only): the YAML on stdout, equal to the checked-in one; no file, the note on stderr."""
+    run = subprocess.run([sys.executable, "-m", "stablerep.cli", "pipeline", "compile", "--out",
+                          "-"], capture_output=True, text=True, timeout=300, check=False,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == PIPELINE_YAML.read_text()
+    assert run.stderr.strip().splitlines() == [
+        "pipeline: wrote the pipeline YAML to standard output"]
+    assert list(tmp_path.iterdir()) == []
+    refused = subprocess.run([sys.executable, "-m", "stablerep.cli", "pipeline", "compile",
+                              "--out", "-", "--kubernetes", "-"], capture_output=True, text=True,
+                             timeout=300, check=False, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == "error: --kubernetes: got '-'; only --out can go to standard output\n"
+
+
+def test_an_installed_package_submits_this_version_s_pipeline(tmp_path, monkeypatch):
+    """Outside a checkout (the images) submit has no checked-in YAML: it compiles this
+    version's pipeline into a temporary file for the run, and removes it after."""
+    from click.testing import CliRunner
+
+    from stablerep import pipeline_cli
+    from stablerep.kfp import compile as compile_mod
+    from stablerep.kfp import submit as submit_mod
+
+    seen = {}
+
+    def create_run(host, experiment, values, *, package, **_):
+        seen["package"] = Path(package)
+        seen["text"] = Path(package).read_text()
+        return "run-1", "http://kfp/#/runs/details/run-1"
+
+    monkeypatch.setattr(compile_mod, "IN_CHECKOUT", False)
+    monkeypatch.setattr(submit_mod, "submit", create_run)
+    result = CliRunner().invoke(pipeline_cli.pipeline, ["submit", "--host", "http://kfp",
+                                                        "--experiment", "e"])
+    assert result.exit_code == 0, result.output
+    assert seen["text"] == PIPELINE_YAML.read_text()  # the default images: the release's
+    assert not seen["package"].exists()
