@@ -75,7 +75,8 @@ def check_output_file(flag: str, target: str | Path) -> Path:
                               "expected a folder")
     existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag}: {text}: {existing} is not writable")
+        hint = "; --out - writes to standard output" if flag == "--out" else ""
+        raise ConfigError(f"{flag}: {text}: {existing} is not writable{hint}")
     return path
 
 

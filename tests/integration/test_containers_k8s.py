@@ -263,3 +263,15 @@ def test_a_data_root_the_pod_user_cannot_write_is_one_error_line(containers: Con
     assert f"{MOUNT}/images: permission denied to UID {UID}; {MOUNT} is owned by UID 0" \
         in errors[0], errors[0]
     assert "Traceback" not in text and not (data / "images").exists()
+
+
+def test_the_image_compiles_the_checked_in_pipeline(podman: str) -> None:
+    """A user with only the image compiles the pipeline there (root read-only, UID 1000, no
+    network): the YAML on standard output is the repository's compiled pipeline."""
+    run = subprocess.run([podman, "run", "--rm", "--read-only", "--tmpfs", "/tmp",
+                          "--user", f"{UID}:{UID}", "--env", "HOME=/tmp/home",
+                          "--network", "none", IMAGE, "stablerep", "pipeline", "compile",
+                          "--out", "-"], capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == (ROOT / "pipelines" / "stablerep_pipeline.yaml").read_text()
