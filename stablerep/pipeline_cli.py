@@ -167,14 +167,14 @@ def run_local(recipe: str, data_root: str | None, sets: tuple[str, ...],
       stablerep pipeline run-local --runner docker --image docker.io/stablerep/stablerep:0.1.0-cpu
     """
     from stablerep.kfp.local import run_local as run
-    from stablerep.kfp.validation import validate
+    from stablerep.kfp.validation import check_run
 
     _check_runner(runner, image)
     fixed: dict[str, Any] = {"train_backend": "local"}
     if data_root is not None:
         fixed["data_root"] = data_root
     values = _params(recipe, sets, params, **fixed)
-    cfg = validate(values, local=True)  # a bad value fails here, before any step
+    cfg = check_run(values, local=True)  # a bad value fails here, before any step
     start = time.perf_counter()
     run(values, pipeline_root=pipeline_root, runner=runner, image=image)
     click.echo(_summary(cfg, time.perf_counter() - start))

@@ -22,12 +22,12 @@ from stablerep.config import Config
 from stablerep.errors import StablerepError
 from stablerep.kfp.validation import (
     build_config,
+    check_run,
     cluster_config,
     cluster_recipe,
     config_sets,
     resolved,
     stage_config,
-    validate,
 )
 
 
@@ -43,7 +43,7 @@ def user_errors() -> Iterator[None]:
 
 
 def validate_step(params: Mapping[str, Any]) -> str:
-    """The validate component: :func:`validate`; bad input ends it with one line, exit 2.
+    """The validate component: :func:`~stablerep.kfp.validation.check_run`; bad input ends it with one line, exit 2.
 
     Args:
         params: every pipeline parameter.
@@ -52,7 +52,7 @@ def validate_step(params: Mapping[str, Any]) -> str:
         The resolved config (:func:`resolved`), the one config every later step runs.
     """
     with user_errors():
-        return resolved(validate(params))
+        return resolved(check_run(params))
 
 
 # ---------------------------------------------------------------------------- artifacts
@@ -158,7 +158,7 @@ def manifest_step(config: str, *, captions: Any, images: Any) -> None:
 
 def train_step(values: Mapping[str, Any], *, run_id: str, task: str, images: Any,
                checkpoint: Any, metrics: Any) -> None:
-    """The train components: train (see :func:`train`), describe the output, log metrics.
+    """The train components: train (see :func:`train_model`), describe the output, log metrics.
 
     Args:
         values: the step's parameters (config, recipe, backend and cluster settings).
@@ -168,7 +168,7 @@ def train_step(values: Mapping[str, Any], *, run_id: str, task: str, images: Any
         checkpoint: the KFP Model artifact to describe the trained model with.
         metrics: the KFP Metrics artifact (final loss, images/s, steps).
     """
-    result = train(values, run_id=run_id, task=task)
+    result = train_model(values, run_id=run_id, task=task)
     describe_training(result, images=images, checkpoint=checkpoint, metrics=metrics)
 
 
@@ -271,7 +271,7 @@ def _torchrun(cfg: Config, recipe: str, nproc: int) -> Any:
     return read_train_result(train_locations(cfg)[1])
 
 
-def train(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -> Any:
+def train_model(values: Mapping[str, Any], *, run_id: str = "", task: str = "train") -> Any:
     """The train step: local (in this process, or torchrun over this pod's GPUs) or a job.
 
     Returns the run's :class:`~stablerep.contracts.TrainResult`: what training returned in

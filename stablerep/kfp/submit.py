@@ -16,7 +16,7 @@ from typing import Any
 from stablerep.errors import ConfigError, InputError
 from stablerep.kfp.compile import PIPELINE_YAML
 from stablerep.kfp.params import PIPELINE_NAME, check_params
-from stablerep.kfp.validation import check_data_root, cluster_config, validate
+from stablerep.kfp.validation import check_data_root, check_run, cluster_config
 
 
 def _uploaded_version(client: Any, package: Path, pipeline: str) -> tuple[str, str]:
@@ -47,7 +47,7 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
     """Create a run of the compiled pipeline; returns (run id, its UI URL).
 
     Everything is checked before the endpoint is contacted: the parameters by the rules the
-    pipeline's validate step applies (:func:`validate`), the training job's pod settings,
+    pipeline's validate step applies (:func:`~stablerep.kfp.validation.check_run`), the training job's pod settings,
     data_root, the package and the endpoint URL. An endpoint that refuses, times out or
     answers with an error is a :class:`ConfigError` naming it.
 
@@ -84,7 +84,7 @@ def submit(host: str, experiment: str, params: Mapping[str, Any], *,
 def check_submission(host: str, params: Mapping[str, Any], package: str | Path) -> None:
     """Every local check of :func:`submit`, in the order a user would fix them."""
     values = check_params(params)
-    validate(values, local=False, data=False)  # the data cache is the pods', checked there
+    check_run(values, local=False, data=False)  # the data cache is the pods', checked there
     cluster_config(values)  # the pods' image, node selector and tolerations, every backend
     check_data_root(values["data_root"], local=False)
     package = Path(package)

@@ -4,7 +4,7 @@
   :class:`~stablerep.config.Config` (recipe < parameters < overrides); the parameters are
   merged in as typed values. The validate step hands the later steps that one resolved
   config (:func:`resolved`, JSON), which each loads and checks again (:func:`stage_config`).
-- :func:`validate` checks every stage's resolved config and, for a cluster backend, every
+- :func:`check_run` checks every stage's resolved config and, for a cluster backend, every
   check the launcher makes before it sends a job (:func:`check_job`: world size against the
   batch, the rendered PyTorchJob/TrainJob against the webhook rules, image against GPUs,
   Kubernetes names), so a bad value fails in seconds naming the parameter.
@@ -200,7 +200,7 @@ def check_job(cluster: Any, uri: str = "") -> None:
                           ) from None
 
 
-def validate(params: Mapping[str, Any], *, local: bool | None = None,
+def check_run(params: Mapping[str, Any], *, local: bool | None = None,
              data: bool = True) -> Config:
     """Everything the first pipeline step checks; returns the resolved config.
 

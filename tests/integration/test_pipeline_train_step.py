@@ -143,7 +143,7 @@ def test_launcher_path_reads_result_json(monkeypatch, tmp_path: Path) -> None:
     values = parameters.check_params({"data_root": str(tmp_path), "queue_name": "team-a"})
     values["config"] = validation.resolved(validation.build_config(values["recipe"], [], values))
     with pytest.raises(InputError, match=r"result\.json: no training result"):
-        steps.train(values, run_id="run-1")  # the job "succeeded" but published nothing
+        steps.train_model(values, run_id="run-1")  # the job "succeeded" but published nothing
     contracts.write_train_result(published)
     metrics, model = FakeArtifact(tmp_path / "m"), FakeArtifact(tmp_path / "d.json")
     steps.train_step(values, run_id="run-1", task="train", images=_images(tmp_path),
@@ -189,7 +189,7 @@ def test_cluster_recipes_launch_section_reaches_the_launcher(monkeypatch, tmp_pa
     values = parameters.check_params({"data_root": str(tmp_path), "cluster_recipe": str(recipe)})
     values["config"] = validation.resolved(validation.build_config(values["recipe"], [], values))
     with pytest.raises(launcher.LaunchError, match="stop here"):
-        steps.train(values, run_id="run-1")
+        steps.train_model(values, run_id="run-1")
     cfg = seen[-1]
     assert (cfg.queue_timeout_s, cfg.schedule_timeout_s, cfg.api_unreachable_s) == (
         7200, 1800, 900)

@@ -409,7 +409,7 @@ def test_paper_recipes_probe_imagenet_and_the_fine_grained_sets(recipe):
 
 def test_paper_recipe_without_its_data_fails_in_the_pipelines_validate(tmp_path, monkeypatch):
     from stablerep.kfp.params import PAPER_EVAL_SETS
-    from stablerep.kfp.validation import validate
+    from stablerep.kfp.validation import check_run as validate
 
     monkeypatch.setenv("STABLEREP_CACHE", str(tmp_path))
     with pytest.raises(InputError) as err:

@@ -357,7 +357,7 @@ def test_worker_shards_partition_every_shard_once() -> None:
 def test_pipeline_refuses_workers_out_of_range(workers: int, message: str) -> None:
     from stablerep.errors import ConfigError
     from stablerep.kfp.params import recipe_params
-    from stablerep.kfp.validation import validate
+    from stablerep.kfp.validation import check_run as validate
 
     params = {**recipe_params("demo"), "train_backend": "local", "workers": workers}
     with pytest.raises(ConfigError) as e:
@@ -370,7 +370,7 @@ def test_pipeline_refuses_workers_out_of_range(workers: int, message: str) -> No
 def test_pipeline_refuses_a_model_folder_without_model_index(tmp_path) -> None:
     from stablerep.errors import ConfigError
     from stablerep.kfp.params import recipe_params
-    from stablerep.kfp.validation import validate
+    from stablerep.kfp.validation import check_run as validate
 
     (tmp_path / "unet").mkdir()
     params = {**recipe_params("demo"), "train_backend": "local", "model": str(tmp_path),

@@ -23,14 +23,14 @@ def _demo(**extra):
 
 
 def test_cc12m_defaults_validate_on_a_cluster():
-    cfg = validation.validate({}, local=False)
+    cfg = validation.check_run({}, local=False)
     assert cfg.captions.num_shards == 8192 and cfg.captions.num_captions is None
     assert cfg.train.model == "vit_base_patch16_224"
     assert cfg.data_root == "gs://YOUR_BUCKET/stablerep/cc12m"
 
 
 def test_parameters_sit_between_recipe_and_overrides():
-    cfg = validation.validate(_demo(inference_steps=3, images_per_caption=3,
+    cfg = validation.check_run(_demo(inference_steps=3, images_per_caption=3,
                              overrides=["generate.num_inference_steps=2"]))
     assert cfg.generate.num_inference_steps == 2  # overrides win
     assert cfg.generate.images_per_caption == 3  # the parameter wins over the recipe
@@ -75,15 +75,15 @@ def test_recipe_params_read_back_the_recipe():
 def test_bad_parameter_named(params, message, tmp_path):
     params = {"data_root": str(tmp_path / "root"), **params}
     with pytest.raises(ConfigError) as e:
-        validation.validate(params, local=False)
+        validation.check_run(params, local=False)
     assert str(e.value).startswith(message), str(e.value)
     assert not (tmp_path / "root").exists()  # nothing written
 
 
 def test_cluster_backend_refused_in_a_local_run():
     with pytest.raises(ConfigError, match="local runs .* need train_backend=local"):
-        validation.validate(_demo(train_backend="pytorchjob"), local=True)
-    validation.validate(_demo(train_backend="local"), local=True)
+        validation.check_run(_demo(train_backend="pytorchjob"), local=True)
+    validation.check_run(_demo(train_backend="local"), local=True)
 
 
 def test_zero_captions_means_all():
@@ -110,7 +110,7 @@ def test_eval_metric_values_flatten_metrics_json():
 
 
 def test_a_jobs_command_line_carries_the_resolved_config_whole():
-    cfg = validation.validate(_demo(images_per_caption=3, overrides=["train.base_lr=2e-4"]))
+    cfg = validation.check_run(_demo(images_per_caption=3, overrides=["train.base_lr=2e-4"]))
     job = validation.cluster_config(parameters.check_params(_demo(images_per_caption=3)), cfg=cfg)
     assert job.overrides == validation.config_sets(cfg)
     # what a job's pods (stablerep train --config RECIPE --set ...) build from it

@@ -36,7 +36,7 @@ def _eval_sets(paper_eval_sets):
 def _refused(params: dict, root: Path) -> str:
     """validate's message for ``params`` (a cluster run), checking nothing was written."""
     with pytest.raises(ConfigError) as e:
-        validation.validate({"data_root": str(root / "run"), **params}, local=False)
+        validation.check_run({"data_root": str(root / "run"), **params}, local=False)
     assert not (root / "run").exists()
     text = str(e.value)
     assert "\n" not in text
@@ -53,7 +53,7 @@ def test_world_size_refused_with_the_launchers_message(tmp_path):
 
 
 def test_world_size_counts_the_overrides(tmp_path):
-    validation.validate({"nodes": 3, "gpus_per_node": 8, "captions_per_batch": 1368}, local=False)
+    validation.check_run({"nodes": 3, "gpus_per_node": 8, "captions_per_batch": 1368}, local=False)
     text = _refused({"nodes": 2, "overrides": ["train.captions_per_batch=12"]}, tmp_path)
     assert "do not divide train.captions_per_batch 12" in text
 
@@ -90,7 +90,7 @@ def test_cluster_recipe_missing_or_not_a_mapping(content, message, tmp_path):
     uri = str(tmp_path / "nope.yaml") if content is None else _recipe(tmp_path, content)
     for backend in ("pytorchjob", "local"):  # read and checked even when training is local
         with pytest.raises(ConfigError) as e:
-            validation.validate({"cluster_recipe": uri, "train_backend": backend}, local=False)
+            validation.check_run({"cluster_recipe": uri, "train_backend": backend}, local=False)
         assert str(e.value).startswith("parameter cluster_recipe: ") and uri in str(e.value)
         assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -126,8 +126,8 @@ def test_bad_job_parameter_named(params, message, tmp_path):
 
 
 def test_good_job_parameters_pass():
-    validation.validate({"image": CPU_IMAGE, "gpus_per_node": 0, "nodes": 4}, local=False)
-    validation.validate({"queue_name": "q" * 63, "service_account": "a" + ".a" * 126,  # the longest
+    validation.check_run({"image": CPU_IMAGE, "gpus_per_node": 0, "nodes": 4}, local=False)
+    validation.check_run({"queue_name": "q" * 63, "service_account": "a" + ".a" * 126,  # the longest
                   "priority_class": "high", "tolerations": [
                       {"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute",
                        "tolerationSeconds": 30}, {"operator": "Exists"}]}, local=False)
@@ -195,6 +195,6 @@ def test_bad_launch_section_of_the_cluster_recipe_fails_in_validate(launch, mess
     uri = tmp_path / "cluster.yaml"
     uri.write_text(yaml.safe_dump({"launch": launch}))
     with pytest.raises(ConfigError) as e:
-        validation.validate({"cluster_recipe": str(uri)}, local=False)
+        validation.check_run({"cluster_recipe": str(uri)}, local=False)
     assert str(e.value).startswith("parameter cluster_recipe: ") and message in str(e.value)
     assert "\n" not in str(e.value)
