@@ -83,9 +83,13 @@ tools-lock:
 	@touch $(TOOLS_STAMP)
 
 DEMO        ?= demo
+RUNNER      ?= processes
 
 # The same pipeline function a cluster runs, through kfp.local on this machine.
 demo: $(STAMP)
+ifeq ($(filter $(RUNNER),processes containers),)
+	@echo "error: RUNNER=$(RUNNER): expected processes (the default) or containers" >&2; exit 2
+endif
 ifeq ($(RUNNER),containers)
 	PYTHON=$(BIN)/python images/run-local.sh --recipe $(DEMO)
 else
